@@ -1,0 +1,36 @@
+"""The data set registry and the one entry point the stages call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cba.data.base import ImageSet
+from cba.errors import ConfigError
+from cba.registry import Registry
+
+Loader = Callable[..., ImageSet]
+DATASETS: Registry[Loader] = Registry("data.name")
+
+SPLITS = ("train", "test")
+
+
+def load_dataset(name: str, split: str, *, root: str | None = None, seed: int = 0, **options: Any) -> ImageSet:
+    loader = DATASETS.get(name, key="data.name")
+    if split not in SPLITS:
+        raise ConfigError("split", split, f"choose one of {', '.join(SPLITS)}")
+    return loader(split, root=root, seed=seed, **options)
+
+
+def _register_builtin() -> None:
+    # Imported for their registration side effect.
+    import importlib
+
+    for module in ("synthetic", "cifar", "idx", "imagefolder"):
+        try:
+            importlib.import_module(f"cba.data.{module}")
+        except ModuleNotFoundError as exc:  # a loader module not written yet
+            if exc.name != f"cba.data.{module}":
+                raise
+
+
+_register_builtin()
