@@ -1,0 +1,36 @@
+"""Batched augmentations on the training device (kornia).
+
+`per_batch=True` draws one set of random parameters for the whole batch, as
+CTRL's official code does; the default draws them per sample, as SimCLR
+prescribes. The two protocols give very different ASR for CTRL, so the choice
+is recorded with every run.
+"""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+from cba.errors import ConfigError
+
+KINDS = ("ssl", "weak", "none")
+
+
+def build_augment(kind: str, image_size: int = 32, per_batch: bool = False, min_scale: float = 0.2) -> nn.Module:
+    same = bool(per_batch)
+    if kind == "ssl":
+        return nn.Sequential(
+            K.RandomResizedCrop((image_size, image_size), scale=(min_scale, 1.0), same_on_batch=same),
+            K.RandomHorizontalFlip(same_on_batch=same),
+            K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8, same_on_batch=same),
+            K.RandomGrayscale(p=0.2, same_on_batch=same),
+        )
+    if kind == "weak":
+        return nn.Sequential(
+            K.RandomCrop((image_size, image_size), padding=4, same_on_batch=same),
+            K.RandomHorizontalFlip(same_on_batch=same),
+        )
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError("pretrain.augmentation", kind, f"choose one of {', '.join(KINDS)}")

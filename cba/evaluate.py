@@ -1,0 +1,124 @@
+"""Feature extraction, kNN and linear-probe classifiers, ACC and ASR.
+
+ASR follows the usual convention: only test images whose true class is not
+the target are triggered, and ASR is the fraction of them classified as the
+target. ACC is measured on the clean test set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float().div_(255)
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
+    """Encoder features of uint8 images, in eval mode, as float32 on the CPU."""
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start : start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN on cosine similarity (Wu et al. 2018): each of the k nearest
+    neighbours votes for its label with weight exp(similarity / temperature)."""
+    bank = F.normalize(train_features.float(), dim=1)
+    labels = torch.as_tensor(train_labels).long()
+    k = min(k, len(bank))
+    preds = []
+    for start in range(0, len(test_features), chunk):
+        q = F.normalize(test_features[start : start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes)
+        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+class LinearProbe(nn.Module):
+    """A linear classifier on standardised frozen features."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(len(mean), num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+
+def train_linear_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
+    weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0,
+) -> LinearProbe:
+    """Mini-batch SGD with a cosine schedule on CPU-resident features (seconds)."""
+    features = features.float()
+    labels = torch.as_tensor(labels).long()
+    probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(features), generator=gen).split(batch_size):
+            loss = F.cross_entropy(probe(features[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_predict(probe: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return probe(features.float()).argmax(1)
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
+    labels = torch.as_tensor(labels)
+    return float((preds.cpu() == labels.cpu()).float().mean()) if len(labels) else float("nan")
+
+
+def non_target_mask(labels: np.ndarray, target_class: int) -> np.ndarray:
+    """Which test images count for ASR: those whose true class is not the target."""
+    return np.asarray(labels) != target_class
+
+
+def attack_success_rate(preds_on_triggered: torch.Tensor, target_class: int) -> float:
+    """Fraction of triggered non-target images classified as the target.
+
+    `preds_on_triggered` must already be restricted to non-target images
+    (see `non_target_mask`)."""
+    if len(preds_on_triggered) == 0:
+        return float("nan")
+    return float((preds_on_triggered.cpu() == target_class).float().mean())

@@ -1,0 +1,34 @@
+"""The backbone registry and the input normalisation every backbone shares."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cba.errors import ConfigError
+from cba.registry import Registry
+
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("pretrain.backbone")
+
+
+class Normalize(nn.Module):
+    """Fixed normalisation inside the model, so every caller (attacks, defenses,
+    trigger inversion) works on plain [0, 1] images."""
+
+    def __init__(self, mean: float = 0.5, std: float = 0.25):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def build_backbone(name: str, width: int = 32, **options: Any) -> nn.Module:
+    factory = BACKBONES.get(name, key="pretrain.backbone")
+    if not isinstance(width, int) or width < 1:
+        raise ConfigError("pretrain.width", width, "a positive integer")
+    model = factory(width=width, **options)
+    assert hasattr(model, "feature_dim"), "backbones expose feature_dim"
+    return model

@@ -1,0 +1,204 @@
+"""The one training loop every method uses.
+
+- SGD with linear warmup and a cosine schedule, stepped per iteration.
+- channels_last everywhere; bf16 autocast on CUDA.
+- A per-sample loss log: every sample's loss in every epoch.
+- A checkpoint (safetensors, model + optimizer state) after every epoch. A
+  run resumes from the newest one whose fingerprint matches its settings.
+
+Randomness is reseeded from (seed, epoch) at each epoch's start, so a resumed
+run replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cba.io import load_tensors, save_tensors
+from cba.ssl.base import SSLMethod
+
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 2
+    seed: int = 0
+    eval_every: int = 5
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrainResult:
+    losses: np.ndarray  # (epochs, N): each sample's loss in each epoch
+    curves: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
+
+    def loss_frame(self, poisoned: np.ndarray | None = None) -> pd.DataFrame:
+        epochs, n = self.losses.shape
+        poisoned = np.zeros(n, dtype=bool) if poisoned is None else np.asarray(poisoned, dtype=bool)
+        return pd.DataFrame({
+            "epoch": np.repeat(np.arange(1, epochs + 1), n).astype(np.int32),
+            "index": np.tile(np.arange(n), epochs).astype(np.int64),
+            "poisoned": np.tile(poisoned, epochs),
+            "loss": self.losses.reshape(-1).astype(np.float32),
+        })
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A permutation cut into full batches; the last one is topped up from the
+    start of the permutation, so every batch has the same size (contrastive
+    losses depend on it) and every sample appears at least once."""
+    perm = torch.randperm(n, generator=gen)
+    batch_size = min(batch_size, n)
+    short = (-n) % batch_size
+    if short:
+        perm = torch.cat([perm, perm[:short]])
+    return list(perm.split(batch_size))
+
+
+class Checkpointer:
+    """Keeps the newest few epoch checkpoints of one run, tagged with its fingerprint."""
+
+    def __init__(self, folder: str | Path | None, fingerprint: str, keep: int = 2):
+        self.folder = Path(folder) if folder else None
+        self.fingerprint, self.keep = fingerprint, keep
+
+    def _path(self, epoch: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"epoch_{epoch:04d}.safetensors"
+
+    def save(self, epoch: int, model: nn.Module, opt: torch.optim.Optimizer, losses: np.ndarray, curves: list[dict]) -> None:
+        if self.folder is None:
+            return
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        for param_id, param_state in opt.state_dict()["state"].items():
+            for name, value in param_state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{param_id}.{name}"] = value
+        tensors["log.losses"] = torch.from_numpy(losses[:epoch].copy())
+        meta = {"epoch": str(epoch), "fingerprint": self.fingerprint, "curves": _dumps(curves)}
+        save_tensors(self._path(epoch), tensors, metadata=meta)
+        for old in sorted(self.folder.glob("epoch_*.safetensors"))[: -self.keep]:
+            old.unlink()
+
+    def load_latest(self, model: nn.Module, opt: torch.optim.Optimizer, losses: np.ndarray) -> tuple[int, list[dict]]:
+        """Restore the newest matching checkpoint; return (epochs done, curves)."""
+        if self.folder is None or not self.folder.exists():
+            return 0, []
+        from safetensors import safe_open
+
+        for path in sorted(self.folder.glob("epoch_*.safetensors"), reverse=True):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except Exception:
+                continue  # a corrupt checkpoint is skipped, never trusted
+            if meta.get("fingerprint") != self.fingerprint:
+                continue
+            tensors = load_tensors(path)
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            state = opt.state_dict()
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, param_id, name = key.split(".", 2)
+                    state["state"].setdefault(int(param_id), {})[name] = value
+            opt.load_state_dict(state)
+            epoch = int(meta["epoch"])
+            losses[:epoch] = tensors["log.losses"].numpy()
+            return epoch, _loads(meta.get("curves", "[]"))
+        return 0, []
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj)
+
+
+def _loads(text: str):
+    return json.loads(text)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def train(
+    method: SSLMethod,
+    images: np.ndarray,
+    labels: np.ndarray,
+    augment: nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    evaluate: EvalFn | None = None,
+    checkpointer: Checkpointer | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `method` on uint8 images (N, H, W, 3); return the loss log and curves."""
+    n = len(images)
+    method.to(device).to(memory_format=torch.channels_last)
+    augment.to(device)
+    data = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 stays compact
+    targets = torch.as_tensor(labels).long().to(device)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    losses = np.full((config.epochs, n), np.nan, dtype=np.float32)
+    checkpointer = checkpointer or Checkpointer(None, "")
+    start_epoch, curves = checkpointer.load_latest(method, opt, losses)
+    steps_per_epoch = math.ceil(n / min(config.batch_size, n))
+    total_steps = steps_per_epoch * config.epochs
+    use_amp = device.type == "cuda"
+
+    bar = tqdm(range(start_epoch, config.epochs), desc="pretrain", unit="epoch", disable=not progress,
+               initial=start_epoch, total=config.epochs)
+    for epoch in bar:
+        seed_everything(config.seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        method.train()
+        seen = torch.zeros(n, dtype=torch.bool)
+        epoch_loss = 0.0
+        batches = epoch_batches(n, config.batch_size, gen)
+        for step, idx in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, config.warmup_epochs * steps_per_epoch, config.lr)
+            x = data[idx.to(device)].float().div_(255)
+            views = [augment(x).contiguous(memory_format=torch.channels_last) for _ in range(method.num_views)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, per_sample = method.loss(views, targets[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.after_step((epoch * steps_per_epoch + step + 1) / total_steps)
+            # Log each sample once per epoch (top-up duplicates are skipped).
+            fresh = ~seen[idx]
+            losses[epoch, idx[fresh].numpy()] = per_sample.float().cpu()[fresh].numpy()
+            seen[idx] = True
+            epoch_loss += float(loss.detach())
+        row = {"epoch": epoch + 1, "loss": epoch_loss / len(batches), "lr": opt.param_groups[0]["lr"]}
+        if evaluate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            row.update(evaluate(method.encoder, epoch + 1))
+        curves.append(row)
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
+        checkpointer.save(epoch + 1, method, opt, losses, curves)
+    return TrainResult(losses, curves)
