@@ -122,3 +122,36 @@ def attack_success_rate(preds_on_triggered: torch.Tensor, target_class: int) -> 
     if len(preds_on_triggered) == 0:
         return float("nan")
     return float((preds_on_triggered.cpu() == target_class).float().mean())
+
+
+def knn_backdoor_metrics(
+    encoder: nn.Module, bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
+) -> dict[str, float]:
+    """kNN ACC on clean test images and kNN ASR on triggered non-target ones,
+    with a memory bank of clean labelled images."""
+    bank = extract_features(encoder, bank_images)
+    labels = torch.as_tensor(bank_labels)
+    clean = knn_predict(bank, labels, extract_features(encoder, test_images), num_classes, k, temperature)
+    trig = knn_predict(bank, labels, extract_features(encoder, triggered_images), num_classes, k, temperature)
+    return {"knn_acc": accuracy(clean, test_labels), "knn_asr": attack_success_rate(trig, target_class)}
+
+
+def evaluate_encoder(
+    encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
+    probe_epochs: int = 50, probe_lr: float = 0.1, probe_weight_decay: float = 1e-4, seed: int = 0,
+) -> tuple[dict[str, dict[str, float]], LinearProbe]:
+    """ACC and ASR of an encoder by kNN and by a linear probe, both fitted on clean labelled data."""
+    train_feats = extract_features(encoder, train_images)
+    test_feats = extract_features(encoder, test_images)
+    trig_feats = extract_features(encoder, triggered_images)
+    labels = torch.as_tensor(train_labels)
+    probe = train_linear_probe(train_feats, labels, num_classes, probe_epochs, probe_lr, probe_weight_decay, seed=seed)
+    knn = lambda feats: knn_predict(train_feats, labels, feats, num_classes, k, temperature)  # noqa: E731
+    metrics = {
+        "knn": {"acc": accuracy(knn(test_feats), test_labels), "asr": attack_success_rate(knn(trig_feats), target_class)},
+        "linear": {"acc": accuracy(probe_predict(probe, test_feats), test_labels),
+                   "asr": attack_success_rate(probe_predict(probe, trig_feats), target_class)},
+    }
+    return metrics, probe

@@ -78,3 +78,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def write_parquet(path: str | os.PathLike, frame: "Any") -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_csv(path: str | os.PathLike, frame: "Any") -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from cba.data.base import ImageSet
@@ -18,6 +19,10 @@ def load_dataset(name: str, split: str, *, root: str | None = None, seed: int = 
     loader = DATASETS.get(name, key="data.name")
     if split not in SPLITS:
         raise ConfigError("split", split, f"choose one of {', '.join(SPLITS)}")
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("split", "root", "seed")]
+    for key, value in options.items():
+        if key not in accepted:
+            raise ConfigError(f"data.options.{key}", value, f"{name} takes {', '.join(accepted) or 'no options'}")
     return loader(split, root=root, seed=seed, **options)
 
 

@@ -96,10 +96,12 @@ def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> Imag
 
 
 @DATASETS.register("synthetic")
-def load(split: str, *, root: str | None = None, seed: int = 0, size: int | None = None, image_size: int = 32) -> ImageSet:
-    n = DEFAULT_SIZES[split] if size is None else size
-    if not isinstance(n, int) or n < len(CLASSES):
-        raise ConfigError(f"data.{split}_size", n, f"an integer of at least {len(CLASSES)}")
+def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
+         test_size: int = DEFAULT_SIZES["test"], image_size: int = 32) -> ImageSet:
+    """`root` is ignored: the data are generated, never read."""
+    n = train_size if split == "train" else test_size
+    if isinstance(n, bool) or not isinstance(n, int) or n < len(CLASSES):
+        raise ConfigError(f"data.options.{split}_size", n, f"an integer of at least {len(CLASSES)}")
     if image_size not in (32, 64, 96):
-        raise ConfigError("data.image_size", image_size, "one of 32, 64, 96")
+        raise ConfigError("data.options.image_size", image_size, "one of 32, 64, 96")
     return generate(n, seed + SPLIT_OFFSET[split], image_size)

@@ -1,6 +1,6 @@
 """SSL method registry: each method is heads + loss + per-sample loss."""
 
 from cba.ssl.base import METHODS, SSLMethod, build_method
-from cba.ssl import simclr  # noqa: F401  (registration)
+from cba.ssl import byol, mocov2, simclr, simsiam, supervised  # noqa: F401  (registration)
 
 __all__ = ["METHODS", "SSLMethod", "build_method"]

@@ -1,0 +1,68 @@
+"""The markdown report: params, metrics tables, trigger preview, learning curves.
+
+Plain functions from already-loaded metrics to markdown text and PNGs; the
+report stage only gathers the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from cba.io import atomic_path  # noqa: E402
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "–" if value is None else str(value)
+
+
+def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    rows = list(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_learning_curves(loss: pd.DataFrame, knn: pd.DataFrame, path: Path) -> None:
+    """Training loss, and kNN ACC/ASR during pretraining, side by side."""
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(loss["epoch"], loss["loss"], marker=".")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Pretraining loss")
+    if "knn_acc" in knn:
+        ax_knn.plot(knn["epoch"], knn["knn_acc"], marker="o", label="kNN ACC (clean test)")
+        ax_knn.plot(knn["epoch"], knn["knn_asr"], marker="s", label="kNN ASR (triggered)")
+    ax_knn.set(xlabel="epoch", ylabel="rate", ylim=(0, 1), title="Backdoor and clean task during pretraining")
+    ax_knn.legend(loc="lower right")
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def params_block(params: dict[str, Any]) -> str:
+    return "```yaml\n" + yaml.safe_dump(params, sort_keys=False).rstrip() + "\n```"
+
+
+def attack_summary(poison: dict, pretrain: dict, finetune: dict) -> str:
+    rows = [
+        {"evaluation": "linear probe", "ACC": finetune.get("linear", {}).get("acc"), "ASR": finetune.get("linear", {}).get("asr")},
+        {"evaluation": "kNN (k=200)", "ACC": finetune.get("knn", {}).get("acc"), "ASR": finetune.get("knn", {}).get("asr")},
+        {"evaluation": "kNN, randomly initialised encoder", "ACC": pretrain.get("random_init_knn_acc"), "ASR": pretrain.get("random_init_knn_asr")},
+    ]
+    head = (f"Attack: **{poison.get('trigger')}** trigger, {poison.get('mode')}, {poison.get('poisoned')} of "
+            f"{poison.get('train_size')} training images poisoned, target class {poison.get('target_class')}. "
+            f"Pretraining: **{pretrain.get('method')}** on {pretrain.get('backbone')} (width {pretrain.get('width')}), "
+            f"{pretrain.get('epochs')} epochs, augmentation parameters drawn **{pretrain.get('augmentation_protocol')}**, "
+            f"{fmt(pretrain.get('seconds'))} s on {pretrain.get('env', {}).get('device')}.")
+    return head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR"])

@@ -1,0 +1,66 @@
+"""What every stage shares: artifact paths, the one-line error handling, data params."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import typer
+
+from cba.data import ImageSet, load_dataset
+from cba.data.store import load_imageset
+from cba.errors import ConfigError
+from stages.params import Params
+
+TRIGGER_DIR = Path("data/trigger")
+POISON_DIR = Path("data/poisoned")
+PRETRAIN_DIR = Path("data/pretrain")
+FINETUNE_DIR = Path("data/finetune")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+REPORT_DIR = Path("reports")
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Path of the params file to read.")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn bad input into one line on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+DATA_KEYS = ("name", "root", "options")
+
+
+def data_source(params: Params) -> tuple[str, str | None, dict[str, Any]]:
+    """Validate the data section without loading anything."""
+    section = params.section("data", DATA_KEYS)
+    name = params.text("data.name", "synthetic")
+    root = params.text("data.root", None)
+    options = params.section("data.options")
+    if root is not None and not Path(root).expanduser().exists():
+        raise ConfigError("data.root", root, "an existing folder holding the data set's files")
+    del section
+    return name, root, options
+
+
+def load_split(params: Params, split: str) -> ImageSet:
+    name, root, options = data_source(params)
+    return load_dataset(name, split, root=root, seed=params.integer("seed", 0), **options)
+
+
+def load_stage_set(name: str) -> ImageSet:
+    """An image set the poison stage wrote: 'train', 'clean_train' or 'test'."""
+    return load_imageset(POISON_DIR / f"{name}.safetensors")

@@ -1,0 +1,51 @@
+"""`cba finetune`: kNN and linear-probe evaluation of the pretrained encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cba.env import environment
+from cba.evaluate import evaluate_encoder
+from cba.io import save_tensors, write_json
+from cba.models.io import encoder_metadata, load_encoder
+from cba.poison import triggered_test_set
+from cba.triggers import load_trigger
+from stages.common import FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, TRIGGER_DIR, load_stage_set, one_line_errors
+from stages.params import Params
+
+
+def read_config(params: Params) -> dict:
+    params.section("finetune", ["knn", "linear"])
+    params.section("finetune.knn", ["k", "temperature"])
+    params.section("finetune.linear", ["epochs", "lr", "weight_decay"])
+    return {
+        "k": params.integer("finetune.knn.k", 200, low=1),
+        "temperature": params.number("finetune.knn.temperature", 0.1, low=0.0, open_low=True),
+        "probe_epochs": params.integer("finetune.linear.epochs", 50, low=1),
+        "probe_lr": params.number("finetune.linear.lr", 0.1, low=0.0, open_low=True),
+        "probe_weight_decay": params.number("finetune.linear.weight_decay", 1e-4, low=0.0),
+        "seed": params.integer("seed", 0),
+    }
+
+
+@one_line_errors
+def finetune(params_path: Path = PARAMS_OPTION) -> None:
+    """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr)."""
+    params = Params.load(params_path)
+    config = read_config(params)
+    target = params.integer("target_class", low=0)
+    encoder = load_encoder(PRETRAIN_DIR / "encoder.safetensors")
+    clean, test = load_stage_set("clean_train"), load_stage_set("test")
+    triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
+    metrics, probe = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
+                                      target, clean.num_classes, **config)
+    save_tensors(FINETUNE_DIR / "probe.safetensors", probe.state_dict())
+    meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
+    # Top-level acc/asr are the linear probe's: the downstream classifier the defenses attack.
+    write_json(METRICS_DIR / "finetune.json", {
+        "acc": metrics["linear"]["acc"], "asr": metrics["linear"]["asr"], **metrics,
+        "method": meta.get("method"), "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
+        "env": environment("cpu"),
+    })
+    print(f"finetune: linear ACC {metrics['linear']['acc']:.3f} ASR {metrics['linear']['asr']:.3f} | "
+          f"kNN ACC {metrics['knn']['acc']:.3f} ASR {metrics['knn']['asr']:.3f}")

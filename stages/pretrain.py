@@ -1,0 +1,116 @@
+"""`cba pretrain`: self-supervised (or supervised) pretraining on the poisoned set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cba.augment import KINDS, build_augment
+from cba.env import environment
+from cba.evaluate import knn_backdoor_metrics, pick_device
+from cba.io import save_tensors, write_csv, write_json, write_parquet
+from cba.models import BACKBONES, build_backbone
+from cba.models.io import save_encoder
+from cba.poison import triggered_test_set
+from cba.ssl import METHODS, build_method
+from cba.train import Checkpointer, TrainConfig, train
+from cba.triggers import load_trigger
+from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR,
+                           load_stage_set, one_line_errors)
+from stages.params import Params
+
+KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
+        "augmentation", "eval_every", "eval_bank_size", "device", *METHODS.names()]
+
+
+def read_config(params: Params) -> tuple[TrainConfig, dict]:
+    params.section("pretrain", KEYS)
+    seed = params.integer("seed", 0)
+    config = TrainConfig(
+        epochs=params.integer("pretrain.epochs", low=1),
+        batch_size=params.integer("pretrain.batch_size", low=2),
+        lr=params.number("pretrain.lr", low=0.0, open_low=True),
+        momentum=params.number("pretrain.momentum", 0.9, low=0.0, high=1.0),
+        weight_decay=params.number("pretrain.weight_decay", 5e-4, low=0.0),
+        warmup_epochs=params.integer("pretrain.warmup_epochs", 0, low=0),
+        seed=seed,
+        eval_every=params.integer("pretrain.eval_every", 5, low=1),
+    )
+    params.section("pretrain.augmentation", ["kind", "per_batch", "min_scale"])
+    extra = {
+        "method": params.choice("pretrain.method", METHODS.names()),
+        "backbone": params.choice("pretrain.backbone", BACKBONES.names()),
+        "width": params.integer("pretrain.width", low=1),
+        "augmentation": params.choice("pretrain.augmentation.kind", ("auto", *KINDS), "auto"),
+        "per_batch": params.boolean("pretrain.augmentation.per_batch", False),
+        "min_scale": params.number("pretrain.augmentation.min_scale", 0.2, low=0.0, high=1.0, open_low=True),
+        "eval_bank_size": params.integer("pretrain.eval_bank_size", 5000, low=1),
+        "device": params.text("pretrain.device", "auto", lambda d: d in ("auto", "cpu") or d.startswith("cuda"), "auto, cpu or cuda[:N]"),
+        "target_class": params.integer("target_class", low=0),
+    }
+    extra["hparams"] = params.section(f"pretrain.{extra['method']}")
+    return config, extra
+
+
+def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:
+    """Identifies a run for resuming: its settings plus the exact training data."""
+    digest = hashlib.sha256(json.dumps([config.__dict__, extra], sort_keys=True, default=str).encode())
+    with open(POISON_DIR / "train.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@one_line_errors
+def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
+    """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match."""
+    params = Params.load(params_path)
+    config, extra = read_config(params)
+    # Loading the stored sets is quick; it comes first because the head size depends on the classes.
+    train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
+    torch.manual_seed(config.seed)
+    method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
+                          num_classes=train_set.num_classes, **extra["hparams"])
+    kind = method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
+    manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
+    triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), extra["target_class"], config.seed)
+    device = pick_device(extra["device"])
+    bank = np.random.default_rng(config.seed).permutation(len(clean))[: extra["eval_bank_size"]]
+
+    def monitor(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
+        return knn_backdoor_metrics(encoder, clean.images[bank], clean.labels[bank], test.images, test.labels,
+                                    triggered.images, extra["target_class"], clean.num_classes)
+
+    random_init = monitor(method.encoder.to(device), 0)
+    started = time.perf_counter()
+    result = train(method, train_set.images, train_set.labels, build_augment(kind, train_set.images.shape[1], extra["per_batch"], extra["min_scale"]),
+                   config, device, evaluate=monitor,
+                   checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", _fingerprint(params, config, extra)), progress=progress)
+    seconds = time.perf_counter() - started
+
+    meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
+    save_encoder(PRETRAIN_DIR / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
+    save_tensors(PRETRAIN_DIR / "model.safetensors", method.state_dict(), metadata={**meta, "backbone": extra["backbone"], "width": str(extra["width"])})
+    write_parquet(PRETRAIN_DIR / "losses.parquet", result.loss_frame(manifest["poisoned"].to_numpy()))
+    curves = pd.DataFrame(result.curves)
+    write_csv(PLOTS_DIR / "pretrain_loss.csv", curves[["epoch", "loss", "lr"]])
+    knn_rows = curves.dropna(subset=["knn_acc"])[["epoch", "knn_acc", "knn_asr"]] if "knn_acc" in curves else curves[["epoch"]]
+    write_csv(PLOTS_DIR / "pretrain_knn.csv", knn_rows)
+    last = result.curves[-1]
+    write_json(METRICS_DIR / "pretrain.json", {
+        "final_loss": last["loss"], "knn_acc": last.get("knn_acc"), "knn_asr": last.get("knn_asr"),
+        "random_init_knn_acc": random_init["knn_acc"], "random_init_knn_asr": random_init["knn_asr"],
+        "epochs": config.epochs, "seconds": seconds, "method": extra["method"], "backbone": extra["backbone"],
+        "width": extra["width"], "augmentation": kind,
+        "augmentation_protocol": "per_batch" if extra["per_batch"] else "per_sample",
+        "env": environment(device),
+    })
+    print(f"pretrain {extra['method']}: kNN ACC {last.get('knn_acc', float('nan')):.3f}, ASR {last.get('knn_asr', float('nan')):.3f} "
+          f"(random init ACC {random_init['knn_acc']:.3f}) in {seconds:.0f}s")
+
