@@ -9,6 +9,8 @@ from cba.evaluate import evaluate_encoder
 from cba.io import save_tensors, write_json
 from cba.models.io import encoder_metadata, load_encoder
 from cba.poison import triggered_test_set
+from cba.ssl.io import load_method
+from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
 from stages.common import FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, TRIGGER_DIR, load_stage_set, one_line_errors
 from stages.params import Params
@@ -41,9 +43,15 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
                                       target, clean.num_classes, **config)
     save_tensors(FINETUNE_DIR / "probe.safetensors", probe.state_dict())
     meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
-    # Top-level acc/asr are the linear probe's: the downstream classifier the defenses attack.
+    # Top-level acc/asr are those of the downstream classifier the defenses attack:
+    # the linear probe for SSL, the model's own (poisoned-label) head for the supervised attack.
+    primary = "linear"
+    method, _ = load_method(PRETRAIN_DIR / "model.safetensors")
+    if getattr(method, "uses_labels", False) and hasattr(method, "head"):
+        metrics["head"] = classifier_acc_asr(Classifier(method.encoder, method.head), test, triggered, target)
+        primary = "head"
     write_json(METRICS_DIR / "finetune.json", {
-        "acc": metrics["linear"]["acc"], "asr": metrics["linear"]["asr"], **metrics,
+        "acc": metrics[primary]["acc"], "asr": metrics[primary]["asr"], "primary": primary, **metrics,
         "method": meta.get("method"), "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
         "env": environment("cpu"),
     })

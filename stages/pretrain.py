@@ -14,11 +14,12 @@ import torch
 from cba.augment import KINDS, build_augment
 from cba.env import environment
 from cba.evaluate import knn_backdoor_metrics, pick_device
-from cba.io import save_tensors, write_csv, write_json, write_parquet
+from cba.io import write_csv, write_json, write_parquet
 from cba.models import BACKBONES, build_backbone
 from cba.models.io import save_encoder
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS, build_method
+from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
 from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR,
@@ -96,7 +97,8 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
 
     meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
     save_encoder(PRETRAIN_DIR / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
-    save_tensors(PRETRAIN_DIR / "model.safetensors", method.state_dict(), metadata={**meta, "backbone": extra["backbone"], "width": str(extra["width"])})
+    save_method(PRETRAIN_DIR / "model.safetensors", method, extra["method"], extra["backbone"], extra["width"], extra["hparams"],
+                augmentation=kind, per_batch=extra["per_batch"])
     write_parquet(PRETRAIN_DIR / "losses.parquet", result.loss_frame(manifest["poisoned"].to_numpy()))
     curves = pd.DataFrame(result.curves)
     write_csv(PLOTS_DIR / "pretrain_loss.csv", curves[["epoch", "loss", "lr"]])

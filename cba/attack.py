@@ -1,0 +1,58 @@
+"""Run a whole attack in-process: poison, pretrain, fit the downstream head.
+
+The DVC pipeline does the same through files; this is for tests and benches
+that need an `AttackRecord` without a pipeline around it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cba.augment import build_augment
+from cba.data.base import ImageSet
+from cba.defenses.base import AttackRecord, Classifier
+from cba.evaluate import extract_features, train_linear_probe
+from cba.models import build_backbone
+from cba.poison import poison_dataset, triggered_test_set
+from cba.ssl import build_method
+from cba.train import TrainConfig, train
+from cba.triggers import Trigger
+
+
+def downstream_classifier(method: Any, clean: ImageSet, probe_epochs: int = 30, seed: int = 0) -> Classifier:
+    """The supervised method keeps its own head; SSL encoders get a linear probe on clean labels."""
+    encoder = method.encoder.eval()
+    if hasattr(method, "head") and getattr(method, "uses_labels", False):
+        return Classifier(encoder, method.head).eval()
+    feats = extract_features(encoder, clean.images)
+    probe = train_linear_probe(feats, torch.as_tensor(clean.labels), clean.num_classes, probe_epochs, seed=seed)
+    return Classifier(encoder, probe).eval()
+
+
+def run_attack(
+    train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
+    poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
+    batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
+    hparams: dict[str, Any] | None = None, per_batch: bool = False, probe_epochs: int = 30,
+    device: torch.device | None = None, progress: bool = False,
+) -> AttackRecord:
+    device = device or torch.device("cpu")
+    poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
+    torch.manual_seed(seed)
+    model = build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes, **(hparams or {}))
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (0.05 if model.uses_labels else 0.3),
+                         weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=epochs)
+    result = train(model, poisoned.train.images, poisoned.train.labels,
+                   build_augment(model.augmentation, train_set.images.shape[1], per_batch), config, device, progress=progress)
+    model.to("cpu").eval()
+    mask = np.zeros(len(train_set), dtype=bool)
+    mask[poisoned.indices] = True
+    return AttackRecord(
+        encoder=model.encoder, classifier=downstream_classifier(model, train_set, probe_epochs, seed),
+        train=poisoned.train, clean_train=train_set, test=test,
+        triggered=triggered_test_set(test, trigger, target_class, seed), poisoned=mask, target_class=target_class,
+        trigger=trigger, method=method, losses=result.loss_frame(mask), model_state=model.state_dict(), seed=seed,
+    )

@@ -1,0 +1,31 @@
+"""Shared fixtures: small data and a backdoored supervised model built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores shared by everything: avoid OpenMP oversubscription stalls.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def small_synthetic():
+    from cba.data.synthetic import generate
+
+    return generate(2000, seed=11), generate(500, seed=12)
+
+
+@pytest.fixture(scope="session")
+def supervised_badnets(small_synthetic):
+    """BadNets (dirty-label 3x3 checkerboard patch, 5%) on a supervised ConvNet: the
+    setting where the literature says every defense works."""
+    from cba.attack import run_attack
+    from cba.triggers import build_trigger
+
+    train, test = small_synthetic
+    trigger = build_trigger("patch", {"size": 4}, seed=0)
+    return run_attack(train, test, trigger, method="supervised", mode="dirty_label", poison_rate=0.05,
+                      target_class=0, width=16, epochs=12, seed=0)

@@ -1,0 +1,107 @@
+"""`dvc repro` end to end on a tiny config, in a throwaway git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFENSES = ["spectral", "strip"]
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 400, "test_size": 120}
+    params["pretrain"].update(epochs=2, width=4, batch_size=64, eval_every=1, eval_bank_size=200)
+    params["finetune"]["linear"]["epochs"] = 3
+    params["defenses"] = DEFENSES
+    params.setdefault("defense", {})
+    params["defense"]["strip"] = {**params["defense"].get("strip", {}), "max_inputs": 40, "n_overlays": 4}
+    return params
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for folder in ("cba", "stages"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (root / ".gitignore").write_text("/data/\n__pycache__/\n")
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+def test_repro_writes_every_contracted_artifact(project):
+    out = run(["dvc", "repro"], project)
+    stages = {"trigger", "poison", "pretrain", "finetune", "report"} | {f"defend@{d}" for d in DEFENSES}
+    assert ran_stages(out) == stages
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    for evaluation in ("knn", "linear"):
+        assert 0 <= finetune[evaluation]["acc"] <= 1 and 0 <= finetune[evaluation]["asr"] <= 1
+    assert finetune["acc"] == finetune["linear"]["acc"]
+    pretrain = json.loads((project / "metrics/pretrain.json").read_text())
+    assert pretrain["env"]["torch"] and pretrain["augmentation_protocol"] == "per_sample"
+    for name in DEFENSES:
+        result = json.loads((project / f"metrics/defense/{name}.json").read_text())
+        assert result["defense"] == name and 0 <= result["auroc"] <= 1
+    for path in ("data/trigger/trigger.safetensors", "data/trigger/preview.png", "data/poisoned/manifest.parquet",
+                 "data/pretrain/encoder.safetensors", "data/pretrain/losses.parquet", "plots/pretrain_loss.csv",
+                 "reports/report.md", "reports/learning_curves.png", "reports/trigger_preview.png"):
+        assert (project / path).stat().st_size > 0, path
+    report = (project / "reports/report.md").read_text()
+    assert "](trigger_preview.png)" in report and "](learning_curves.png)" in report
+
+
+def test_second_repro_runs_nothing(project):
+    assert ran_stages(run(["dvc", "repro"], project)) == set()
+
+
+def test_finetune_param_reruns_only_downstream_stages(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["knn"]["k"] = 50
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = ran_stages(run(["dvc", "repro"], project))
+    # The defenses read the downstream classifier, so they rerun too; nothing upstream does.
+    assert ran == {"finetune", "report"} | {f"defend@{d}" for d in DEFENSES}
+
+
+def test_defense_param_reruns_only_that_defense(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["defense"]["strip"]["n_overlays"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
+
+
+def test_metrics_diff_plots_and_experiments(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run(["dvc", "exp", "run", "-S", "poison_rate=0.02"], project)
+    text = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout
+    assert "poison_rate" in text and '"acc"' in text and '"asr"' in text and "0.02" in text
+    # The experiment's metrics differ from the committed baseline's.
+    diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=project, capture_output=True, text=True).stdout)
+    assert "metrics/poison.json" in diff
+    run(["dvc", "plots", "show", "--json"], project)
