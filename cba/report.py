@@ -66,3 +66,38 @@ def attack_summary(poison: dict, pretrain: dict, finetune: dict) -> str:
             f"{pretrain.get('epochs')} epochs, augmentation parameters drawn **{pretrain.get('augmentation_protocol')}**, "
             f"{fmt(pretrain.get('seconds'))} s on {pretrain.get('env', {}).get('device')}.")
     return head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR"])
+
+
+def _before_after(result: dict, key: str) -> str:
+    before, after = result.get(f"{key}_before"), result.get(f"{key}_after")
+    return "–" if before is None else f"{fmt(before)} → {fmt(after)}"
+
+
+def defense_table(results: list[dict[str, Any]]) -> str:
+    """One row per defense: detection quality for detectors, ACC/ASR before → after for repairs."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r.get("kind", ""), r.get("defense", ""))):
+        rows.append({
+            "defense": r.get("defense"), "kind": r.get("kind"), "AUROC": r.get("auroc"), "TPR": r.get("tpr"),
+            "FPR": r.get("fpr"), "precision": r.get("precision"),
+            "target flagged": r.get("target_flagged"),
+            "ACC before → after": _before_after(r, "acc"), "ASR before → after": _before_after(r, "asr"),
+        })
+    columns = ["defense", "kind", "AUROC", "TPR", "FPR", "precision", "target flagged", "ACC before → after", "ASR before → after"]
+    return markdown_table(rows, columns)
+
+
+def analysis_section(analysis: dict[str, Any], figures: dict[str, str]) -> str:
+    """Learning dynamics (claim 1) and feature entanglement (claim 2), with their figures."""
+    dyn, ent = analysis.get("dynamics", {}), analysis.get("entanglement", {})
+    rows = [
+        {"measure": "epoch the backdoor is learned (kNN ASR > 50%)", "value": dyn.get("backdoor_epoch")},
+        {"measure": "epoch the clean task is learned (kNN ACC ≥ 90% of final)", "value": dyn.get("clean_epoch")},
+        {"measure": "largest loss AUROC, poisoned vs clean (0.5 = inseparable)", "value": dyn.get("max_loss_auroc")},
+        {"measure": "feature separability AUROC, poisoned vs clean target (linear, CV)", "value": ent.get("separability_auroc")},
+        {"measure": "silhouette, poisoned vs clean target", "value": ent.get("silhouette")},
+        {"measure": "distance to target centroid / target spread", "value": ent.get("centroid_distance_ratio")},
+    ]
+    parts = [markdown_table(rows, ["measure", "value"])]
+    parts += [f"![{title}]({path})" for title, path in figures.items()]
+    return "\n\n".join(parts)

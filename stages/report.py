@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from cba.io import atomic_path, read_json
-from cba.report import attack_summary, params_block, plot_learning_curves
-from stages.common import METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
+from cba.report import analysis_section, attack_summary, defense_table, params_block, plot_learning_curves
+from stages.common import ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
 from stages.params import Params
 
 
@@ -19,10 +19,27 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     params = Params.load(params_path)
     poison, pretrain, finetune = (read_json(METRICS_DIR / f"{name}.json") for name in ("poison", "pretrain", "finetune"))
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    with atomic_path(REPORT_DIR / "trigger_preview.png") as tmp:
-        shutil.copyfile(TRIGGER_DIR / "preview.png", tmp)
+    _copy(TRIGGER_DIR / "preview.png", REPORT_DIR / "trigger_preview.png")
     plot_learning_curves(pd.read_csv(PLOTS_DIR / "pretrain_loss.csv"), pd.read_csv(PLOTS_DIR / "pretrain_knn.csv"),
                          REPORT_DIR / "learning_curves.png")
+    analysis_parts = []
+    if (METRICS_DIR / "analysis.json").exists():
+        figures = {}
+        for name, title in (("loss_groups", "per-sample loss by group"), ("loss_auroc", "loss AUROC and kNN curves"),
+                            ("embedding", "t-SNE of training features")):
+            if (ANALYSIS_DIR / f"{name}.png").exists():
+                _copy(ANALYSIS_DIR / f"{name}.png", REPORT_DIR / f"analysis_{name}.png")
+                figures[title] = f"analysis_{name}.png"
+        analysis_parts = ["## Learning dynamics and feature entanglement",
+                          "Claim 1 (entangled learning) and claim 2 (entangled features) of the paper, for this run.",
+                          analysis_section(read_json(METRICS_DIR / "analysis.json"), figures)]
+    defense_files = sorted((METRICS_DIR / "defense").glob("*.json"))
+    defense_parts = []
+    if defense_files:
+        defense_parts = ["## Defenses against this attack",
+                         "Detection defenses: AUROC, and TPR/FPR/precision of the flagged set at the defense's own threshold. "
+                         "Neural Cleanse: whether the true target class is flagged. Repairs: ACC and ASR before → after.",
+                         defense_table([read_json(p) for p in defense_files])]
     parts = [
         "# cba report",
         "## Attack and result",
@@ -33,8 +50,15 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         "![trigger preview](trigger_preview.png)",
         "## Learning curves",
         "![learning curves](learning_curves.png)",
+        *analysis_parts,
+        *defense_parts,
     ]
     parts += ["## Parameters", params_block(params.data)]
     with atomic_path(REPORT_DIR / "report.md") as tmp:
         tmp.write_text("\n\n".join(parts) + "\n")
     print(f"report -> {REPORT_DIR / 'report.md'}")
+
+
+def _copy(source: Path, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)

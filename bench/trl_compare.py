@@ -1,0 +1,252 @@
+"""Compare every pretraining method under one backdoor: the paper's claims 1 and 2 side by side.
+
+Every method in `cba.ssl.METHODS` (simclr, byol, mocov2, simsiam, supervised)
+trains on the SAME built-in synthetic data with the SAME trigger (CTRL by
+default) at the SAME poison budget (a fraction of the whole training set).
+The SSL methods get the clean-label attack (their threat model: pretraining
+never sees labels); the supervised baseline gets the dirty-label BadNets attack
+the paper compares against (or clean-label with --supervised-mode clean_label).
+
+Per method, one row:
+
+- ACC / ASR by kNN and by a linear probe fitted on clean labels (for
+  supervised also its own, poisoned, head). Did the attack work at all?
+- max loss AUROC (epoch): the best, over epochs, AUROC of "low per-sample loss"
+  as a detector of poisoned training samples. This is what loss-based defenses
+  such as ABL exploit. Claim 1: near 1 early for the supervised attack (the
+  poisoned loss collapses first), near 0.5 for contrastive attacks (poisoned
+  and clean losses fall alike).
+- feature separability AUROC and silhouette: how well a cross-validated linear
+  classifier, and the cosine silhouette, tell poisoned training features from
+  clean target-class features. Claim 2: near 1 / clearly positive for the
+  supervised attack (its own cluster), near 0.5 / about 0 for contrastive ones
+  (inside the target cluster). Feature-space defenses (AC, SCAn, spectral
+  signatures) rely on that separability.
+- backdoor epoch / clean epoch: the first evaluated epoch with kNN ASR > 50 %,
+  and with kNN ACC >= 90 % of its final value. Backdoor well before clean =
+  learned on its own (supervised); together or never = entangled.
+
+Read a row's separability and loss AUROC only together with its ASR: a method
+the backdoor did not take hold in is trivially "entangled". The CPU-sized
+defaults should take on the order of 10-20 minutes on two idle cores (an
+estimate from measured step times); shrink with --train-size/--epochs.
+
+    OMP_NUM_THREADS=2 python bench/trl_compare.py                  # defaults below
+    python bench/trl_compare.py --train-size 300 --test-size 100 --epochs 2 --width 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cba.analysis import entanglement_metrics, summarize_dynamics
+from cba.augment import build_augment
+from cba.data import load_dataset
+from cba.env import environment
+from cba.evaluate import (accuracy, attack_success_rate, evaluate_encoder, extract_features, knn_backdoor_metrics,
+                          pick_device)
+from cba.io import atomic_path, write_json
+from cba.models import BACKBONES, build_backbone
+from cba.poison import poison_dataset, triggered_test_set
+from cba.ssl import METHODS, build_method
+from cba.train import TrainConfig, train
+from cba.triggers import TRIGGERS, build_trigger
+
+COLUMNS = [
+    ("method", "method"), ("mode", "poison"), ("knn_acc", "kNN ACC"), ("knn_asr", "kNN ASR"),
+    ("probe_acc", "probe ACC"), ("probe_asr", "probe ASR"), ("head_acc", "head ACC"), ("head_asr", "head ASR"),
+    ("max_loss_auroc", "max loss AUROC (epoch)"), ("separability_auroc", "feature sep. AUROC"),
+    ("silhouette", "silhouette"), ("backdoor_epoch", "backdoor epoch"), ("clean_epoch", "clean epoch"),
+    ("seconds", "time s"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train-size", type=int, default=5000, help="synthetic training images")
+    parser.add_argument("--test-size", type=int, default=1000, help="synthetic test images")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--width", type=int, default=16, help="backbone width")
+    parser.add_argument("--backbone", default="convnet", choices=BACKBONES.names())
+    parser.add_argument("--trigger", default="ctrl", choices=TRIGGERS.names(), help="trigger, default parameters")
+    parser.add_argument("--poison-rate", type=float, default=0.05, help="fraction of the whole training set")
+    parser.add_argument("--target-class", type=int, default=0)
+    parser.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS.names())}, or all")
+    parser.add_argument("--supervised-mode", default="dirty_label", choices=("dirty_label", "clean_label"),
+                        help="threat model of the supervised baseline (SSL methods are always clean_label)")
+    protocol = parser.add_mutually_exclusive_group()
+    protocol.add_argument("--per-batch", dest="per_batch", action="store_true",
+                          help="one augmentation draw per batch (CTRL's protocol)")
+    protocol.add_argument("--per-sample", dest="per_batch", action="store_false",
+                          help="augmentation parameters drawn per sample (default)")
+    parser.set_defaults(per_batch=False)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--ssl-lr", type=float, default=0.3, help="SGD learning rate of the SSL methods")
+    parser.add_argument("--supervised-lr", type=float, default=0.05)
+    parser.add_argument("--queue-size", type=int, default=1024, help="MoCo queue (capped at the training set size)")
+    parser.add_argument("--eval-every", type=int, default=3, help="kNN ACC/ASR every k epochs, for the learning epochs")
+    parser.add_argument("--eval-bank-size", type=int, default=2000, help="clean labelled images in the kNN bank during training")
+    parser.add_argument("--probe-epochs", type=int, default=30)
+    parser.add_argument("--max-target-points", type=int, default=2000,
+                        help="cap on clean target-class samples in the separability metrics")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/trl_compare.md"))
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    args = parser.parse_args(argv)
+    names = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        parser.error(f"--methods: unknown {unknown or args.methods!r}; choose from {', '.join(METHODS.names())} or all")
+    args.method_names = names
+    return args
+
+
+def _head_metrics(model: Any, test, triggered, target: int) -> dict[str, float]:
+    """ACC/ASR of the supervised model's own head, on features already on the CPU."""
+    with torch.no_grad():
+        clean = model.head(extract_features(model.encoder, test.images)).argmax(1)
+        trig = model.head(extract_features(model.encoder, triggered.images)).argmax(1)
+    return {"head_acc": accuracy(clean, test.labels), "head_asr": attack_success_rate(trig, target)}
+
+
+def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, trigger,
+               device: torch.device) -> dict[str, Any]:
+    """Poison, train with kNN curves, then measure one row of the table."""
+    started = time.perf_counter()
+    target, seed = args.target_class, args.seed
+    mode = args.supervised_mode if name == "supervised" else "clean_label"
+    poisoned = poison_dataset(train_set, trigger, args.poison_rate, target, mode, seed)
+    mask = np.zeros(len(train_set), dtype=bool)
+    mask[poisoned.indices] = True
+    hparams = {"queue_size": min(args.queue_size, len(train_set))} if name == "mocov2" else {}
+    torch.manual_seed(seed)
+    model = build_method(name, build_backbone(args.backbone, width=args.width), num_classes=train_set.num_classes, **hparams)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.supervised_lr if model.uses_labels else args.ssl_lr,
+                         warmup_epochs=min(2, args.epochs // 4), seed=seed, eval_every=args.eval_every)
+    bank = np.random.default_rng(seed).permutation(len(train_set))[: args.eval_bank_size]
+
+    def monitor(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
+        row = knn_backdoor_metrics(encoder, train_set.images[bank], train_set.labels[bank], test.images, test.labels,
+                                   triggered.images, target, train_set.num_classes)
+        print(f"  {name} epoch {epoch}: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}", flush=True)
+        return row
+
+    print(f"== {name}: {mode}, {len(poisoned.indices)} poisoned of {len(train_set)}, lr {config.lr}", flush=True)
+    augment = build_augment(model.augmentation, train_set.images.shape[1], args.per_batch)
+    result = train(model, poisoned.train.images, poisoned.train.labels, augment, config, device,
+                   evaluate=monitor, progress=not args.quiet)
+    model.to("cpu").eval()
+
+    metrics, _ = evaluate_encoder(model.encoder, train_set.images, train_set.labels, test.images, test.labels,
+                                  triggered.images, target, train_set.num_classes, probe_epochs=args.probe_epochs, seed=seed)
+    row: dict[str, Any] = {
+        "method": name, "mode": mode, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
+        "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],
+    }
+    if model.uses_labels:
+        row.update(_head_metrics(model, test, triggered, target))
+    dynamics = summarize_dynamics(result.loss_frame(mask), result.curves)
+    row.update({k: dynamics[k] for k in ("max_loss_auroc", "max_loss_auroc_epoch", "final_loss_auroc",
+                                         "backdoor_epoch", "clean_epoch")})
+
+    # Entanglement on the training images the victim saw: every poisoned one against clean target-class ones.
+    clean_target = np.flatnonzero(~mask & (train_set.labels == target))
+    if len(clean_target) > args.max_target_points:
+        clean_target = np.random.default_rng([seed, 0xE47]).choice(clean_target, args.max_target_points, replace=False)
+    rows = np.sort(np.concatenate([poisoned.indices, clean_target]))
+    features = extract_features(model.encoder, poisoned.train.images[rows]).numpy()
+    row.update(entanglement_metrics(features, mask[rows], train_set.labels[rows], target, seed=seed))
+    row["seconds"] = time.perf_counter() - started
+    row["curves"] = result.curves
+    print(f"== {name} done in {row['seconds']:.0f}s: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}, "
+          f"max loss AUROC {_fmt(row['max_loss_auroc'])}, feature sep. AUROC {_fmt(row['separability_auroc'])}", flush=True)
+    return row
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key == "max_loss_auroc" and row.get(key) is not None:
+        return f"{_fmt(row[key])} ({row['max_loss_auroc_epoch']})"
+    if key == "seconds":
+        return f"{row[key]:.0f}"
+    return _fmt(row.get(key))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "method_names"}
+    settings["methods"] = ",".join(args.method_names)
+    settings["augmentation_protocol"] = "per_batch" if args.per_batch else "per_sample"
+    return settings
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, command: str) -> str:
+    settings = settings_of(args)
+    env = environment(device)
+    return "\n".join([
+        "# TRL comparison: entangled learning and features across methods",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
+        f"{env['torch_threads']} threads), data: built-in synthetic.",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
+        "",
+        markdown_table(rows),
+        "",
+        "How to read: loss AUROC ~1 (early) = poisoned samples are learned first and on their own (claim 1, "
+        "supervised); ~0.5 = learned together with the clean task (contrastive). Feature sep. AUROC ~1 / "
+        "silhouette > 0 = poisoned features form their own cluster (claim 2, supervised); ~0.5 / ~0 = inside "
+        "the target class. Epochs: first evaluated epoch with kNN ASR > 50 % (backdoor) and with kNN ACC >= "
+        "90 % of final (clean); – = never. Judge entanglement only where ASR shows the backdoor took hold.",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    device = pick_device(args.device)
+    train_set = load_dataset("synthetic", "train", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
+    test = load_dataset("synthetic", "test", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
+    trigger = build_trigger(args.trigger, {}, seed=args.seed, image_size=train_set.images.shape[1])
+    triggered = triggered_test_set(test, trigger, args.target_class, args.seed)
+    print(f"trl_compare: {', '.join(args.method_names)} on {len(train_set)}/{len(test)} synthetic images, "
+          f"{args.trigger} at {args.poison_rate:g}, {args.epochs} epochs, {args.backbone} width {args.width}, "
+          f"{'per-batch' if args.per_batch else 'per-sample'} augmentation, {device}", flush=True)
+    rows = [run_method(name, args, train_set, test, triggered, trigger, device) for name in args.method_names]
+    text = report(rows, args, device, command)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    write_json(args.out.with_suffix(".json"), {"command": command, "settings": settings_of(args), "rows": rows})
+    print()
+    print(markdown_table(rows))
+    print(f"\nwritten {args.out} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
