@@ -56,6 +56,8 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
         "target_class": params.integer("target_class", low=0),
     }
     extra["hparams"] = params.section(f"pretrain.{extra['method']}")
+    # Check the method's options now, on a throwaway one-channel backbone, before any data is read.
+    build_method(extra["method"], build_backbone("convnet", width=1), num_classes=2, **extra["hparams"])
     return config, extra
 
 

@@ -1,0 +1,115 @@
+"""Bad input: one line naming key, value and what is allowed; exit 2; nothing written or damaged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cba(args: list[str], cwd: Path):
+    """Run the real CLI in-process (the same code path as the console script)."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        os.chdir(previous)
+
+
+def write_params(folder: Path, **changes) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 50}
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    return tmp_path
+
+
+@pytest.mark.parametrize("stage, key, value, fragments", [
+    ("trigger", "trigger.name", "sparkle", ["trigger.name='sparkle'", "ctrl"]),
+    ("trigger", "data.name", "imagenet", ["data.name='imagenet'", "synthetic"]),
+    ("trigger", "trigger.params.alpha_", 3, ["trigger.alpha_"]),
+    ("trigger", "data.root", "/no/such/folder", ["data.root='/no/such/folder'"]),
+    ("poison", "poison.mode", "flip", ["poison.mode='flip'", "clean_label"]),
+    ("pretrain", "pretrain.method", "simclrr", ["pretrain.method='simclrr'", "simclr"]),
+    ("pretrain", "pretrain.backbone", "vit", ["pretrain.backbone='vit'", "convnet"]),
+    ("pretrain", "pretrain.epochs", "ten", ["pretrain.epochs='ten'", "integer"]),
+    ("pretrain", "pretrain.simclr.temprature", 0.5, ["pretrain.simclr.temprature"]),
+    ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
+])
+def test_bad_parameter_is_one_line(workdir, stage, key, value, fragments):
+    write_params(workdir, **{key: value})
+    args = [stage, "strip"] if stage == "defend" else [stage]
+    assert_one_line_error(cba(args, workdir), *fragments)
+
+
+@pytest.mark.parametrize("rate", [1.5, -0.1])
+def test_poison_rate_outside_unit_interval(workdir, rate):
+    write_params(workdir, poison_rate=rate)
+    assert_one_line_error(cba(["poison"], workdir), f"poison_rate={rate}", "[0.0, 1.0]")
+
+
+def test_target_class_out_of_range_and_over_budget(workdir):
+    write_params(workdir)
+    assert cba(["trigger"], workdir).exit_code == 0
+    write_params(workdir, target_class=10)
+    assert_one_line_error(cba(["poison"], workdir), "target_class=10", "[0, 9]")
+    write_params(workdir, poison_rate=0.5)
+    assert_one_line_error(cba(["poison"], workdir), "poison_rate=0.5", "target class")
+    assert not (workdir / "data/poisoned").exists()
+
+
+def test_missing_data_path_and_corrupt_file(workdir):
+    write_params(workdir, **{"data.name": "cifar10", "data.root": str(workdir), "data.options": {}})
+    assert_one_line_error(cba(["trigger"], workdir), "data.root", "cifar-10-batches-py")
+    folder = workdir / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        (folder / name).write_bytes(b"\x80\x04garbage")
+    assert_one_line_error(cba(["trigger"], workdir), "test_batch")
+
+
+def test_corrupt_artifact_is_reported_and_left_alone(workdir):
+    write_params(workdir)
+    assert cba(["trigger"], workdir).exit_code == 0
+    trigger_file = workdir / "data/trigger/trigger.safetensors"
+    trigger_file.write_bytes(b"{not safetensors")
+    assert_one_line_error(cba(["poison"], workdir), "trigger.safetensors")
+    assert trigger_file.read_bytes() == b"{not safetensors"
+
+
+def test_missing_params_file(workdir):
+    assert_one_line_error(cba(["trigger", "--params", "nope.yaml"], workdir), "--params='nope.yaml'")
+
+
+def test_help_explains_every_option(workdir):
+    out = cba(["--help"], workdir).stdout
+    for stage in ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report"):
+        assert stage in out
+    assert "--params" in cba(["pretrain", "--help"], workdir).stdout
