@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
@@ -71,6 +72,9 @@ COLUMNS = [
 ]
 
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="augmentation parameters drawn per sample (default)")
     parser.set_defaults(per_batch=False)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--ssl-lr", type=float, default=0.3, help="SGD learning rate of the SSL methods")
+    parser.add_argument("--ssl-lr", type=float, default=0.6, help="SGD learning rate of the SSL methods (params.yaml's)")
+    parser.add_argument("--min-scale", type=float, default=0.5, help="smallest RandomResizedCrop area (params.yaml's)")
     parser.add_argument("--supervised-lr", type=float, default=0.05)
     parser.add_argument("--queue-size", type=int, default=1024, help="MoCo queue (capped at the training set size)")
     parser.add_argument("--eval-every", type=int, default=3, help="kNN ACC/ASR every k epochs, for the learning epochs")
@@ -130,7 +135,10 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     poisoned = poison_dataset(train_set, trigger, args.poison_rate, target, mode, seed)
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True
-    hparams = {"queue_size": min(args.queue_size, len(train_set))} if name == "mocov2" else {}
+    # Each method's options as the pipeline sets them in params.yaml (pretrain.<method>).
+    hparams = dict((yaml.safe_load(PARAMS.read_text()) or {}).get("pretrain", {}).get(name) or {})
+    if name == "mocov2":
+        hparams["queue_size"] = min(args.queue_size, len(train_set))
     torch.manual_seed(seed)
     model = build_method(name, build_backbone(args.backbone, width=args.width), num_classes=train_set.num_classes, **hparams)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
@@ -145,7 +153,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
         return row
 
     print(f"== {name}: {mode}, {len(poisoned.indices)} poisoned of {len(train_set)}, lr {config.lr}", flush=True)
-    augment = build_augment(model.augmentation, train_set.images.shape[1], args.per_batch)
+    augment = build_augment(model.augmentation, train_set.images.shape[1], args.per_batch, args.min_scale)
     result = train(model, poisoned.train.images, poisoned.train.labels, augment, config, device,
                    evaluate=monitor, progress=not args.quiet)
     model.to("cpu").eval()

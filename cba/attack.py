@@ -36,7 +36,7 @@ def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
     batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
-    hparams: dict[str, Any] | None = None, per_batch: bool = False, probe_epochs: int = 30,
+    hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5, probe_epochs: int = 30,
     device: torch.device | None = None, progress: bool = False,
 ) -> AttackRecord:
     device = device or torch.device("cpu")
@@ -46,7 +46,7 @@ def run_attack(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (0.05 if model.uses_labels else 0.3),
                          weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=epochs)
     result = train(model, poisoned.train.images, poisoned.train.labels,
-                   build_augment(model.augmentation, train_set.images.shape[1], per_batch), config, device, progress=progress)
+                   build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device, progress=progress)
     model.to("cpu").eval()
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True

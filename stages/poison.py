@@ -19,7 +19,10 @@ def poison(params_path: Path = PARAMS_OPTION) -> None:
     seed = params.integer("seed", 0)
     rate = params.number("poison_rate", low=0.0, high=1.0)
     target = params.integer("target_class", low=0)
-    mode = params.choice("poison.mode", MODES, "clean_label")
+    mode = params.choice("poison.mode", ("auto", *MODES), "auto")
+    if mode == "auto":
+        # The supervised baseline is BadNets (dirty label); SSL attacks are clean label.
+        mode = "dirty_label" if params.raw("pretrain.method", "simclr") == "supervised" else "clean_label"
     trig = load_trigger(TRIGGER_DIR)
     train, test = load_split(params, "train"), load_split(params, "test")
     count = validate_poison(train.labels, train.num_classes, rate, target, mode)

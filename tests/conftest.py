@@ -20,7 +20,7 @@ def small_synthetic():
 
 @pytest.fixture(scope="session")
 def supervised_badnets(small_synthetic):
-    """BadNets (dirty-label 3x3 checkerboard patch, 5%) on a supervised ConvNet: the
+    """BadNets (dirty-label 4x4 checkerboard patch, 5%) on a supervised ConvNet: the
     setting where the literature says every defense works."""
     from cba.attack import run_attack
     from cba.triggers import build_trigger
