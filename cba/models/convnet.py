@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cba.models.registry import BACKBONES, Normalize
+from cba.models.registry import BACKBONES, Normalize, StagedBackbone
 
 
 def _block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -15,7 +15,7 @@ def _block(cin: int, cout: int, pool: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ConvNet(nn.Module):
+class ConvNet(StagedBackbone):
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
@@ -25,18 +25,7 @@ class ConvNet(nn.Module):
         self.stem = _block(3, w, pool=True)
         # `stages` keeps the naming shared with ResNet: stages[-1] is the last stage (Fine-Pruning prunes it).
         self.stages = nn.ModuleList([_block(w, 2 * w, True), _block(2 * w, 4 * w, True), _block(4 * w, 8 * w, False)])
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = 8 * w
-
-    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature maps, before pooling."""
-        x = self.stem(self.normalize(x))
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_maps(x)).flatten(1)
 
 
 @BACKBONES.register("convnet")

@@ -25,6 +25,27 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class StagedBackbone(nn.Module):
+    """normalize -> stem -> stages -> global pool. Subclasses build `stem`,
+    `stages` (stages[-1] is the last stage, the one Fine-Pruning prunes) and
+    set `feature_dim`."""
+
+    normalize: Normalize
+    stem: nn.Module
+    stages: nn.ModuleList
+    feature_dim: int
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature maps, before pooling."""
+        x = self.stem(self.normalize(x))
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_maps(x), 1), 1)
+
+
 def build_backbone(name: str, width: int = 32, **options: Any) -> nn.Module:
     factory = BACKBONES.get(name, key="pretrain.backbone")
     if not isinstance(width, int) or width < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cba.models.registry import BACKBONES, Normalize
+from cba.models.registry import BACKBONES, Normalize, StagedBackbone
 
 
 class BasicBlock(nn.Module):
@@ -25,7 +25,7 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(StagedBackbone):
     def __init__(self, width: int = 64):
         super().__init__()
         w = width
@@ -37,17 +37,7 @@ class ResNet18(nn.Module):
             stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
         self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = cin
-
-    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.normalize(x))
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_maps(x)).flatten(1)
 
 
 @BACKBONES.register("resnet18")
