@@ -85,7 +85,9 @@ def train_linear_probe(
     """Mini-batch SGD with a cosine schedule on CPU-resident features (seconds)."""
     features = features.float()
     labels = torch.as_tensor(labels).long()
-    probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
+    with torch.random.fork_rng():  # the initialisation, too, comes from `seed`
+        torch.manual_seed(seed)
+        probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     gen = torch.Generator().manual_seed(seed)

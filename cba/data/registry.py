@@ -30,7 +30,7 @@ def _register_builtin() -> None:
     # Imported for their registration side effect.
     import importlib
 
-    for module in ("synthetic", "cifar", "idx", "imagefolder"):
+    for module in ("synthetic", "synthetic_alt", "cifar", "idx", "imagefolder"):
         try:
             importlib.import_module(f"cba.data.{module}")
         except ModuleNotFoundError as exc:  # a loader module not written yet
