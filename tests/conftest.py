@@ -27,5 +27,7 @@ def supervised_badnets(small_synthetic):
 
     train, test = small_synthetic
     trigger = build_trigger("patch", {"size": 4}, seed=0)
+    # Small batches and a higher rate: 12 quick epochs reach ACC ~0.6 with ASR ~0.99, so the
+    # defenses are judged on a model that learned both the task and the backdoor.
     return run_attack(train, test, trigger, method="supervised", mode="dirty_label", poison_rate=0.05,
-                      target_class=0, width=16, epochs=12, seed=0)
+                      target_class=0, width=16, epochs=12, batch_size=64, lr=0.1, seed=0)
