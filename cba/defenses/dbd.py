@@ -115,8 +115,8 @@ class DBD(Defense):
 
     def __init__(self, *, backbone_source: str = "auto", ssl_backbone: str = "convnet", ssl_width: int = 16,
                  ssl_epochs: int = 10, ssl_lr: float = 0.3, ssl_temperature: float = 0.2, ssl_min_scale: float = 0.5,
-                 head_epochs: int = 100, head_lr: float = 0.1,
-                 sce_alpha: float = 0.1, sce_beta: float = 1.0, epsilon: float = 0.5, semi_epochs: int = 5,
+                 head_epochs: int = 100, head_lr: float = 0.1, sce_alpha: float = 0.1, sce_beta: float = 1.0,
+                 epsilon: float = 0.5, semi_epochs: int = 5,
                  lr: float = 0.01, batch_size: int = 128, confidence: float = 0.95, unlabelled_weight: float = 1.0,
                  device: str = "auto"):
         key = "defense.dbd."

@@ -12,7 +12,8 @@ al. 2020), which needs no mixing or sharpening and fewer knobs:
 
 Labelled, weak and strong views go through one forward pass in training
 mode, so batch-norm statistics see all of them, as in FixMatch; pseudo-labels
-come from the weak views' logits, detached.
+come from the weak views' logits, detached. SGD with Nesterov momentum, a
+one-epoch warmup (the SCE head's logits start large) and a cosine decay.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def semi_supervised_finetune(
         passed = seen = 0
         for step, batch in enumerate(lab_idx[torch.randperm(len(lab_idx), generator=gen)].split(bs)):
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, epochs * steps, 0, lr)
+                group["lr"] = lr_at(epoch * steps + step, epochs * steps, min(steps, epochs * steps // 4), lr)
             x_l = weak(data[batch.to(device)].float().div_(255))
             y_l = targets[batch.to(device)]
             if len(unl_idx) == 0:
