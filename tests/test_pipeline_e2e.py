@@ -21,6 +21,7 @@ def tiny_params() -> dict:
     params["data"]["options"] = {"train_size": 400, "test_size": 120}
     params["pretrain"].update(epochs=2, width=4, batch_size=64, eval_every=1, eval_bank_size=200)
     params["finetune"]["linear"]["epochs"] = 3
+    params["analyze"].update(embedding="pca", max_points=200)
     params["defenses"] = DEFENSES
     params.setdefault("defense", {})
     params["defense"]["strip"] = {**params["defense"].get("strip", {}), "max_inputs": 40, "n_overlays": 4}
@@ -56,7 +57,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_writes_every_contracted_artifact(project):
     out = run(["dvc", "repro"], project)
-    stages = {"trigger", "poison", "pretrain", "finetune", "report"} | {f"defend@{d}" for d in DEFENSES}
+    stages = {"trigger", "poison", "pretrain", "finetune", "analyze", "report"} | {f"defend@{d}" for d in DEFENSES}
     assert ran_stages(out) == stages
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     for evaluation in ("knn", "linear"):
