@@ -85,8 +85,9 @@ def test_finetune_param_reruns_only_downstream_stages(project):
     params["finetune"]["knn"]["k"] = 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], project))
-    # The defenses read the downstream classifier, so they rerun too; nothing upstream does.
-    assert ran == {"finetune", "report"} | {f"defend@{d}" for d in DEFENSES}
+    # The kNN k does not change the probe file the defenses read, so DVC's content hashes
+    # keep every defense cached: only finetune and report rerun, nothing upstream.
+    assert ran == {"finetune", "report"}
 
 
 def test_defense_param_reruns_only_that_defense(project):
