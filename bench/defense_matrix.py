@@ -139,8 +139,6 @@ def run_bench(args: argparse.Namespace, params: dict[str, Any], device: torch.de
                             weight_decay=float((params.get("pretrain") or {}).get("weight_decay", 5e-4)), seed=args.seed,
                             hparams=cfg["hparams"], per_batch=per_batch, min_scale=min_scale, device=device,
                             progress=not args.quiet)
-        # What the pipeline's load_attack_record puts there, for defenses that rebuild the method (ABL).
-        record.extra = {"backbone": "convnet", "width": args.width, "hparams": dict(cfg["hparams"])}
         records[key] = record
         attacks[key] = {"title": title, "trigger": trigger_name, "trigger_params": trigger_params, "mode": mode,
                         **cfg, "poisoned": int(record.poisoned.sum()), "min_scale": min_scale, "per_batch": per_batch,

@@ -51,16 +51,15 @@ import yaml
 import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
-from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.env import environment
-from cba.evaluate import (accuracy, attack_success_rate, evaluate_encoder, extract_features, knn_backdoor_metrics,
-                          pick_device)
+from cba.attack import run_attack
+from cba.defenses import classifier_acc_asr
+from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
-from cba.models import BACKBONES, build_backbone
-from cba.poison import poison_dataset, triggered_test_set
-from cba.ssl import METHODS, build_method
-from cba.train import TrainConfig, train
+from cba.models import BACKBONES
+from cba.poison import triggered_test_set
+from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
 
 COLUMNS = [
@@ -118,32 +117,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _head_metrics(model: Any, test, triggered, target: int) -> dict[str, float]:
-    """ACC/ASR of the supervised model's own head, on features already on the CPU."""
-    with torch.no_grad():
-        clean = model.head(extract_features(model.encoder, test.images)).argmax(1)
-        trig = model.head(extract_features(model.encoder, triggered.images)).argmax(1)
-    return {"head_acc": accuracy(clean, test.labels), "head_asr": attack_success_rate(trig, target)}
-
-
 def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, trigger,
                device: torch.device) -> dict[str, Any]:
-    """Poison, train with kNN curves, then measure one row of the table."""
+    """Poison, train with kNN curves (`cba.attack.run_attack`), then measure one row of the table."""
     started = time.perf_counter()
     target, seed = args.target_class, args.seed
     mode = args.supervised_mode if name == "supervised" else "clean_label"
-    poisoned = poison_dataset(train_set, trigger, args.poison_rate, target, mode, seed)
-    mask = np.zeros(len(train_set), dtype=bool)
-    mask[poisoned.indices] = True
     # Each method's options as the pipeline sets them in params.yaml (pretrain.<method>).
     hparams = dict((yaml.safe_load(PARAMS.read_text()) or {}).get("pretrain", {}).get(name) or {})
     if name == "mocov2":
         hparams["queue_size"] = min(args.queue_size, len(train_set))
-    torch.manual_seed(seed)
-    model = build_method(name, build_backbone(args.backbone, width=args.width), num_classes=train_set.num_classes, **hparams)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.supervised_lr if model.uses_labels else args.ssl_lr,
-                         warmup_epochs=min(2, args.epochs // 4), seed=seed, eval_every=args.eval_every)
     bank = np.random.default_rng(seed).permutation(len(train_set))[: args.eval_bank_size]
 
     def monitor(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
@@ -152,21 +135,25 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
         print(f"  {name} epoch {epoch}: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}", flush=True)
         return row
 
-    print(f"== {name}: {mode}, {len(poisoned.indices)} poisoned of {len(train_set)}, lr {config.lr}", flush=True)
-    augment = build_augment(model.augmentation, train_set.images.shape[1], args.per_batch, args.min_scale)
-    result = train(model, poisoned.train.images, poisoned.train.labels, augment, config, device,
-                   evaluate=monitor, progress=not args.quiet)
-    model.to("cpu").eval()
+    lr = args.supervised_lr if METHODS.get(name).uses_labels else args.ssl_lr
+    print(f"== {name}: {mode}, {round(args.poison_rate * len(train_set))} poisoned of {len(train_set)}, lr {lr}", flush=True)
+    record = run_attack(train_set, test, trigger, method=name, mode=mode, poison_rate=args.poison_rate, target_class=target,
+                        backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                        seed=seed, hparams=hparams, per_batch=args.per_batch, min_scale=args.min_scale,
+                        probe_epochs=args.probe_epochs, device=device, progress=not args.quiet,
+                        eval_every=args.eval_every, evaluate=monitor)
+    mask = record.poisoned
 
-    metrics, _ = evaluate_encoder(model.encoder, train_set.images, train_set.labels, test.images, test.labels,
+    metrics, _ = evaluate_encoder(record.encoder, train_set.images, train_set.labels, test.images, test.labels,
                                   triggered.images, target, train_set.num_classes, probe_epochs=args.probe_epochs, seed=seed)
     row: dict[str, Any] = {
         "method": name, "mode": mode, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
         "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],
     }
-    if model.uses_labels:
-        row.update(_head_metrics(model, test, triggered, target))
-    dynamics = summarize_dynamics(result.loss_frame(mask), result.curves)
+    if name == "supervised":  # its own (poisoned) head, beside the clean-label probe
+        head = classifier_acc_asr(record.classifier, record)
+        row.update(head_acc=head["acc"], head_asr=head["asr"])
+    dynamics = summarize_dynamics(record.losses, record.extra["curves"])
     row.update({k: dynamics[k] for k in ("max_loss_auroc", "max_loss_auroc_epoch", "final_loss_auroc",
                                          "backdoor_epoch", "clean_epoch")})
 
@@ -174,11 +161,11 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     clean_target = np.flatnonzero(~mask & (train_set.labels == target))
     if len(clean_target) > args.max_target_points:
         clean_target = np.random.default_rng([seed, 0xE47]).choice(clean_target, args.max_target_points, replace=False)
-    rows = np.sort(np.concatenate([poisoned.indices, clean_target]))
-    features = extract_features(model.encoder, poisoned.train.images[rows]).numpy()
+    rows = np.sort(np.concatenate([np.flatnonzero(mask), clean_target]))
+    features = extract_features(record.encoder, record.train.images[rows]).numpy()
     row.update(entanglement_metrics(features, mask[rows], train_set.labels[rows], target, seed=seed))
     row["seconds"] = time.perf_counter() - started
-    row["curves"] = result.curves
+    row["curves"] = record.extra["curves"]
     print(f"== {name} done in {row['seconds']:.0f}s: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}, "
           f"max loss AUROC {_fmt(row['max_loss_auroc'])}, feature sep. AUROC {_fmt(row['separability_auroc'])}", flush=True)
     return row

@@ -6,7 +6,8 @@ that need an `AttackRecord` without a pipeline around it.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,16 +38,26 @@ def run_attack(
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
     batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
     hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5, probe_epochs: int = 30,
-    device: torch.device | None = None, progress: bool = False,
+    device: torch.device | None = None, progress: bool = False, eval_every: int | None = None,
+    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
 ) -> AttackRecord:
+    """Poison `train_set`, train `method` on it, and fit the downstream classifier.
+
+    `evaluate(encoder, epoch)` runs every `eval_every` epochs (default: only the
+    last); its rows land in `record.extra["curves"]`. `extra` also keeps what
+    the pipeline's attack record holds for defenses that rebuild the method
+    (backbone, width, hparams), and the training time in seconds."""
     device = device or torch.device("cpu")
     poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
     torch.manual_seed(seed)
     model = build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes, **(hparams or {}))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (0.05 if model.uses_labels else 0.3),
-                         weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=epochs)
+                         weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=eval_every or epochs)
+    started = time.perf_counter()
     result = train(model, poisoned.train.images, poisoned.train.labels,
-                   build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device, progress=progress)
+                   build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device,
+                   evaluate=evaluate, progress=progress)
+    seconds = time.perf_counter() - started
     model.to("cpu").eval()
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True
@@ -55,4 +66,5 @@ def run_attack(
         train=poisoned.train, clean_train=train_set, test=test,
         triggered=triggered_test_set(test, trigger, target_class, seed), poisoned=mask, target_class=target_class,
         trigger=trigger, method=method, losses=result.loss_frame(mask), model_state=model.state_dict(), seed=seed,
+        extra={"backbone": backbone, "width": width, "hparams": dict(hparams or {}), "curves": result.curves, "seconds": seconds, "lr": config.lr},
     )

@@ -9,7 +9,6 @@ is recorded with every run.
 from __future__ import annotations
 
 import kornia.augmentation as K
-import torch
 from torch import nn
 
 from cba.errors import ConfigError

@@ -7,6 +7,7 @@ place, so an interrupted stage never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -40,8 +41,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Strict JSON: NaN and infinities become null (json.dumps would write bare NaN, which jq and browsers reject)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        text = json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+        tmp.write_text(text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy / torch scalars
+        return _finite(obj.item())
+    if hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -17,7 +17,6 @@ from cba.io import load_tensors, save_tensors
 from cba.models import build_backbone
 from cba.ssl import METHODS, build_method
 from cba.ssl.byol import byol_per_sample, byol_tau, ema_update
-from cba.ssl.mocov2 import infonce_per_sample
 from cba.ssl.simclr import nt_xent_per_sample
 from cba.ssl.simsiam import simsiam_per_sample
 from cba.train import TrainConfig, train

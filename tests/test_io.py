@@ -1,0 +1,44 @@
+"""Artifact writing: strict JSON, atomic replacement, safetensors round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cba.errors import ConfigError
+from cba.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+
+
+def test_write_json_turns_non_finite_numbers_into_null(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"auroc": float("nan"), "ratio": np.float32("inf"), "rows": [1.5, float("-inf")],
+                      "scalar": torch.tensor(0.25), "array": np.array([0.5, np.nan])})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard constant {name}"))
+    assert strict == {"auroc": None, "ratio": None, "rows": [1.5, None], "scalar": 0.25, "array": [0.5, None]}
+    assert read_json(path) == strict
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"acc": 0.9})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("{half")
+            raise RuntimeError("killed mid-write")
+    assert read_json(path) == {"acc": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]  # no temporary left behind
+
+
+def test_save_and_load_tensors_round_trip_and_corrupt_file(tmp_path):
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    loaded = load_tensors(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04 a pickle, not weights")
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        load_tensors(tmp_path / "bad.safetensors")
