@@ -95,9 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="augmentation parameters drawn per sample (default)")
     parser.set_defaults(per_batch=False)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--ssl-lr", type=float, default=0.6, help="SGD learning rate of the SSL methods (params.yaml's)")
+    parser.add_argument("--ssl-lr", type=float, default=None,
+                        help="SGD learning rate of every SSL method (default: each method's own, as pretrain.lr: auto)")
     parser.add_argument("--min-scale", type=float, default=0.5, help="smallest RandomResizedCrop area (params.yaml's)")
-    parser.add_argument("--supervised-lr", type=float, default=0.05)
+    parser.add_argument("--supervised-lr", type=float, default=None, help="default: the supervised method's own")
     parser.add_argument("--queue-size", type=int, default=1024, help="MoCo queue (capped at the training set size)")
     parser.add_argument("--eval-every", type=int, default=3, help="kNN ACC/ASR every k epochs, for the learning epochs")
     parser.add_argument("--eval-bank-size", type=int, default=2000, help="clean labelled images in the kNN bank during training")
@@ -135,7 +136,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
         print(f"  {name} epoch {epoch}: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}", flush=True)
         return row
 
-    lr = args.supervised_lr if METHODS.get(name).uses_labels else args.ssl_lr
+    lr = (args.supervised_lr if METHODS.get(name).uses_labels else args.ssl_lr) or METHODS.get(name).default_lr
     print(f"== {name}: {mode}, {round(args.poison_rate * len(train_set))} poisoned of {len(train_set)}, lr {lr}", flush=True)
     record = run_attack(train_set, test, trigger, method=name, mode=mode, poison_rate=args.poison_rate, target_class=target,
                         backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=lr,

@@ -51,7 +51,7 @@ def run_attack(
     poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
     torch.manual_seed(seed)
     model = build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes, **(hparams or {}))
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (0.05 if model.uses_labels else 0.3),
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else model.default_lr,
                          weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=eval_every or epochs)
     started = time.perf_counter()
     result = train(model, poisoned.train.images, poisoned.train.labels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from cba.augment import KINDS, build_augment
 from cba.env import environment
+from cba.errors import ConfigError
 from cba.evaluate import knn_backdoor_metrics, pick_device
 from cba.io import write_csv, write_json, write_parquet
 from cba.models import BACKBONES, build_backbone
@@ -33,10 +35,11 @@ KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum",
 def read_config(params: Params) -> tuple[TrainConfig, dict]:
     params.section("pretrain", KEYS)
     seed = params.integer("seed", 0)
+    method = params.choice("pretrain.method", METHODS.names())
     config = TrainConfig(
         epochs=params.integer("pretrain.epochs", low=1),
         batch_size=params.integer("pretrain.batch_size", low=2),
-        lr=params.number("pretrain.lr", low=0.0, open_low=True),
+        lr=learning_rate(params, method),
         momentum=params.number("pretrain.momentum", 0.9, low=0.0, high=1.0),
         weight_decay=params.number("pretrain.weight_decay", 5e-4, low=0.0),
         warmup_epochs=params.integer("pretrain.warmup_epochs", 0, low=0),
@@ -45,7 +48,7 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
     )
     params.section("pretrain.augmentation", ["kind", "per_batch", "min_scale"])
     extra = {
-        "method": params.choice("pretrain.method", METHODS.names()),
+        "method": method,
         "backbone": params.choice("pretrain.backbone", BACKBONES.names()),
         "width": params.integer("pretrain.width", low=1),
         "augmentation": params.choice("pretrain.augmentation.kind", ("auto", *KINDS), "auto"),
@@ -59,6 +62,18 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
     # Check the method's options now, on a throwaway one-channel backbone, before any data is read.
     build_method(extra["method"], build_backbone("convnet", width=1), num_classes=2, **extra["hparams"])
     return config, extra
+
+
+def learning_rate(params: Params, method: str) -> float:
+    """`pretrain.lr`: a positive number, or auto for the method's own SGD rate at batch size 256."""
+    if params.raw("pretrain.lr") == "auto":
+        return METHODS.get(method).default_lr
+    value = params.raw("pretrain.lr")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError("pretrain.lr", value, "a number > 0, or auto (the method's own rate: "
+                          + ", ".join(f"{name} {METHODS.get(name).default_lr:g}" for name in METHODS.names()) + ")")
+    return float(value)
 
 
 def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:

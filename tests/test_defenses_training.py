@@ -160,9 +160,10 @@ def test_abl_isolates_badnets(abl_on_badnets):
     assert out["flagged"] == round(0.05 * out["total"])
 
 
-@pytest.mark.xfail(reason="known shortfall: on the BadNets fixture (ACC 0.59, ASR 1.0) default ABL unlearning "
-                          "(5 epochs, lr 5e-4, ~10 ascent steps) leaves ASR at 1.0; bounded or not. Open in issue 4.",
-                   strict=False)
+@pytest.mark.xfail(reason="known shortfall: on the BadNets fixture (ACC 0.59, ASR 1.0) ABL unlearning destroys clean "
+                          "accuracy before the backdoor: 20 unbounded epochs give ACC 0.12 / ASR 0.0, ascent bounded at the "
+                          "clean loss or at ln(10) ACC 0.20-0.22 / ASR 0.79-0.88, with clean fine-tuning ACC 0.55 / ASR 0.99; "
+                          "the default (5 epochs, bounded) leaves ASR at 1.0", strict=False)
 def test_abl_unlearning_lowers_badnets_asr(abl_on_badnets):
     assert abl_on_badnets["asr_after"] < abl_on_badnets["asr_before"] - 0.2
 

@@ -61,6 +61,8 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.backbone", "vit", ["pretrain.backbone='vit'", "convnet"]),
     ("pretrain", "pretrain.epochs", "ten", ["pretrain.epochs='ten'", "integer"]),
     ("pretrain", "pretrain.simclr.temprature", 0.5, ["pretrain.simclr.temprature"]),
+    ("pretrain", "pretrain.lr", "fast", ["pretrain.lr='fast'", "auto", "simclr 0.6"]),
+    ("pretrain", "pretrain.lr", -0.1, ["pretrain.lr=-0.1", "> 0"]),
     ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
 ])
 def test_bad_parameter_is_one_line(workdir, stage, key, value, fragments):
@@ -113,3 +115,14 @@ def test_help_explains_every_option(workdir):
     for stage in ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report"):
         assert stage in out
     assert "--params" in cba(["pretrain", "--help"], workdir).stdout
+
+
+def test_pretrain_lr_auto_is_each_methods_own_rate():
+    from cba.ssl import METHODS
+    from stages.params import Params
+    from stages.pretrain import learning_rate
+
+    rates = {name: learning_rate(Params({"pretrain": {"lr": "auto"}}), name) for name in METHODS.names()}
+    assert rates == {name: METHODS.get(name).default_lr for name in METHODS.names()}
+    assert rates["simclr"] == 0.6 and rates["supervised"] == 0.05 and all(r > 0 for r in rates.values())
+    assert learning_rate(Params({"pretrain": {"lr": 0.25}}), "byol") == 0.25

@@ -38,13 +38,15 @@ class SSLMethod(nn.Module):
     """Heads + loss around a backbone.
 
     Subclasses set `num_views` (augmented views per image), `augmentation`
-    ("ssl" for the contrastive pipeline, "weak" for crop+flip) and
-    `uses_labels`, and implement `loss`.
+    ("ssl" for the contrastive pipeline, "weak" for crop+flip), `uses_labels`
+    and `default_lr` (the SGD rate `pretrain.lr: auto` picks, at batch size
+    256, measured on the built-in data), and implement `loss`.
     """
 
     num_views = 2
     augmentation = "ssl"
     uses_labels = False
+    default_lr = 0.3
 
     def __init__(self, backbone: nn.Module, num_classes: int = 10):
         super().__init__()

@@ -63,6 +63,8 @@ def byol_per_sample(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: to
 
 @METHODS.register("byol")
 class BYOL(SSLMethod):
+    default_lr = 0.06
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -32,6 +32,8 @@ def infonce_per_sample(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
 
 @METHODS.register("mocov2")
 class MoCoV2(SSLMethod):
+    default_lr = 0.06
+
     def __init__(
         self,
         backbone: nn.Module,

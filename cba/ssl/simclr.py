@@ -27,6 +27,8 @@ def nt_xent_per_sample(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -
 
 @METHODS.register("simclr")
 class SimCLR(SSLMethod):
+    default_lr = 0.6
+
     def __init__(self, backbone: nn.Module, num_classes: int = 10, proj_hidden_dim: int = 512, proj_dim: int = 128, temperature: float = 0.5):
         super().__init__(backbone, num_classes)
         if not temperature > 0:

@@ -22,6 +22,8 @@ def simsiam_per_sample(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2:
 
 @METHODS.register("simsiam")
 class SimSiam(SSLMethod):
+    default_lr = 0.06
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -16,6 +16,7 @@ from cba.ssl.base import METHODS, SSLMethod
 
 @METHODS.register("supervised")
 class Supervised(SSLMethod):
+    default_lr = 0.05
     num_views = 1
     augmentation = "weak"
     uses_labels = True
