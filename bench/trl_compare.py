@@ -63,7 +63,7 @@ from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
 
 COLUMNS = [
-    ("method", "method"), ("mode", "poison"), ("knn_acc", "kNN ACC"), ("knn_asr", "kNN ASR"),
+    ("method", "method"), ("mode", "poison"), ("lr", "lr"), ("knn_acc", "kNN ACC"), ("knn_asr", "kNN ASR"),
     ("probe_acc", "probe ACC"), ("probe_asr", "probe ASR"), ("head_acc", "head ACC"), ("head_asr", "head ASR"),
     ("max_loss_auroc", "max loss AUROC (epoch)"), ("separability_auroc", "feature sep. AUROC"),
     ("silhouette", "silhouette"), ("backdoor_epoch", "backdoor epoch"), ("clean_epoch", "clean epoch"),
@@ -148,7 +148,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     metrics, _ = evaluate_encoder(record.encoder, train_set.images, train_set.labels, test.images, test.labels,
                                   triggered.images, target, train_set.num_classes, probe_epochs=args.probe_epochs, seed=seed)
     row: dict[str, Any] = {
-        "method": name, "mode": mode, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
+        "method": name, "mode": mode, "lr": lr, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
         "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],
     }
     if name == "supervised":  # its own (poisoned) head, beside the clean-label probe
@@ -183,6 +183,8 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return f"{_fmt(row[key])} ({row['max_loss_auroc_epoch']})"
     if key == "seconds":
         return f"{row[key]:.0f}"
+    if key == "lr":
+        return f"{row[key]:g}"
     return _fmt(row.get(key))
 
 
