@@ -87,6 +87,15 @@ def defense_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(rows, columns)
 
 
+def bench_section(title: str, markdown: str) -> str:
+    """A bench script's markdown output under a level-3 title, its own headings demoted below it."""
+    lines = markdown.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]  # the bench's own title gives way to `title`
+    body = "\n".join("##" + line if line.startswith("#") else line for line in lines).strip()  # "## x" -> "#### x"
+    return f"### {title}\n\n{body}"
+
+
 def analysis_section(analysis: dict[str, Any], figures: dict[str, str]) -> str:
     """Learning dynamics (claim 1) and feature entanglement (claim 2), with their figures."""
     dyn, ent = analysis.get("dynamics", {}), analysis.get("entanglement", {})

@@ -22,6 +22,7 @@ ANALYSIS_DIR = Path("data/analysis")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORT_DIR = Path("reports")
+BENCH_DIR = Path("bench/results")  # committed outputs of the bench scripts, shown in the report
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Path of the params file to read.")
 

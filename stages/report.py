@@ -8,9 +8,14 @@ from pathlib import Path
 import pandas as pd
 
 from cba.io import atomic_path, read_json
-from cba.report import analysis_section, attack_summary, defense_table, params_block, plot_learning_curves
-from stages.common import ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
+from cba.report import (analysis_section, attack_summary, bench_section, defense_table, params_block,
+                        plot_learning_curves)
+from stages.common import ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
 from stages.params import Params
+
+
+BENCHES = (("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
+           ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
 
 @one_line_errors
@@ -53,6 +58,11 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         *analysis_parts,
         *defense_parts,
     ]
+    bench = [(title, (BENCH_DIR / f"{name}.md").read_text()) for name, title in BENCHES if (BENCH_DIR / f"{name}.md").exists()]
+    if bench:
+        parts += ["## Benchmarks across methods and attacks",
+                  f"The last committed runs of the bench scripts (`{BENCH_DIR}/`), beside this pipeline run.",
+                  *(bench_section(title, text) for title, text in bench)]
     parts += ["## Parameters", params_block(params.data)]
     with atomic_path(REPORT_DIR / "report.md") as tmp:
         tmp.write_text("\n\n".join(parts) + "\n")
