@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--width", type=int, default=16, help="backbone width")
     parser.add_argument("--backbone", default="convnet", choices=BACKBONES.names())
-    parser.add_argument("--trigger", default="ctrl", choices=TRIGGERS.names(), help="trigger, default parameters")
+    parser.add_argument("--trigger", default="ctrl", choices=TRIGGERS.names(), help="trigger")
+    parser.add_argument("--trigger-params", type=yaml.safe_load, default={},
+                        help="the trigger's parameters as YAML, e.g. '{alpha: 0.2}' (default: its own defaults)")
     parser.add_argument("--poison-rate", type=float, default=0.05, help="fraction of the whole training set")
     parser.add_argument("--target-class", type=int, default=0)
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS.names())}, or all")
@@ -231,10 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     train_set = load_dataset("synthetic", "train", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
     test = load_dataset("synthetic", "test", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
-    trigger = build_trigger(args.trigger, {}, seed=args.seed, image_size=train_set.images.shape[1])
+    trigger = build_trigger(args.trigger, args.trigger_params or {}, seed=args.seed, image_size=train_set.images.shape[1])
     triggered = triggered_test_set(test, trigger, args.target_class, args.seed)
     print(f"trl_compare: {', '.join(args.method_names)} on {len(train_set)}/{len(test)} synthetic images, "
-          f"{args.trigger} at {args.poison_rate:g}, {args.epochs} epochs, {args.backbone} width {args.width}, "
+          f"{args.trigger} {args.trigger_params or ''} at {args.poison_rate:g}, {args.epochs} epochs, {args.backbone} width {args.width}, "
           f"{'per-batch' if args.per_batch else 'per-sample'} augmentation, {device}", flush=True)
     rows = [run_method(name, args, train_set, test, triggered, trigger, device) for name in args.method_names]
     text = report(rows, args, device, command)
