@@ -223,3 +223,11 @@ def test_fine_pruning_removes_the_badnets_backdoor(badnets_runs):
     assert out["asr_after"] < out["asr_before"] - 0.3, out
     assert [row["prune_ratio"] for row in out["curve"]] == [0.0, 0.4, 0.8]
     assert out["curve"][0]["acc"] == out["acc_before"] and out["prune_ratio"] == 0.8
+
+
+def test_every_defense_lives_in_the_module_dvc_yaml_names():
+    """dvc.yaml's defend stage depends on cba/defenses/<name>.py: a defense elsewhere would go untracked."""
+    from cba.defenses import DEFENSES
+
+    for name in DEFENSES.names():
+        assert DEFENSES.get(name).__module__ == f"cba.defenses.{name}", name

@@ -100,6 +100,12 @@ def test_defense_param_reruns_only_that_defense(project):
     assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
 
 
+def test_editing_one_defense_module_reruns_only_that_defense(project):
+    module = project / "cba/defenses/strip.py"
+    module.write_text(module.read_text() + "\n# an edit that changes the file, not the results\n")
+    assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
+
+
 def test_metrics_diff_plots_and_experiments(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
