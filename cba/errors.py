@@ -1,4 +1,10 @@
-"""One exception type for bad user input, printed as a single line by the CLI."""
+"""One exception type for bad user input, printed as a single line by the CLI, and the type checks behind it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -11,3 +17,14 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: object, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not valid: {allowed}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer, but not a bool (YAML's true/false are ints to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, but not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and bool(np.isfinite(value))

@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Strict JSON: NaN and infinities become null (json.dumps would write bare NaN, which jq and browsers reject)."""
     with atomic_path(path) as tmp:
-        text = json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+        text = json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False)
         tmp.write_text(text + "\n")
 
 
@@ -59,14 +59,6 @@ def _finite(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return _finite(obj.tolist())
     return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 from cba.augment import KINDS, build_augment
 from cba.env import environment
-from cba.errors import ConfigError
+from cba.errors import ConfigError, is_number
 from cba.evaluate import knn_backdoor_metrics, pick_device
 from cba.io import write_csv, write_json, write_parquet
 from cba.models import BACKBONES, build_backbone
@@ -69,8 +68,7 @@ def learning_rate(params: Params, method: str) -> float:
     if params.raw("pretrain.lr") == "auto":
         return METHODS.get(method).default_lr
     value = params.raw("pretrain.lr")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
+    if not (is_number(value) and value > 0):
         raise ConfigError("pretrain.lr", value, "a number > 0, or auto (the method's own rate: "
                           + ", ".join(f"{name} {METHODS.get(name).default_lr:g}" for name in METHODS.names()) + ")")
     return float(value)

@@ -13,7 +13,7 @@ import numpy as np
 
 from cba.data.base import ImageSet
 from cba.data.registry import DATASETS
-from cba.errors import ConfigError
+from cba.errors import ConfigError, is_int
 
 CLASSES = ["circle", "ring", "square", "triangle", "plus", "tee", "stripes", "checker", "crescent", "dumbbell"]
 DEFAULT_SIZES = {"train": 10_000, "test": 2_000}
@@ -95,13 +95,19 @@ def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> Imag
     return ImageSet(out, labels.astype(np.int64), list(CLASSES))
 
 
+def split_size(split: str, train_size: int, test_size: int, num_classes: int) -> int:
+    """The requested size of `split`, checked: an integer with room for every class."""
+    n = train_size if split == "train" else test_size
+    if not is_int(n) or n < num_classes:
+        raise ConfigError(f"data.options.{split}_size", n, f"an integer of at least {num_classes}")
+    return n
+
+
 @DATASETS.register("synthetic")
 def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
          test_size: int = DEFAULT_SIZES["test"], image_size: int = 32) -> ImageSet:
     """`root` is ignored: the data are generated, never read."""
-    n = train_size if split == "train" else test_size
-    if isinstance(n, bool) or not isinstance(n, int) or n < len(CLASSES):
-        raise ConfigError(f"data.options.{split}_size", n, f"an integer of at least {len(CLASSES)}")
+    n = split_size(split, train_size, test_size, len(CLASSES))
     if image_size not in (32, 64, 96):
         raise ConfigError("data.options.image_size", image_size, "one of 32, 64, 96")
     return generate(n, seed + SPLIT_OFFSET[split], image_size)

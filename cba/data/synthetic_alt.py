@@ -13,8 +13,8 @@ import numpy as np
 
 from cba.data.base import ImageSet
 from cba.data.registry import DATASETS
-from cba.data.synthetic import DEFAULT_SIZES, SPLIT_OFFSET, _soft_inside
-from cba.errors import ConfigError
+from cba.data.synthetic import DEFAULT_SIZES, SPLIT_OFFSET, _soft_inside, split_size
+from cba.errors import ConfigError, is_int
 
 CLASSES = ["waves", "rings", "dots", "zigzag", "blobs", "spiral", "grid", "bands", "bricks", "speckle"]
 # Distinct from `synthetic`'s seeds, so the same seed never reuses its random stream.
@@ -120,9 +120,7 @@ def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> Imag
 def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
          test_size: int = DEFAULT_SIZES["test"], image_size: int = 32) -> ImageSet:
     """`root` is ignored: the data are generated, never read."""
-    n = train_size if split == "train" else test_size
-    if isinstance(n, bool) or not isinstance(n, int) or n < len(CLASSES):
-        raise ConfigError(f"data.options.{split}_size", n, f"an integer of at least {len(CLASSES)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+    n = split_size(split, train_size, test_size, len(CLASSES))
+    if not is_int(image_size) or image_size < 8:
         raise ConfigError("data.options.image_size", image_size, "an integer of at least 8")
     return generate(n, seed + SPLIT_OFFSET[split], image_size)

@@ -39,7 +39,7 @@ from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
                                detection_metrics, repair_metrics)
 from cba.defenses.downstream_ft import probe_acc_asr
-from cba.errors import ConfigError
+from cba.errors import ConfigError, is_int, is_number
 from cba.evaluate import pick_device
 from cba.ssl import METHODS, SSLMethod, build_method
 from cba.train import TrainConfig, epoch_batches, train
@@ -101,14 +101,6 @@ def _batch_loss(method: SSLMethod, augment: nn.Module, data: torch.Tensor, label
     return method.loss(views, labels[idx])[1 if per_sample else 0]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def loss_augment(method: SSLMethod, image_size: int) -> nn.Module:
     """Views on which ABL scores and unlearns: raw images for a one-view (supervised) loss, as ABL does;
     crops there can cut a patch trigger away, and ascending on such views unlearns the class, not the
@@ -164,18 +156,18 @@ class ABL(Defense):
                  unlearn_batch_size: int = 64, bounded_ascent: bool = True, clean_finetune: bool = False,
                  probe_epochs: int = 50, device: str = "cpu"):
         key = "defense.abl."
-        check(_is_number(isolation_rate) and 0 < isolation_rate < 1, key + "isolation_rate", isolation_rate,
+        check(is_number(isolation_rate) and 0 < isolation_rate < 1, key + "isolation_rate", isolation_rate,
               "a number in (0, 1)")
         for name, value in (("isolation_epochs", isolation_epochs), ("lga_batch_size", lga_batch_size),
                             ("unlearn_batch_size", unlearn_batch_size), ("probe_epochs", probe_epochs)):
-            check(_is_int(value) and value >= 1, key + name, value, "a positive integer")
-        check(_is_int(unlearn_epochs) and unlearn_epochs >= 0, key + "unlearn_epochs", unlearn_epochs,
+            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
+        check(is_int(unlearn_epochs) and unlearn_epochs >= 0, key + "unlearn_epochs", unlearn_epochs,
               "a non-negative integer (0 skips unlearning)")
         check(epoch_mode in EPOCH_MODES, key + "epoch_mode", epoch_mode, f"choose one of {', '.join(EPOCH_MODES)}")
         check(loss_source in LOSS_SOURCES, key + "loss_source", loss_source, f"choose one of {', '.join(LOSS_SOURCES)}")
         for name, value in (("lga_gamma", lga_gamma), ("unlearn_lr", unlearn_lr)):
-            check(_is_number(value) and value >= 0, key + name, value, "a non-negative number")
-        check(_is_number(lga_lr) and lga_lr > 0, key + "lga_lr", lga_lr, "a positive number")
+            check(is_number(value) and value >= 0, key + name, value, "a non-negative number")
+        check(is_number(lga_lr) and lga_lr > 0, key + "lga_lr", lga_lr, "a positive number")
         for name, value in (("bounded_ascent", bounded_ascent), ("clean_finetune", clean_finetune)):
             check(isinstance(value, bool), key + name, value, "true or false")
         check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")

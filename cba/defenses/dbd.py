@@ -51,6 +51,7 @@ from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
                                detection_metrics, repair_metrics)
 from cba.defenses.dbd_semi import semi_supervised_finetune
+from cba.errors import is_int, is_number
 from cba.evaluate import LinearProbe, extract_features, pick_device
 from cba.models import BACKBONES, build_backbone
 from cba.ssl import build_method
@@ -100,14 +101,6 @@ def train_sce_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     return head.eval()
 
 
-def _int_at_least(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @DEFENSES.register("dbd")
 class DBD(Defense):
     name = "dbd"
@@ -124,15 +117,15 @@ class DBD(Defense):
         check(ssl_backbone in BACKBONES, key + "ssl_backbone", ssl_backbone, f"choose one of {', '.join(BACKBONES.names())}")
         for name, value, low in (("ssl_width", ssl_width, 1), ("ssl_epochs", ssl_epochs, 1), ("head_epochs", head_epochs, 1),
                                  ("semi_epochs", semi_epochs, 0), ("batch_size", batch_size, 2)):
-            check(_int_at_least(value, low), key + name, value, f"an integer >= {low}")
+            check(is_int(value) and value >= low, key + name, value, f"an integer >= {low}")
         for name, value in (("ssl_lr", ssl_lr), ("ssl_temperature", ssl_temperature), ("head_lr", head_lr), ("lr", lr)):
-            check(_number(value) and value > 0, key + name, value, "a positive number")
+            check(is_number(value) and value > 0, key + name, value, "a positive number")
         for name, value in (("sce_alpha", sce_alpha), ("sce_beta", sce_beta), ("unlabelled_weight", unlabelled_weight)):
-            check(_number(value) and value >= 0, key + name, value, "a number >= 0")
+            check(is_number(value) and value >= 0, key + name, value, "a number >= 0")
         check(sce_alpha + sce_beta > 0, key + "sce_beta", sce_beta, "sce_alpha + sce_beta must be positive")
-        check(_number(ssl_min_scale) and 0 < ssl_min_scale <= 1, key + "ssl_min_scale", ssl_min_scale, "a fraction in (0, 1]")
-        check(_number(epsilon) and 0 < epsilon <= 1, key + "epsilon", epsilon, "a fraction in (0, 1]")
-        check(_number(confidence) and 0 <= confidence <= 1, key + "confidence", confidence, "a number in [0, 1]")
+        check(is_number(ssl_min_scale) and 0 < ssl_min_scale <= 1, key + "ssl_min_scale", ssl_min_scale, "a fraction in (0, 1]")
+        check(is_number(epsilon) and 0 < epsilon <= 1, key + "epsilon", epsilon, "a fraction in (0, 1]")
+        check(is_number(confidence) and 0 <= confidence <= 1, key + "confidence", confidence, "a number in [0, 1]")
         check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")
         self.backbone_source, self.ssl_backbone, self.ssl_width = backbone_source, ssl_backbone, ssl_width
         self.ssl_temperature, self.ssl_min_scale = ssl_temperature, ssl_min_scale

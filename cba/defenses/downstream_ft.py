@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cba.augment import build_augment
 from cba.data import DATASETS, ImageSet, load_dataset
 from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, predict, repair_metrics
+from cba.errors import is_int, is_number
 from cba.evaluate import accuracy, evaluate_encoder, extract_features, pick_device, train_linear_probe
 from cba.train import epoch_batches, lr_at
 
@@ -78,10 +79,10 @@ class DownstreamFineTune(Defense):
         check(dataset in DATASETS, key + "dataset", dataset, f"choose one of {', '.join(DATASETS.names())}")
         for name, value in (("train_size", train_size), ("test_size", test_size), ("epochs", epochs),
                             ("batch_size", batch_size), ("probe_epochs", probe_epochs)):
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key + name, value,
+            check(is_int(value) and value >= 1, key + name, value,
                   "a positive integer")
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, key + name, value,
+            check(is_number(value) and value >= 0, key + name, value,
                   "a non-negative number")
         check(head_init in HEAD_INITS, key + "head_init", head_init, f"choose one of {', '.join(HEAD_INITS)}")
         check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")

@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cba.defenses.base import DEFENSES, AttackRecord, Defense, check
+from cba.errors import is_int, is_number
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's std
 
@@ -151,9 +152,9 @@ class NeuralCleanse(Defense):
                  batched: bool = True, norm_scale: str = "log"):
         key = "defense.neural_cleanse."
         for name, value in (("steps", steps), ("batch_size", batch_size), ("patience", patience), ("clean_images", clean_images)):
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key + name, value, "a positive integer")
+            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
         for name, value in (("lr", lr), ("init_cost", init_cost), ("threshold", threshold)):
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key + name, value,
+            check(is_number(value) and value > 0, key + name, value,
                   "a positive number")
         check(isinstance(target_success, (int, float)) and 0 < target_success <= 1, key + "target_success", target_success,
               "a number in (0, 1]")
@@ -172,17 +173,18 @@ class NeuralCleanse(Defense):
         found = reverse_engineer(record.classifier, images, record.num_classes, self.steps, self.batched, self.lr,
                                  self.batch_size, self.init_cost, self.target_success, self.patience, record.seed, progress)
         norms = found["masks"].flatten(1).sum(1).numpy().astype(np.float64)
-        index = anomaly_index(norms, self.norm_scale)
+        indices = {scale: anomaly_index(norms, scale) for scale in NORM_SCALES}
+        index = indices[self.norm_scale]
         flagged = flag_classes(norms, self.threshold, self.norm_scale)
         return {
             "anomaly_index": [float(v) for v in index],
             "norm_scale": self.norm_scale,
-            **{f"anomaly_index_{scale}": [float(v) for v in anomaly_index(norms, scale)] for scale in NORM_SCALES},
+            **{f"anomaly_index_{scale}": [float(v) for v in values] for scale, values in indices.items()},
             "mask_l1": [float(v) for v in norms],
             "flagged_classes": flagged,
             "target_flagged": record.target_class in flagged,
             "target_anomaly_index": float(index[record.target_class]),
-            "target_anomaly_index_linear": float(anomaly_index(norms, "linear")[record.target_class]),
+            "target_anomaly_index_linear": float(indices["linear"][record.target_class]),
             "smallest_mask_class": int(np.argmin(norms)),
             # Graded views of the same question, for attacks NC does not flag outright:
             "target_rank": int((norms < norms[record.target_class]).sum()),  # 0 = the smallest trigger

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cba.defenses.base import DEFENSES, AttackRecord, Defense, check, detection_metrics
+from cba.errors import is_int, is_number
 from cba.evaluate import to_float
 
 
@@ -68,9 +69,9 @@ class Strip(Defense):
                  max_inputs: int = 500):
         key = "defense.strip."
         for name, value in (("n_overlays", n_overlays), ("max_inputs", max_inputs)):
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key + name, value, "a positive integer")
+            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
         for name, value in (("alpha", alpha), ("frr", frr), ("holdout", holdout)):
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1, key + name, value,
+            check(is_number(value) and 0 < value < 1, key + name, value,
                   "a number strictly between 0 and 1")
         self.n_overlays, self.alpha, self.frr = n_overlays, float(alpha), float(frr)
         self.holdout, self.max_inputs = float(holdout), max_inputs

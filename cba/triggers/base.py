@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from cba.errors import ConfigError
+from cba.errors import ConfigError, is_int
 from cba.io import load_tensors, read_json, save_tensors, write_json
 
 TENSORS_FILE = "trigger.safetensors"
@@ -121,15 +121,6 @@ class Trigger(ABC):
             raise ConfigError("trigger.image_size", self.image_size,
                               f"must match the images, which are {images.shape[1]}x{images.shape[2]}")
         return images
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and bool(np.isfinite(value))
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cba.triggers.base import Trigger, is_number, map_in_chunks, to_uint8
+from cba.errors import is_number
+from cba.triggers.base import Trigger, map_in_chunks, to_uint8
 from cba.triggers.registry import register_trigger
 
 

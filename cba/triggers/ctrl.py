@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cba.triggers.base import Trigger, is_int, is_number, map_in_chunks, to_uint8
+from cba.errors import is_int, is_number
+from cba.triggers.base import Trigger, map_in_chunks, to_uint8
 from cba.triggers.registry import register_trigger
 
 CHANNELS = ("Y", "U", "V")

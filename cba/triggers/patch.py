@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cba.triggers.base import Trigger, is_int
+from cba.errors import is_int
+from cba.triggers.base import Trigger
 from cba.triggers.registry import register_trigger
 
 CORNERS = ("bottom_right", "top_left", "top_right", "bottom_left")
