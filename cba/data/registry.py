@@ -31,11 +31,7 @@ def _register_builtin() -> None:
     import importlib
 
     for module in ("synthetic", "synthetic_alt", "cifar", "idx", "imagefolder"):
-        try:
-            importlib.import_module(f"cba.data.{module}")
-        except ModuleNotFoundError as exc:  # a loader module not written yet
-            if exc.name != f"cba.data.{module}":
-                raise
+        importlib.import_module(f"cba.data.{module}")
 
 
 _register_builtin()
