@@ -1,32 +1,61 @@
-"""`cba trigger`: build the trigger from params, save it and a preview."""
+"""`cba trigger`: build (and, for a learned trigger, fit) the trigger; save it, a preview and its stealth figures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cba.data import DATASETS
+from cba.errors import ConfigError
+from cba.evaluate import pick_device
+from cba.io import write_csv, write_json
 from cba.triggers import TRIGGERS, build_trigger, save_trigger
 from cba.triggers.preview import save_preview
-from stages.common import PARAMS_OPTION, TRIGGER_DIR, load_split, one_line_errors
+from cba.triggers.stealth import stealth_metrics
+from stages.common import METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, load_split, one_line_errors
 from stages.params import Params
+
+STEALTH_IMAGES = 500
+
+
+def attacker_pool(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The attacker's own images: a seeded random subset of the training split, sorted."""
+    if size > len(labels):
+        raise ConfigError("trigger.params.surrogate_size", size, f"at most {len(labels)}, the training-set size")
+    return np.sort(np.random.default_rng([seed, 0xA77AC]).permutation(len(labels))[:size])
 
 
 @one_line_errors
-def trigger(params_path: Path = PARAMS_OPTION) -> None:
-    """Build the trigger named by trigger.name; write data/trigger/ (safetensors + preview.png)."""
+def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
+    """Build the trigger named by trigger.name (fitting a learned one); write data/trigger/ and metrics/trigger.json."""
     params = Params.load(params_path)
     params.section("trigger", ["name", "params"])
     params.choice("data.name", DATASETS.names(), "synthetic")
     name = params.choice("trigger.name", TRIGGERS.names())
     seed = params.integer("seed", 0)
+    target = params.integer("target_class", low=0)
     trig = build_trigger(name, params.section("trigger.params"), seed=seed)
     test = load_split(params, "test")
     if test.images.shape[1] != trig.image_size:
         trig = build_trigger(name, params.section("trigger.params"), seed=seed, image_size=test.images.shape[1])
-    save_trigger(trig, TRIGGER_DIR)
+    metrics: dict = {}
+    if trig.learns_from_data:
+        train = load_split(params, "train")
+        if target >= train.num_classes:
+            raise ConfigError("target_class", target, f"an integer in [0, {train.num_classes - 1}]")
+        pool = attacker_pool(train.labels, trig.params["surrogate_size"], seed)
+        fitted = trig.fit(train.images[pool], train.labels[pool] == target, device=pick_device("auto"), progress=progress)
+        history = pd.DataFrame(fitted["history"])
+        metrics["final_objective"] = fitted["final_objective"]
+    else:
+        history = pd.DataFrame(columns=["round", "target", "agree", "objective"])  # a fixed trigger learns nothing
     rng = np.random.default_rng(seed)
-    sample = test.images[rng.choice(len(test), size=min(4, len(test)), replace=False)]
-    save_preview(trig, sample, TRIGGER_DIR / "preview.png", n=len(sample), rng=rng)
-    print(f"trigger {name} -> {TRIGGER_DIR}/")
+    sample = test.images[rng.choice(len(test), size=min(STEALTH_IMAGES, len(test)), replace=False)]
+    metrics.update(stealth_metrics(trig, sample, rng=np.random.default_rng([seed, 1])))
+    save_trigger(trig, TRIGGER_DIR)
+    write_csv(PLOTS_DIR / "trigger_objective.csv", history)
+    save_preview(trig, sample[:4], TRIGGER_DIR / "preview.png", n=min(4, len(sample)), rng=rng)
+    write_json(METRICS_DIR / "trigger.json", metrics)
+    print(f"trigger {name}: L-inf {metrics['linf']:.1f}/255, PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f} -> {TRIGGER_DIR}/")

@@ -8,6 +8,6 @@ from cba.triggers.base import Trigger, load_trigger, save_trigger
 from cba.triggers.registry import TRIGGERS, build_trigger, register_trigger
 
 # Imported for their registration side effect.
-from cba.triggers import blend, ctrl, patch, ssl_patch  # noqa: E402,F401  isort: skip
+from cba.triggers import blend, ctrl, optimized, patch, ssl_patch  # noqa: E402,F401  isort: skip
 
 __all__ = ["TRIGGERS", "Trigger", "build_trigger", "load_trigger", "register_trigger", "save_trigger"]

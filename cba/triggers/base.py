@@ -36,6 +36,8 @@ class Trigger(ABC):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # True for triggers whose pattern is learned: the trigger stage calls `fit(images, target_mask)`.
+    learns_from_data: ClassVar[bool] = False
 
     def __init__(self, *, seed: int, image_size: int = 32, **params: Any):
         self.check_param_names(params)

@@ -1,0 +1,160 @@
+"""Learn one universal additive trigger against the SSL augmentations (after BLTO, Sun et al. ICLR 2024).
+
+The attacker holds unlabelled images from the victim's distribution and the
+target-class images it will poison. It trains a surrogate encoder on them with
+SimCLR, then alternates (the bi-level part):
+
+- lower level: a short SimCLR fine-tune of the surrogate on the attacker's data
+  *poisoned with the current pattern* (target-class images carry it), which
+  simulates what the victim's pretraining will do with the poisons;
+- upper level: signed-gradient steps on the pattern delta, projected onto the
+  budget ||delta||_inf <= linf / 255, minimising
+
+      w_target * L_target + w_agree * L_agree
+
+  where, with f the L2-normalised surrogate features and c the normalised
+  centroid of augmented clean target-class views,
+
+  - L_target = -E[ f(x + delta) . c ] - E[ f(A(x + delta)) . c ]: triggered
+    images of every class move to the target cluster, both as the test set
+    shows them (no augmentation) and as the training views do;
+  - L_agree = -E[ f(A1(x + delta)) . f(A2(x + delta)) ]: the two views of a
+    triggered image agree, so the trigger is a feature contrastive learning
+    keeps.
+
+  A, A1, A2 are independent draws of the same kornia pipeline the victim uses
+  (`eot=False` drops them: the pattern is optimised on raw images only).
+
+Every random draw comes from the seed, so the pattern is deterministic on one
+machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cba.augment import build_augment
+from cba.models import build_backbone
+from cba.ssl import build_method
+from cba.train import TrainConfig, train
+
+
+@dataclass
+class OptimizeConfig:
+    linf: float = 16.0  # budget on the 0-255 scale
+    surrogate_backbone: str = "convnet"
+    surrogate_width: int = 16
+    surrogate_epochs: int = 15  # SimCLR warm-up on the attacker's clean data
+    surrogate_lr: float = 0.6
+    temperature: float = 0.2
+    rounds: int = 4  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
+    bilevel: bool = True  # False: the surrogate stays as the warm-up left it
+    trigger_steps: int = 50
+    batch_size: int = 128
+    step_size: float = 0.1  # signed-gradient step, as a fraction of the budget
+    w_target: float = 1.0
+    w_agree: float = 1.0
+    eot: bool = True  # expectation over the augmentation pipeline
+    min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
+    per_batch: bool = False
+
+
+def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(encoder(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+
+
+def _pretrain_surrogate(method: nn.Module, images: np.ndarray, augment: nn.Module, epochs: int, lr: float,
+                        seed: int, device: torch.device) -> None:
+    if epochs <= 0:
+        return
+    config = TrainConfig(epochs=epochs, batch_size=256, lr=lr, warmup_epochs=min(2, epochs // 4), seed=seed,
+                         eval_every=epochs + 1)
+    train(method, images, np.zeros(len(images), dtype=np.int64), augment, config, device, progress=False)
+
+
+def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, centroid: torch.Tensor,
+                    augment: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The two terms of the trigger objective on one batch (lower is better for the attacker)."""
+    triggered = (x + delta).clamp(0, 1)
+    plain = _features(encoder, triggered)
+    if augment is None:
+        return {"target": -(plain @ centroid).mean(), "agree": torch.zeros((), device=x.device)}
+    view1, view2 = _features(encoder, augment(triggered)), _features(encoder, augment(triggered))
+    return {"target": -(plain @ centroid).mean() - (view1 @ centroid).mean(),
+            "agree": -(view1 * view2).sum(1).mean()}
+
+
+def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
+                     device: torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """Learn the pattern from uint8 NHWC `images`; `target_mask` marks the target-class ones.
+
+    Returns the pattern as float32 (H, W, 3) on the 0-255 scale, with
+    |pattern| <= linf everywhere, and one row of objective figures per round.
+    """
+    device = device or torch.device("cpu")
+    target_mask = np.asarray(target_mask, dtype=bool)
+    size = images.shape[1]
+    eps = config.linf / 255.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        method = build_method("simclr", build_backbone(config.surrogate_backbone, width=config.surrogate_width),
+                              temperature=config.temperature)
+        augment = build_augment("ssl", size, config.per_batch, config.min_scale).to(device)
+        _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, seed, device)
+        method.to(device)
+        data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
+        targets = torch.as_tensor(np.flatnonzero(target_mask))
+        gen = torch.Generator().manual_seed(seed)
+        delta = torch.zeros(1, 3, size, size, device=device)
+        history: list[dict] = []
+        total = config.rounds * config.trigger_steps
+        bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
+        for round_index in range(config.rounds):
+            if config.bilevel and round_index > 0:
+                poisoned = images.copy()
+                pattern = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0)
+                poisoned[target_mask] = np.clip(np.rint(poisoned[target_mask] + pattern), 0, 255).astype(np.uint8)
+                # One poisoned epoch at a tenth of the rate: the surrogate adapts to the poisons, as the victim will.
+                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr * 0.1, seed + round_index, device)
+                method.to(device)
+            encoder = method.encoder.eval()
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            sums = {"target": 0.0, "agree": 0.0}
+            for _ in range(config.trigger_steps):
+                batch = torch.randint(len(data), (config.batch_size,), generator=gen)
+                anchor = targets[torch.randint(len(targets), (config.batch_size,), generator=gen)]
+                with torch.no_grad():
+                    reference = data[anchor]
+                    centroid = F.normalize(_features(encoder, augment(reference) if config.eot else reference).mean(0), dim=0)
+                delta.requires_grad_(True)
+                terms = objective_terms(encoder, data[batch], delta, centroid, augment if config.eot else None)
+                loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
+                grad, = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta = (delta - config.step_size * eps * grad.sign()).clamp(-eps, eps)
+                for key in sums:
+                    sums[key] += float(terms[key].detach()) / config.trigger_steps
+                bar.update(1)
+            for p in encoder.parameters():
+                p.requires_grad_(True)
+            row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]}
+            history.append(row)
+            bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
+        bar.close()
+    pattern = delta.detach()[0].permute(1, 2, 0).cpu().numpy() * 255.0
+    # Exactly within budget despite float rounding.
+    return np.clip(pattern, -config.linf, config.linf).astype(np.float32), history
+
+
+def steps_needed(config: OptimizeConfig, n_images: int) -> int:
+    """Surrogate SGD steps plus trigger steps: what the progress bar and the docs quote."""
+    per_epoch = math.ceil(n_images / 256)
+    return per_epoch * (config.surrogate_epochs + max(0, config.rounds - 1)) + config.rounds * config.trigger_steps

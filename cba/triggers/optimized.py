@@ -1,0 +1,92 @@
+"""A universal additive pattern learned against the SSL augmentations (see `cba.triggers.optimize`).
+
+Until `fit` runs, the pattern is zero: the trigger stage fits it on the
+attacker's data and saves it, and every later stage loads the saved pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cba.errors import is_int, is_number
+from cba.triggers.base import Trigger, map_in_chunks, to_uint8
+from cba.triggers.registry import register_trigger
+
+BACKBONE_CHOICES = ("convnet", "resnet18")
+
+
+@register_trigger
+class OptimizedTrigger(Trigger):
+    """x' = clip(x + pattern), |pattern| <= linf on the 0-255 scale."""
+
+    name = "optimized"
+    learns_from_data = True
+    defaults = {
+        "linf": 16.0,               # L-inf budget on the 0-255 scale
+        "surrogate_size": 4000,     # unlabelled training images the attacker holds
+        "surrogate_epochs": 15,     # SimCLR warm-up of the surrogate encoder
+        "surrogate_backbone": "convnet",
+        "surrogate_width": 16,
+        "rounds": 4,                # bi-level rounds: a poisoned surrogate epoch, then trigger steps
+        "trigger_steps": 50,
+        "batch_size": 128,
+        "step_size": 0.1,           # signed-gradient step as a fraction of linf
+        "w_target": 1.0,            # pull of triggered images to the target cluster
+        "w_agree": 1.0,             # agreement of two views of a triggered image
+        "bilevel": True,
+        "eot": True,                # expectation over the augmentation pipeline
+        "min_scale": 0.5,           # the attacker's assumption of the victim's crop scale
+    }
+
+    def _validate(self) -> None:
+        p = self.params
+        if not is_number(p["linf"]) or not 0 < p["linf"] <= 255:
+            self._fail("linf", "must be a number in (0, 255] (0-255 pixel scale)")
+        p["linf"] = float(p["linf"])
+        for key, low in (("surrogate_size", 16), ("surrogate_width", 1), ("rounds", 1), ("trigger_steps", 1),
+                         ("batch_size", 2), ("surrogate_epochs", 0)):
+            if not is_int(p[key]) or p[key] < low:
+                self._fail(key, f"must be an integer >= {low}")
+            p[key] = int(p[key])
+        for key in ("w_target", "w_agree"):
+            if not is_number(p[key]) or p[key] < 0:
+                self._fail(key, "must be a number >= 0")
+            p[key] = float(p[key])
+        if p["w_target"] == 0 and p["w_agree"] == 0:
+            self._fail("w_target", "and w_agree must not both be 0 (nothing to optimise)")
+        if not is_number(p["step_size"]) or not 0 < p["step_size"] <= 1:
+            self._fail("step_size", "must be a number in (0, 1] (a fraction of linf)")
+        if not is_number(p["min_scale"]) or not 0 < p["min_scale"] <= 1:
+            self._fail("min_scale", "must be a number in (0, 1]")
+        for key in ("bilevel", "eot"):
+            if not isinstance(p[key], bool):
+                self._fail(key, "must be true or false")
+        if p["surrogate_backbone"] not in BACKBONE_CHOICES:
+            self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
+
+    def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"pattern": np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)}
+
+    def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
+            progress: bool = True) -> dict[str, Any]:
+        """Learn the pattern from the attacker's images; return the optimisation's figures."""
+        from cba.triggers.optimize import OptimizeConfig, optimize_trigger  # torch-heavy, needed only here
+
+        images = self._check_images(images)
+        target_mask = np.asarray(target_mask, dtype=bool)
+        if len(target_mask) != len(images) or not target_mask.any():
+            raise ValueError("target_mask must mark at least one of the attacker's images as target class")
+        options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
+        pattern, history = optimize_trigger(images, target_mask, OptimizeConfig(**options), self.seed, device, progress)
+        self._arrays = {"pattern": pattern}
+        return {"history": history, "final_objective": history[-1]["objective"]}
+
+    def perturbation(self) -> np.ndarray:
+        return self._arrays["pattern"].astype(np.float64)
+
+    def _apply(self, images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        delta = self.perturbation()
+        return map_in_chunks(lambda chunk: to_uint8(chunk + delta), images)
