@@ -1,7 +1,9 @@
 """Attack x defense matrix: the paper's claim 3 (defenses built for supervised backdoors fail on contrastive ones).
 
-Three attacks train on the SAME built-in synthetic data at the SAME poison budget:
+Four attacks train on the SAME built-in synthetic data at the SAME poison budget:
 
+- optimized + SimCLR: the learned trigger (params.yaml's trigger.params), fitted on the attacker's share of
+  the same training set, clean-label, SimCLR (settings as below);
 - CTRL + SimCLR: the frequency-domain CTRL trigger (default parameters), clean-label, SimCLR
   (temperature 0.2, lr 0.6, per-sample augmentation with params.yaml's pretrain.augmentation.min_scale);
 - patch + SimCLR: a 4x4 BadNets patch, clean-label, SimCLR (same settings);
@@ -45,9 +47,12 @@ from cba.env import environment
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
 from cba.triggers import build_trigger
+from cba.triggers.fitting import fit_trigger
 
 SIMCLR = {"method": "simclr", "hparams": {"temperature": 0.2}, "lr": 0.6}
 ATTACKS = {  # key: (column title, trigger name, trigger params, poison mode, training settings)
+    # The learned trigger with params.yaml's trigger.params (None: read there), fitted on this training set.
+    "optimized": ("optimized + SimCLR", "optimized", None, "clean_label", SIMCLR),
     "ctrl": ("CTRL + SimCLR", "ctrl", {}, "clean_label", SIMCLR),
     "patch": ("patch + SimCLR", "patch", {"size": 4}, "clean_label", SIMCLR),
     "badnets": ("BadNets (supervised)", "patch", {"size": 4}, "dirty_label", {"method": "supervised", "hparams": {}, "lr": 0.05}),
@@ -78,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attacks", default="all", help=f"comma-separated subset of {','.join(ATTACKS)}, or all")
     parser.add_argument("--defenses", default="all", help=f"comma-separated subset of {','.join(DEFENSES.names())}, or all")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="defense.<name> and pretrain settings")
+    parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
+                        help="YAML params of the learned trigger's column (default: params.yaml's trigger.params)")
     parser.add_argument("--fast", action="store_true", help="shrink the expensive defenses: " + "; ".join(
         f"{name} {', '.join(f'{k}={v}' for k, v in over.items())}" for name, over in FAST.items()))
     parser.add_argument("--nc-steps", type=int, default=100, help="steps of the Neural Cleanse timing (0: skip it)")
@@ -137,7 +144,12 @@ def run_bench(args: argparse.Namespace, params: dict[str, Any], device: torch.de
     attacks, matrix, records = {}, {name: {} for name in args.defenses_list}, {}
     for key in args.attacks_list:
         title, trigger_name, trigger_params, mode, cfg = ATTACKS[key]
+        if trigger_params is None:
+            section = params.get("trigger") or {}
+            trigger_params = args.trigger_params if args.trigger_params is not None else (
+                dict(section.get("params") or {}) if section.get("name") == trigger_name else {})
         trigger = build_trigger(trigger_name, trigger_params, seed=args.seed, image_size=train_set.images.shape[1])
+        fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device, progress=not args.quiet)
         print(f"== attack {title}: {trigger_name} {trigger_params}, {mode}, {cfg['method']} lr {cfg['lr']}", flush=True)
         started = time.perf_counter()
         record = run_attack(train_set, test, trigger, method=cfg["method"], mode=mode, poison_rate=args.poison_rate,

@@ -1,7 +1,7 @@
 """Compare every pretraining method under one backdoor: the paper's claims 1 and 2 side by side.
 
 Every method in `cba.ssl.METHODS` (simclr, byol, mocov2, simsiam, supervised)
-trains on the SAME built-in synthetic data with the SAME trigger (CTRL by
+trains on the SAME built-in synthetic data with the SAME trigger (params.yaml's by
 default) at the SAME poison budget (a fraction of the whole training set).
 The SSL methods get the clean-label attack (their threat model: pretraining
 never sees labels); the supervised baseline gets the dirty-label BadNets attack
@@ -61,6 +61,7 @@ from cba.models import BACKBONES
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
+from cba.triggers.fitting import fit_trigger
 
 COLUMNS = [
     ("method", "method"), ("mode", "poison"), ("lr", "lr"), ("knn_acc", "kNN ACC"), ("knn_asr", "kNN ASR"),
@@ -82,9 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--width", type=int, default=16, help="backbone width")
     parser.add_argument("--backbone", default="convnet", choices=BACKBONES.names())
-    parser.add_argument("--trigger", default="ctrl", choices=TRIGGERS.names(), help="trigger")
-    parser.add_argument("--trigger-params", type=yaml.safe_load, default={},
-                        help="the trigger's parameters as YAML, e.g. '{alpha: 0.2}' (default: its own defaults)")
+    parser.add_argument("--trigger", default=None, choices=TRIGGERS.names(), help="trigger (default: params.yaml's trigger.name)")
+    parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
+                        help="the trigger's parameters as YAML, e.g. '{alpha: 0.2}' (default: params.yaml's trigger.params "
+                             "for params.yaml's trigger, else the trigger's own defaults)")
     parser.add_argument("--poison-rate", type=float, default=0.05, help="fraction of the whole training set")
     parser.add_argument("--target-class", type=int, default=0)
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS.names())}, or all")
@@ -92,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="threat model of the supervised baseline (SSL methods are always clean_label)")
     protocol = parser.add_mutually_exclusive_group()
     protocol.add_argument("--per-batch", dest="per_batch", action="store_true",
-                          help="one augmentation draw per batch (CTRL's protocol)")
+                          help="one augmentation draw per batch")
     protocol.add_argument("--per-sample", dest="per_batch", action="store_false",
                           help="augmentation parameters drawn per sample (default)")
     parser.set_defaults(per_batch=False)
@@ -112,12 +114,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results/trl_compare.md"))
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     args = parser.parse_args(argv)
+    args.trigger, args.trigger_params = pipeline_trigger(args.trigger, args.trigger_params)
     names = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         parser.error(f"--methods: unknown {unknown or args.methods!r}; choose from {', '.join(METHODS.names())} or all")
     args.method_names = names
     return args
+
+
+def pipeline_trigger(name: str | None, params: dict | None) -> tuple[str, dict]:
+    """The trigger and its params: as given, else params.yaml's (for its own trigger), else the defaults."""
+    section = (yaml.safe_load(PARAMS.read_text()) or {}).get("trigger") or {}
+    name = name or section.get("name", "ctrl")
+    if params is None:
+        params = dict(section.get("params") or {}) if name == section.get("name") else {}
+    return name, params
 
 
 def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, trigger,
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     train_set = load_dataset("synthetic", "train", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
     test = load_dataset("synthetic", "test", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
     trigger = build_trigger(args.trigger, args.trigger_params or {}, seed=args.seed, image_size=train_set.images.shape[1])
+    # A learned trigger is fitted once, on the attacker's share of this training set, and shared by every method.
+    fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device, progress=not args.quiet)
     triggered = triggered_test_set(test, trigger, args.target_class, args.seed)
     print(f"trl_compare: {', '.join(args.method_names)} on {len(train_set)}/{len(test)} synthetic images, "
           f"{args.trigger} {args.trigger_params or ''} at {args.poison_rate:g}, {args.epochs} epochs, {args.backbone} width {args.width}, "

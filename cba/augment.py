@@ -1,9 +1,11 @@
 """Batched augmentations on the training device (kornia).
 
-`per_batch=True` draws one set of random parameters for the whole batch, as
-CTRL's official code does; the default draws them per sample, as SimCLR
-prescribes. The two protocols give very different ASR for CTRL, so the choice
-is recorded with every run.
+The default draws random parameters per sample, as SimCLR prescribes (and as
+CTRL's official code does for crop, flip and grayscale; only its colour-jitter
+on/off switch is drawn per batch). `per_batch=True` draws one set of parameters
+for the whole batch, so every poisoned image in a batch carries the trigger
+transformed the same way. The choice is recorded with every run;
+bench/trigger_survival.py measures what each protocol leaves of a trigger.
 """
 
 from __future__ import annotations

@@ -110,3 +110,14 @@ def analysis_section(analysis: dict[str, Any], figures: dict[str, str]) -> str:
     parts = [markdown_table(rows, ["measure", "value"])]
     parts += [f"![{title}]({path})" for title, path in figures.items()]
     return "\n\n".join(parts)
+
+
+def trigger_summary(stealth: dict) -> str:
+    """One line on how visible the trigger is (and what its optimisation reached, for a learned one)."""
+    if not stealth:
+        return "No stealth figures (metrics/trigger.json) were written for this trigger."
+    line = (f"Visibility over test images, triggered against clean: L-inf {stealth['linf']:.1f}/255, mean L2 {stealth['l2']:.0f} (0-255 scale), "
+            f"PSNR {stealth['psnr']:.1f} dB, SSIM {stealth['ssim']:.3f}.")
+    if "final_objective" in stealth:
+        line += f" Final trigger objective {stealth['final_objective']:.3f} (lower is better for the attacker)."
+    return line

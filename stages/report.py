@@ -9,12 +9,13 @@ import pandas as pd
 
 from cba.io import atomic_path, read_json
 from cba.report import (analysis_section, attack_summary, bench_section, defense_table, params_block,
-                        plot_learning_curves)
+                        plot_learning_curves, trigger_summary)
 from stages.common import ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
 from stages.params import Params
 
 
-BENCHES = (("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
+BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
+           ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
 
@@ -51,6 +52,7 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         attack_summary(poison, pretrain, finetune),
         "ASR counts triggered test images whose true class is not the target; ACC is on the clean test set.",
         "## Trigger",
+        trigger_summary(read_json(METRICS_DIR / "trigger.json") if (METRICS_DIR / "trigger.json").exists() else {}),
         "Clean image, triggered image, and the amplified difference.",
         "![trigger preview](trigger_preview.png)",
         "## Learning curves",

@@ -12,19 +12,13 @@ from cba.errors import ConfigError
 from cba.evaluate import pick_device
 from cba.io import write_csv, write_json
 from cba.triggers import TRIGGERS, build_trigger, save_trigger
+from cba.triggers.fitting import fit_trigger
 from cba.triggers.preview import save_preview
 from cba.triggers.stealth import stealth_metrics
 from stages.common import METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, load_split, one_line_errors
 from stages.params import Params
 
-STEALTH_IMAGES = 500
-
-
-def attacker_pool(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """The attacker's own images: a seeded random subset of the training split, sorted."""
-    if size > len(labels):
-        raise ConfigError("trigger.params.surrogate_size", size, f"at most {len(labels)}, the training-set size")
-    return np.sort(np.random.default_rng([seed, 0xA77AC]).permutation(len(labels))[:size])
+STEALTH_IMAGES = 500  # test images the visibility figures average over
 
 
 @one_line_errors
@@ -45,8 +39,7 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
         train = load_split(params, "train")
         if target >= train.num_classes:
             raise ConfigError("target_class", target, f"an integer in [0, {train.num_classes - 1}]")
-        pool = attacker_pool(train.labels, trig.params["surrogate_size"], seed)
-        fitted = trig.fit(train.images[pool], train.labels[pool] == target, device=pick_device("auto"), progress=progress)
+        fitted = fit_trigger(trig, train.images, train.labels, target, seed, device=pick_device("auto"), progress=progress)
         history = pd.DataFrame(fitted["history"])
         metrics["final_objective"] = fitted["final_objective"]
     else:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+# The learned trigger at a size that fits in seconds (the benches fit it as the pipeline does).
+TINY_TRIGGER = "{surrogate_size: 150, surrogate_epochs: 1, surrogate_width: 4, rounds: 2, trigger_steps: 2, batch_size: 16}"
 
 
 def load(name: str):
@@ -24,7 +26,7 @@ def load(name: str):
 def test_trl_compare_writes_one_row_per_method(tmp_path):
     out = tmp_path / "trl.md"
     load("trl_compare").main(["--train-size", "200", "--test-size", "60", "--epochs", "2", "--width", "4",
-                              "--methods", "simclr,supervised", "--eval-every", "1", "--probe-epochs", "2",
+                              "--trigger", "optimized", "--trigger-params", TINY_TRIGGER, "--methods", "simclr,supervised", "--eval-every", "1", "--probe-epochs", "2",
                               "--quiet", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["simclr", "supervised"]
@@ -37,6 +39,20 @@ def test_trl_compare_writes_one_row_per_method(tmp_path):
     assert "| simclr | clean_label |" in text and "| supervised | dirty_label |" in text
 
 
+def test_trigger_ablation_writes_one_row_per_variant_and_rate(tmp_path):
+    out = tmp_path / "ab.md"
+    load("trigger_ablation").main(["--variants", "full,no_agree,random", "--clean", "random", "--dataset", "synthetic",
+                                   "--train-size", "200", "--test-size", "60", "--epochs", "1", "--width", "4",
+                                   "--trigger-params", TINY_TRIGGER, "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["variant"], r["poison_rate"]) for r in rows] == [("full", 0.05), ("no_agree", 0.05), ("random", 0.0),
+                                                                 ("random", 0.05)]
+    for row in rows:
+        assert 0 <= row["probe_asr"] <= 1 and 0 <= row["knn_asr"] <= 1 and row["survival"] == row["survival"]
+    assert rows[0]["fit_s"] > 0 and 0 <= rows[0]["hit_rate"] <= 1 and rows[2]["fit_s"] == 0
+    assert "| no_agree | 0.05" in out.read_text()
+
+
 def test_trl_compare_rejects_an_unknown_method():
     with pytest.raises(SystemExit):
         load("trl_compare").parse_args(["--methods", "simclr,dino"])
@@ -45,11 +61,13 @@ def test_trl_compare_rejects_an_unknown_method():
 def test_defense_matrix_fills_every_cell(tmp_path):
     out = tmp_path / "dm.md"
     load("defense_matrix").main(["--train-size", "200", "--test-size", "60", "--epochs", "1", "--width", "4", "--fast",
-                                 "--attacks", "badnets", "--defenses", "spectral,strip", "--nc-steps", "2",
+                                 "--attacks", "badnets,optimized", "--trigger-params", TINY_TRIGGER,
+                                 "--defenses", "spectral,strip", "--nc-steps", "2",
                                  "--nc-images", "10", "--quiet", "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["matrix"]) == {"spectral", "strip"}
     for cells in result["matrix"].values():
-        assert "error" not in cells["badnets"] and 0 <= cells["badnets"]["auroc"] <= 1
+        for attack in ("badnets", "optimized"):
+            assert "error" not in cells[attack] and 0 <= cells[attack]["auroc"] <= 1
     assert result["nc_timing"]["batched"] > 0 and result["nc_timing"]["per_class"] > 0
     assert "BadNets (supervised)" in out.read_text()

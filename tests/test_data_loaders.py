@@ -239,6 +239,36 @@ def test_idx_truncated_gzip(tmp_path):
         load_dataset("mnist", "test", root=str(tmp_path))
 
 
+def test_file_backed_sets_take_a_seeded_training_subset(tmp_path):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = (np.arange(40) % 10).astype(np.uint8)
+    write_idx(tmp_path, "train", images, labels, gz=False)
+    full = load_dataset("mnist", "train", root=str(tmp_path))
+    subset = load_dataset("mnist", "train", root=str(tmp_path), seed=1, train_size=15)
+    assert len(subset) == 15
+    # Exactly rows of the full split, in their original order, drawn from the seed.
+    rows = [int(np.flatnonzero((full.images == image).all(axis=(1, 2, 3)))[0]) for image in subset.images]
+    assert rows == sorted(rows) and len(set(rows)) == 15
+    np.testing.assert_array_equal(full.labels[rows], subset.labels)
+    again = load_dataset("mnist", "train", root=str(tmp_path), seed=1, train_size=15)
+    np.testing.assert_array_equal(again.images, subset.images)
+    other = load_dataset("mnist", "train", root=str(tmp_path), seed=2, train_size=15)
+    assert not np.array_equal(other.images, subset.images)
+    # test_size does not touch the train split; null keeps the whole split.
+    assert len(load_dataset("mnist", "train", root=str(tmp_path), test_size=5)) == 40
+    assert len(load_dataset("mnist", "train", root=str(tmp_path), train_size=None)) == 40
+
+
+@pytest.mark.parametrize("size, message", [(41, "at most 40"), (0, "an integer >= 1"), ("ten", "an integer >= 1"),
+                                           (True, "an integer >= 1")])
+def test_training_subset_errors_are_one_line(tmp_path, size, message):
+    write_idx(tmp_path, "train", np.zeros((40, 28, 28), np.uint8), np.zeros(40, np.uint8), gz=False)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_dataset("mnist", "train", root=str(tmp_path), train_size=size)
+    assert "data.options.train_size" in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_default_root():
     train = load_dataset("fashion_mnist", "train")

@@ -23,6 +23,10 @@ def tiny_params() -> dict:
     params["finetune"]["linear"]["epochs"] = 3
     params["analyze"].update(embedding="pca", max_points=200)
     params["defenses"] = DEFENSES
+    # The learned trigger, at a size that fits in seconds: the stage still trains its surrogate and optimises.
+    params["trigger"] = {"name": "optimized", "params": {"linf": 16, "surrogate_size": 200, "surrogate_epochs": 1,
+                                                         "surrogate_width": 4, "rounds": 2, "trigger_steps": 3,
+                                                         "batch_size": 32}}
     params.setdefault("defense", {})
     params["defense"]["strip"] = {**params["defense"].get("strip", {}), "max_inputs": 40, "n_overlays": 4}
     return params
@@ -91,6 +95,18 @@ def test_finetune_param_reruns_only_downstream_stages(project):
     # The kNN k does not change the probe file the defenses read, so DVC's content hashes
     # keep every defense cached: only finetune and report rerun, nothing upstream.
     assert ran == {"finetune", "report"}
+
+
+def test_pretrain_param_never_reruns_the_trigger(project):
+    pattern = (project / "data/trigger/trigger.safetensors").read_bytes()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"]["epochs"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = ran_stages(run(["dvc", "repro"], project))
+    assert "trigger" not in ran and "poison" not in ran and "pretrain" in ran
+    assert (project / "data/trigger/trigger.safetensors").read_bytes() == pattern
+    trigger = json.loads((project / "metrics/trigger.json").read_text())
+    assert 0 < trigger["linf"] <= 16 and trigger["psnr"] > 20 and 0 < trigger["ssim"] <= 1
 
 
 def test_defense_param_reruns_only_that_defense(project):

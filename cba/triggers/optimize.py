@@ -62,6 +62,8 @@ class OptimizeConfig:
     w_target: float = 1.0
     w_agree: float = 1.0
     eot: bool = True  # expectation over the augmentation pipeline
+    clusters: int = 10  # centroids the target competes with: the target's own plus k-means of the other images
+    resolution: int = 32  # the pattern is a resolution x resolution grid, bilinearly upsampled to the image
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
     per_batch: bool = False
 
@@ -79,16 +81,47 @@ def _pretrain_surrogate(method: nn.Module, images: np.ndarray, augment: nn.Modul
     train(method, images, np.zeros(len(images), dtype=np.int64), augment, config, device, progress=False)
 
 
-def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, centroid: torch.Tensor,
-                    augment: nn.Module | None) -> dict[str, torch.Tensor]:
-    """The two terms of the trigger objective on one batch (lower is better for the attacker)."""
+@torch.no_grad()
+def cluster_centroids(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int,
+                      gen: torch.Generator, iterations: int = 20, chunk: int = 512) -> torch.Tensor:
+    """Row 0: the target-class centroid; rows 1..clusters-1: spherical k-means centroids of the other images.
+
+    The attacker knows no other labels, so the rest of the feature space is
+    summarised by unsupervised clusters, as a downstream kNN or linear
+    classifier would carve it."""
+    features = torch.cat([_features(encoder, data[i:i + chunk]) for i in range(0, len(data), chunk)])
+    mask = torch.as_tensor(target_mask)
+    target = F.normalize(features[mask].mean(0), dim=0)
+    others = features[~mask]
+    k = max(1, min(clusters - 1, len(others)))
+    centroids = others[torch.randperm(len(others), generator=gen)[:k]].clone()
+    for _ in range(iterations):
+        assign = (others @ centroids.T).argmax(1)
+        for j in range(k):
+            members = others[assign == j]
+            if len(members):
+                centroids[j] = F.normalize(members.mean(0), dim=0)
+    return torch.cat([target[None], centroids])
+
+
+def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, centroids: torch.Tensor,
+                    augment: nn.Module | None, temperature: float = 0.1) -> dict[str, torch.Tensor]:
+    """The two terms of the trigger objective on one batch (lower is better for the attacker).
+
+    The target term is the cross-entropy of "nearest centroid is the target's"
+    (row 0 of `centroids`), softmax over cosine similarities / temperature, as
+    the test set shows triggered images (no augmentation) and as a training view
+    does. `hit_rate`, a label-free proxy of ASR on the surrogate, is the share of
+    triggered images whose nearest centroid is the target's."""
     triggered = (x + delta).clamp(0, 1)
-    plain = _features(encoder, triggered)
+    plain = _features(encoder, triggered) @ centroids.T
+    goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    terms = {"hit_rate": (plain.detach().argmax(1) == 0).float().mean()}
     if augment is None:
-        return {"target": -(plain @ centroid).mean(), "agree": torch.zeros((), device=x.device)}
+        return {**terms, "target": F.cross_entropy(plain / temperature, goal), "agree": torch.zeros((), device=x.device)}
     view1, view2 = _features(encoder, augment(triggered)), _features(encoder, augment(triggered))
-    return {"target": -(plain @ centroid).mean() - (view1 @ centroid).mean(),
-            "agree": -(view1 * view2).sum(1).mean()}
+    target = F.cross_entropy(plain / temperature, goal) + F.cross_entropy(view1 @ centroids.T / temperature, goal)
+    return {**terms, "target": target, "agree": -(view1 * view2).sum(1).mean()}
 
 
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
@@ -110,9 +143,18 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, seed, device)
         method.to(device)
         data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
-        targets = torch.as_tensor(np.flatnonzero(target_mask))
+        others = torch.as_tensor(np.flatnonzero(~target_mask))
         gen = torch.Generator().manual_seed(seed)
-        delta = torch.zeros(1, 3, size, size, device=device)
+        resolution = min(config.resolution, size)
+        grid = torch.zeros(1, 3, resolution, resolution, device=device)
+
+        def upsample(values: torch.Tensor) -> torch.Tensor:
+            # Bilinear interpolation of values within the budget stays within it.
+            if resolution == size:
+                return values
+            return F.interpolate(values, size=(size, size), mode="bilinear", align_corners=False)
+
+        delta = upsample(grid)
         history: list[dict] = []
         total = config.rounds * config.trigger_steps
         bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
@@ -121,25 +163,24 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 poisoned = images.copy()
                 pattern = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0)
                 poisoned[target_mask] = np.clip(np.rint(poisoned[target_mask] + pattern), 0, 255).astype(np.uint8)
-                # One poisoned epoch at a tenth of the rate: the surrogate adapts to the poisons, as the victim will.
-                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr * 0.1, seed + round_index, device)
+                # One poisoned epoch: the surrogate learns from the poisons, as the victim will.
+                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, seed + round_index, device)
                 method.to(device)
             encoder = method.encoder.eval()
             for p in encoder.parameters():
                 p.requires_grad_(False)
-            sums = {"target": 0.0, "agree": 0.0}
+            sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0}
+            centroids = cluster_centroids(encoder, data, target_mask, config.clusters, gen)
             for _ in range(config.trigger_steps):
-                batch = torch.randint(len(data), (config.batch_size,), generator=gen)
-                anchor = targets[torch.randint(len(targets), (config.batch_size,), generator=gen)]
-                with torch.no_grad():
-                    reference = data[anchor]
-                    centroid = F.normalize(_features(encoder, augment(reference) if config.eot else reference).mean(0), dim=0)
-                delta.requires_grad_(True)
-                terms = objective_terms(encoder, data[batch], delta, centroid, augment if config.eot else None)
+                # Triggered images of the non-target classes: the ones ASR counts.
+                batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
+                grid.requires_grad_(True)
+                terms = objective_terms(encoder, data[batch], upsample(grid), centroids, augment if config.eot else None)
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
-                grad, = torch.autograd.grad(loss, delta)
+                grad, = torch.autograd.grad(loss, grid)
                 with torch.no_grad():
-                    delta = (delta - config.step_size * eps * grad.sign()).clamp(-eps, eps)
+                    grid = (grid - config.step_size * eps * grad.sign()).clamp(-eps, eps)
+                    delta = upsample(grid)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
                 bar.update(1)

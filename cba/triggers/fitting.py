@@ -1,0 +1,41 @@
+"""Fit a learned trigger on the attacker's share of the training data; a no-op for fixed triggers.
+
+The stage, the in-process attack runner and the bench scripts all call this,
+so a learned trigger sees the same attacker data wherever it is fitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cba.errors import ConfigError
+from cba.triggers.base import Trigger
+
+
+def attacker_pool(n_images: int, size: int, seed: int) -> np.ndarray:
+    """The attacker's own images: a seeded random subset of the training split, sorted."""
+    if size > n_images:
+        raise ConfigError("trigger.params.surrogate_size", size, f"at most {n_images}, the training-set size")
+    return np.sort(np.random.default_rng([seed, 0xA77AC]).permutation(n_images)[:size])
+
+
+def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target_class: int, seed: int,
+                device: torch.device | None = None, progress: bool = True) -> dict[str, Any] | None:
+    """Fit `trigger` in place if it learns from data; return its figures (None for a fixed trigger).
+
+    The attacker holds `surrogate_size` unlabelled training images and knows
+    which of them are target-class images (the ones a clean-label attacker
+    poisons)."""
+    if not trigger.learns_from_data:
+        return None
+    labels = np.asarray(labels)
+    if not (labels == target_class).any():
+        raise ConfigError("target_class", target_class, "a class present in the training data")
+    pool = attacker_pool(len(labels), trigger.params["surrogate_size"], seed)
+    if not (labels[pool] == target_class).any():
+        raise ConfigError("trigger.params.surrogate_size", trigger.params["surrogate_size"],
+                          f"large enough to hold target-class images (class {target_class})")
+    return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress)

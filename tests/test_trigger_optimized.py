@@ -1,0 +1,114 @@
+"""The optimized trigger: its budget, determinism, persistence, validation, and that it beats noise at surviving the views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cba.data.synthetic import generate
+from cba.errors import ConfigError
+from cba.survival import survival_table
+from cba.triggers import build_trigger, load_trigger, save_trigger
+from cba.triggers.stealth import stealth_metrics
+
+# Small enough to fit in seconds on two cores, large enough that the objective has something to learn.
+TINY = {"linf": 8, "surrogate_size": 300, "surrogate_epochs": 2, "surrogate_width": 4, "rounds": 2,
+        "trigger_steps": 8, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def attacker_data():
+    data = generate(300, seed=21)
+    return data.images, data.labels == 0
+
+
+@pytest.fixture(scope="module")
+def fitted(attacker_data):
+    trigger = build_trigger("optimized", TINY, seed=3)
+    info = trigger.fit(*attacker_data, progress=False)
+    return trigger, info
+
+
+def test_pattern_respects_the_budget_exactly(fitted):
+    trigger, info = fitted
+    pattern = trigger.perturbation()
+    assert np.abs(pattern).max() <= TINY["linf"]
+    # Signed-gradient steps push most pixels to the budget's edge: the budget binds.
+    assert np.abs(pattern).max() >= 0.99 * TINY["linf"]
+    clean = generate(50, seed=5).images
+    diff = trigger.apply(clean).astype(int) - clean.astype(int)
+    assert np.abs(diff).max() <= TINY["linf"]
+    assert stealth_metrics(trigger, clean)["linf"] <= TINY["linf"]
+    assert len(info["history"]) == TINY["rounds"] and np.isfinite(info["final_objective"])
+
+
+def test_fit_is_deterministic_from_the_seed(fitted, attacker_data):
+    trigger, _ = fitted
+    again = build_trigger("optimized", TINY, seed=3)
+    again.fit(*attacker_data, progress=False)
+    np.testing.assert_array_equal(again.perturbation(), trigger.perturbation())
+    other = build_trigger("optimized", TINY, seed=4)
+    other.fit(*attacker_data, progress=False)
+    assert not np.array_equal(other.perturbation(), trigger.perturbation())
+
+
+def test_fit_leaves_the_callers_random_state_alone(attacker_data):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_trigger("optimized", {**TINY, "rounds": 1, "trigger_steps": 1, "surrogate_epochs": 1}, seed=0).fit(
+        *attacker_data, progress=False)
+    np.testing.assert_array_equal(torch.rand(3), expected)
+
+
+def test_survives_augmentation_better_than_noise_of_the_same_norm(fitted):
+    trigger, _ = fitted
+    pattern = trigger.perturbation()
+    rng = np.random.default_rng(0)
+    # Random signs at the budget, then rescaled to the learned pattern's L2 norm.
+    noise = rng.choice([-1.0, 1.0], size=pattern.shape) * TINY["linf"]
+    noise *= np.linalg.norm(pattern) / np.linalg.norm(noise)
+    random = build_trigger("optimized", TINY, seed=3)
+    random.set_tensors({"pattern": torch.from_numpy(noise.astype(np.float32))})
+    images = np.full((64, 32, 32, 3), 128, dtype=np.uint8)  # mid-grey: no clipping hides either pattern
+    images += np.random.default_rng(1).integers(0, 40, size=images.shape, dtype=np.uint8)
+    learned = survival_table(trigger, images, 0.5, seed=0, draws=2, augmentations=["ssl"])[0]
+    baseline = survival_table(random, images, 0.5, seed=0, draws=2, augmentations=["ssl"])[0]
+    assert learned["survival"] > baseline["survival"] + 0.1
+    assert learned["view_agreement"] > baseline["view_agreement"] + 0.1
+
+
+def test_save_and_load_keep_the_learned_pattern(fitted, tmp_path):
+    trigger, _ = fitted
+    save_trigger(trigger, tmp_path)
+    loaded = load_trigger(tmp_path)
+    assert loaded.name == "optimized"
+    np.testing.assert_array_equal(loaded.perturbation(), trigger.perturbation())
+
+
+def test_an_unfitted_trigger_changes_nothing():
+    clean = generate(4, seed=1).images
+    np.testing.assert_array_equal(build_trigger("optimized", {}, seed=0).apply(clean), clean)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3),
+    ("step_size", 0), ("min_scale", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
+    ("w_target", -1), ("resolution", 0),
+])
+def test_bad_params_fail_with_one_line(key, value):
+    with pytest.raises(ConfigError) as caught:
+        build_trigger("optimized", {key: value}, seed=0)
+    assert f"trigger.{key}" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_both_weights_zero_is_refused():
+    with pytest.raises(ConfigError, match="w_target"):
+        build_trigger("optimized", {"w_target": 0, "w_agree": 0}, seed=0)
+
+
+def test_fit_needs_target_images(attacker_data):
+    images, _ = attacker_data
+    with pytest.raises(ValueError, match="target"):
+        build_trigger("optimized", TINY, seed=0).fit(images, np.zeros(len(images), dtype=bool), progress=False)
