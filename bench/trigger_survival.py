@@ -109,6 +109,9 @@ def load_asr(path: Path | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
     if path is None:
         return {}, []
     figures = read_json(path)
+    if isinstance(figures, dict):  # keys starting with "_" hold run details, not a variant
+        figures = {k: {key: v for key, v in entry.items() if key != "seconds"} if isinstance(entry, dict) else entry
+                   for k, entry in figures.items() if not k.startswith("_")}
     if not isinstance(figures, dict) or not all(isinstance(v, dict) for v in figures.values()):
         raise SystemExit(f"--asr-json {path}: expected {{variant: {{knn_asr: ..., ...}}}}")
     present = {key for entry in figures.values() for key in entry}

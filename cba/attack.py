@@ -14,8 +14,8 @@ import torch
 
 from cba.augment import build_augment
 from cba.data.base import ImageSet
-from cba.defenses.base import AttackRecord, Classifier
-from cba.evaluate import extract_features, train_linear_probe
+from cba.defenses.base import AttackRecord, Classifier, classifier_acc_asr
+from cba.evaluate import extract_features, knn_backdoor_metrics, train_linear_probe
 from cba.models import build_backbone
 from cba.poison import poison_dataset, triggered_test_set
 from cba.ssl import build_method
@@ -68,3 +68,17 @@ def run_attack(
         trigger=trigger, method=method, losses=result.loss_frame(mask), model_state=model.state_dict(), seed=seed,
         extra={"backbone": backbone, "width": width, "hparams": dict(hparams or {}), "curves": result.curves, "seconds": seconds, "lr": config.lr},
     )
+
+
+def trigger_scores(record: AttackRecord, trigger: Trigger, bank_size: int = 5000) -> dict[str, float]:
+    """ACC and ASR of `trigger` on the victim in `record`, by its downstream classifier and by kNN on clean labels.
+
+    The trigger need not be the one the victim was poisoned with: on a victim
+    trained without poisons this gives the ASR a pattern reaches on its own."""
+    triggered = triggered_test_set(record.test, trigger, record.target_class, record.seed)
+    probe = classifier_acc_asr(record.classifier, record.test, triggered, record.target_class)
+    bank = np.random.default_rng(record.seed).permutation(len(record.clean_train))[:bank_size]
+    knn = knn_backdoor_metrics(record.encoder, record.clean_train.images[bank], record.clean_train.labels[bank],
+                               record.test.images, record.test.labels, triggered.images, record.target_class,
+                               record.clean_train.num_classes)
+    return {"probe_acc": probe["acc"], "probe_asr": probe["asr"], **knn}
