@@ -112,3 +112,21 @@ def test_fit_needs_target_images(attacker_data):
     images, _ = attacker_data
     with pytest.raises(ValueError, match="target"):
         build_trigger("optimized", TINY, seed=0).fit(images, np.zeros(len(images), dtype=bool), progress=False)
+
+
+def test_code_defaults_match_params_yaml():
+    """params.yaml is the one source of defaults: the class and the optimiser agree with it."""
+    from pathlib import Path
+
+    import yaml
+
+    from cba.triggers.optimize import OptimizeConfig
+    from cba.triggers.optimized import OptimizedTrigger
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["trigger"]
+    assert shipped["name"] == "optimized"
+    assert shipped["params"] == OptimizedTrigger.defaults
+    config = OptimizeConfig()
+    for key, value in shipped["params"].items():
+        if key != "surrogate_size":  # the stage's choice of data, not the optimiser's
+            assert getattr(config, key) == value, key

@@ -51,12 +51,12 @@ class OptimizeConfig:
     linf: float = 16.0  # budget on the 0-255 scale
     surrogate_backbone: str = "convnet"
     surrogate_width: int = 16
-    surrogate_epochs: int = 15  # SimCLR warm-up on the attacker's clean data
+    surrogate_epochs: int = 10  # SimCLR warm-up on the attacker's clean data
     surrogate_lr: float = 0.6
     temperature: float = 0.2
-    rounds: int = 4  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
+    rounds: int = 8  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
     bilevel: bool = True  # False: the surrogate stays as the warm-up left it
-    trigger_steps: int = 50
+    trigger_steps: int = 25
     batch_size: int = 128
     step_size: float = 0.1  # signed-gradient step, as a fraction of the budget
     w_target: float = 1.0

@@ -25,13 +25,13 @@ class OptimizedTrigger(Trigger):
     name = "optimized"
     learns_from_data = True
     defaults = {
-        "linf": 16.0,               # L-inf budget on the 0-255 scale
+        "linf": 16,               # L-inf budget on the 0-255 scale
         "surrogate_size": 4000,     # unlabelled training images the attacker holds
-        "surrogate_epochs": 15,     # SimCLR warm-up of the surrogate encoder
+        "surrogate_epochs": 10,     # SimCLR warm-up of the surrogate encoder
         "surrogate_backbone": "convnet",
         "surrogate_width": 16,
-        "rounds": 4,                # bi-level rounds: a poisoned surrogate epoch, then trigger steps
-        "trigger_steps": 50,
+        "rounds": 8,                # bi-level rounds: a poisoned surrogate epoch, then trigger steps
+        "trigger_steps": 25,
         "batch_size": 128,
         "step_size": 0.1,           # signed-gradient step as a fraction of linf
         "w_target": 1.0,            # pull of triggered images to the target cluster
