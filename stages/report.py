@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cba.io import atomic_path, read_json
+from cba.verdicts import claim_verdicts
 from cba.report import (analysis_section, attack_summary, bench_section, defense_table, params_block,
                         plot_learning_curves, trigger_summary)
 from stages.common import ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
@@ -39,15 +40,22 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         analysis_parts = ["## Learning dynamics and feature entanglement",
                           "Claim 1 (entangled learning) and claim 2 (entangled features) of the paper, for this run.",
                           analysis_section(read_json(METRICS_DIR / "analysis.json"), figures)]
-    defense_files = sorted((METRICS_DIR / "defense").glob("*.json"))
+    # Exactly this run's defenses: files of defenses dropped from `defenses:` may linger from earlier runs.
+    listed = params.raw("defenses", []) or []
+    defense_files = [METRICS_DIR / "defense" / f"{name}.json" for name in listed
+                     if (METRICS_DIR / "defense" / f"{name}.json").exists()]
     defense_parts = []
     if defense_files:
         defense_parts = ["## Defenses against this attack",
                          "Detection defenses: AUROC, and TPR/FPR/precision of the flagged set at the defense's own threshold. "
                          "Neural Cleanse: whether the true target class is flagged. Repairs: ACC and ASR before → after.",
                          defense_table([read_json(p) for p in defense_files])]
+    analysis = read_json(METRICS_DIR / "analysis.json") if (METRICS_DIR / "analysis.json").exists() else {}
+    verdicts = claim_verdicts(finetune, analysis, [read_json(p) for p in defense_files])
     parts = [
         "# cba report",
+        "## Verdict",
+        "\n".join(verdicts),
         "## Attack and result",
         attack_summary(poison, pretrain, finetune),
         "ASR counts triggered test images whose true class is not the target; ACC is on the clean test set.",

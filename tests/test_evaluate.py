@@ -55,3 +55,25 @@ def test_extract_features_shape_and_eval_mode():
     assert enc.training  # restored
     # Eval mode: a sample's features do not depend on its batch.
     np.testing.assert_allclose(extract_features(enc, images[:1]).numpy(), feats[:1].numpy(), atol=1e-5)
+
+
+def test_natural_rate_counts_clean_non_target_images_sent_to_the_target():
+    """An encoder that maps everything to one point sends every image, triggered or not, to one class:
+    its ASR is then no evidence of a backdoor, and the natural rate says so."""
+    from cba.evaluate import evaluate_encoder
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(len(x), 4) + 0 * x.mean()
+
+        def parameters(self, recurse=True):
+            return iter([torch.nn.Parameter(torch.zeros(1))])
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.zeros(40, dtype=np.int64)
+    labels[30:] = 1  # class 0 dominates the bank, so every prediction is 0
+    test_labels = np.array([0, 1, 1, 1, 1, 0, 1, 1])
+    metrics, _ = evaluate_encoder(Constant(), images, labels, images[:8], test_labels, images[:6], 0, 2, k=10, probe_epochs=100)
+    for name in ("knn", "linear"):
+        assert metrics[name]["asr"] == 1.0 and metrics[name]["natural_rate"] == 1.0
