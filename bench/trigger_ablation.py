@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         "Trigger params: " + ", ".join(f"{k}={v}" for k, v in sorted(args.base_params.items())), "",
         markdown(rows), "",
         "poison_rate 0 rows: the victim never saw a poison; their ASR is what the pattern does on its own. "
-        "hit_rate: share of triggered images the surrogate puts at least as close to the target centroid as a "
-        "median target image (a label-free proxy of ASR on the surrogate). fit_s: seconds to fit the trigger.", "",
+        "hit_rate: share of triggered images whose nearest centroid on the surrogate is the target's, in the last "
+        "round (a label-free proxy of ASR on the surrogate). fit_s: seconds to fit the trigger.", "",
     ])
     with atomic_path(args.out) as tmp:
         tmp.write_text(text)
