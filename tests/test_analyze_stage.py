@@ -13,11 +13,13 @@ import yaml
 from cba.analysis import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_TRIGGER = {"surrogate_size": 150, "surrogate_epochs": 1, "surrogate_width": 4, "rounds": 2, "trigger_steps": 2, "batch_size": 16}
 
 
 def write_params(path: Path, **analyze) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["options"] = {"train_size": 300, "test_size": 100}
+    params["trigger"]["params"].update(TINY_TRIGGER)  # the learned trigger, fitted in seconds
     params["poison_rate"] = 0.05
     params["pretrain"].update(epochs=2, width=4, batch_size=64, eval_every=1, eval_bank_size=200, warmup_epochs=0,
                               device="cpu")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_TRIGGER = {"surrogate_size": 150, "surrogate_epochs": 1, "surrogate_width": 4, "rounds": 2, "trigger_steps": 2, "batch_size": 16}
 
 
 def cba(args: list[str], cwd: Path):
@@ -28,6 +29,7 @@ def cba(args: list[str], cwd: Path):
 def write_params(folder: Path, **changes) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["options"] = {"train_size": 200, "test_size": 50}
+    params["trigger"]["params"].update(TINY_TRIGGER)  # the learned trigger, fitted in seconds
     for dotted, value in changes.items():
         node = params
         *parents, last = dotted.split(".")
@@ -55,6 +57,8 @@ def workdir(tmp_path):
     ("trigger", "trigger.name", "sparkle", ["trigger.name='sparkle'", "ctrl"]),
     ("trigger", "data.name", "imagenet", ["data.name='imagenet'", "synthetic"]),
     ("trigger", "trigger.params.alpha_", 3, ["trigger.alpha_"]),
+    ("trigger", "trigger.params.surrogate_size", 100000, ["trigger.params.surrogate_size=100000", "at most 200"]),
+    ("trigger", "trigger.params.linf", 300, ["trigger.linf=300", "(0, 255]"]),
     ("trigger", "data.root", "/no/such/folder", ["data.root='/no/such/folder'"]),
     ("poison", "poison.mode", "flip", ["poison.mode='flip'", "clean_label"]),
     ("pretrain", "pretrain.method", "simclrr", ["pretrain.method='simclrr'", "simclr"]),
