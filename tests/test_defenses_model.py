@@ -204,9 +204,12 @@ def test_neural_cleanse_flags_the_badnets_target(badnets_runs, supervised_badnet
     assert len(out["anomaly_index"]) == len(out["mask_l1"]) == supervised_badnets.num_classes
     norms = out["mask_l1"]
     detail = f"mask L1 {norms}, log index {out['anomaly_index_log']}, linear index {out['anomaly_index_linear']}"
-    # The reversed trigger of the true target is the smallest by far, and the default log-scale MAD flags it alone.
+    # The reversed trigger of the true target is the smallest by far, and the default log-scale MAD flags it with
+    # the largest index. (Whether a second class also crosses 2.0 varies across processors: on one machine class 7
+    # scored 2.7 with the same code, so "flagged alone" is not asserted.)
     assert out["target_rank"] == 0 and norms[0] < 0.25 * sorted(norms)[len(norms) // 2], detail
-    assert out["norm_scale"] == "log" and out["target_flagged"] and out["flagged_classes"] == [0], detail
+    assert out["norm_scale"] == "log" and out["target_flagged"] and 0 in out["flagged_classes"], detail
+    assert max(range(len(norms)), key=lambda c: out["anomaly_index_log"][c]) == 0, detail
     # The paper's linear-scale index is reported beside it (below 2 on this model: see the module docstring).
     assert out["target_anomaly_index_linear"] == pytest.approx(out["anomaly_index_linear"][0])
 
