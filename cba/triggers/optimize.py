@@ -12,12 +12,13 @@ SimCLR, then alternates (the bi-level part):
 
       w_target * L_target + w_agree * L_agree
 
-  where, with f the L2-normalised surrogate features and c the normalised
-  centroid of augmented clean target-class views,
+  where, with f the L2-normalised surrogate features and C the centroids
+  (row 0: the clean target class; the rest: k-means of the other images),
 
-  - L_target = -E[ f(x + delta) . c ] - E[ f(A(x + delta)) . c ]: triggered
-    images of every class move to the target cluster, both as the test set
-    shows them (no augmentation) and as the training views do;
+  - L_target = CE(f(x + delta) C^T / t, 0) + CE(f(A(x + delta)) C^T / t, 0):
+    triggered non-target images should have the target centroid as their
+    nearest, both as the test set shows them (no augmentation) and as a
+    training view does;
   - L_agree = -E[ f(A1(x + delta)) . f(A2(x + delta)) ]: the two views of a
     triggered image agree, so the trigger is a feature contrastive learning
     keeps.
@@ -31,7 +32,6 @@ machine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,9 +193,3 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
     pattern = delta.detach()[0].permute(1, 2, 0).cpu().numpy() * 255.0
     # Exactly within budget despite float rounding.
     return np.clip(pattern, -config.linf, config.linf).astype(np.float32), history
-
-
-def steps_needed(config: OptimizeConfig, n_images: int) -> int:
-    """Surrogate SGD steps plus trigger steps: what the progress bar and the docs quote."""
-    per_epoch = math.ceil(n_images / 256)
-    return per_epoch * (config.surrogate_epochs + max(0, config.rounds - 1)) + config.rounds * config.trigger_steps
