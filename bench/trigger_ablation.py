@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from cba.attack import run_attack, trigger_scores
+from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import environment
 from cba.evaluate import pick_device
@@ -78,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     section = params.get("trigger") or {}
     base = dict(section.get("params") or {}) if section.get("name") == "optimized" else {}
     args.base_params = {**base, **(args.trigger_params or {})}
-    args.simclr = dict(pretrain.get("simclr") or {})
-    args.min_scale = float((pretrain.get("augmentation") or {}).get("min_scale", 0.5))
+    # The pipeline's victim; the command line overrides its size and seed.
+    args.victim = {**victim_settings(params, "simclr"), "width": args.width, "epochs": args.epochs, "seed": args.seed,
+                   "target_class": args.target_class}
+    args.min_scale = args.victim["min_scale"]
     return args
 
 
@@ -99,9 +101,7 @@ def make_trigger(variant: str, args: argparse.Namespace, train_set, device: torc
 
 def victim(trigger, rate: float, args: argparse.Namespace, train_set, test, device: torch.device):
     """The pipeline's SimCLR victim, poisoned with `trigger` at `rate` (0: never sees it)."""
-    return run_attack(train_set, test, trigger, method="simclr", mode="clean_label", poison_rate=rate,
-                      target_class=args.target_class, width=args.width, epochs=args.epochs, seed=args.seed,
-                      hparams=args.simclr, min_scale=args.min_scale, probe_epochs=50, device=device)
+    return run_attack(train_set, test, trigger, mode="clean_label", poison_rate=rate, device=device, **args.victim)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -133,8 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         record = victim(trigger, args.poison_rate, args, train_set, test, device)
         rows.append({**common, "poison_rate": args.poison_rate, **trigger_scores(record, trigger)})
         print(markdown(rows[-2:] if variant in args.clean_list else rows[-1:]), flush=True)
+        # Written after every variant, so a stopped run keeps what it measured.
+        write_results(rows, args, command, device, done=variant == args.variant_list[-1])
+    print(results_text(rows, args, command, device))
+
+
+def results_text(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, device: torch.device) -> str:
     env = environment(device)
-    text = "\n".join([
+    return "\n".join([
         "# Optimized trigger: ablation of its objective", "", f"Command: `{command}`", "",
         f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
         f"{env['torch_threads']} threads), data: {args.dataset} {args.train_size}/{args.test_size}, SimCLR {args.epochs} epochs, "
@@ -142,14 +148,20 @@ def main(argv: list[str] | None = None) -> None:
         "Trigger params: " + ", ".join(f"{k}={v}" for k, v in sorted(args.base_params.items())), "",
         markdown(rows), "",
         "poison_rate 0 rows: the victim never saw a poison; their ASR is what the pattern does on its own. "
-        "hit_rate: share of triggered images whose nearest centroid on the surrogate is the target's, in the last "
+        "hit_rate: share of triggered images the surrogate's head sends to the target, in the last "
         "round (a label-free proxy of ASR on the surrogate). fit_s: seconds to fit the trigger.", "",
     ])
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, device: torch.device,
+                  done: bool) -> None:
+    text = results_text(rows, args, command, device)
+    if not done:
+        text += f"\n(partial: {len({r['variant'] for r in rows})} of {len(args.variant_list)} variants so far)\n"
     with atomic_path(args.out) as tmp:
         tmp.write_text(text)
-    write_json(args.out.with_suffix(".json"), {"command": command, "settings": {k: v for k, v in vars(args).items()
-               if k not in ("out",)} | {"out": str(args.out)}, "rows": rows})
-    print(text)
+    write_json(args.out.with_suffix(".json"), {"command": command, "complete": bool(done), "settings": {
+        k: v for k, v in vars(args).items() if k not in ("out",)} | {"out": str(args.out)}, "rows": rows})
 
 
 if __name__ == "__main__":

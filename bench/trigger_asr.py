@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from cba.attack import run_attack, trigger_scores
+from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import environment
 from cba.evaluate import pick_device
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     params = yaml.safe_load(args.params.read_text()) or {}
-    data, pretrain = params.get("data") or {}, params.get("pretrain") or {}
+    data = params.get("data") or {}
     options = dict(data.get("options") or {})
     if args.train_size is not None:
         options["train_size"] = args.train_size
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in chosen]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(chosen)} or all")
-    settings = {"method": "simclr", "width": int(pretrain.get("width", 16)), "epochs": args.epochs or int(pretrain.get("epochs", 20)),
-                "hparams": dict(pretrain.get("simclr") or {}), "seed": seed, "target_class": target, "probe_epochs": 50,
-                "min_scale": float((pretrain.get("augmentation") or {}).get("min_scale", 0.5)), "device": device}
+    settings = {**victim_settings(params, "simclr"), "device": device}
+    if args.epochs:
+        settings["epochs"] = args.epochs
     triggers = {}
     for name in names:
         trigger_name, trigger_params = chosen[name]

@@ -33,6 +33,26 @@ def downstream_classifier(method: Any, clean: ImageSet, probe_epochs: int = 30, 
     return Classifier(encoder, probe).eval()
 
 
+def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[str, Any]:
+    """`run_attack` keywords for the victim `cba pretrain` would train from a params.yaml dict.
+
+    Benches call this so that their victims match the pipeline's; `method`
+    overrides `pretrain.method` (and picks that method's own section)."""
+    pretrain = params.get("pretrain") or {}
+    augmentation = pretrain.get("augmentation") or {}
+    method = method or pretrain.get("method", "simclr")
+    lr = pretrain.get("lr", "auto")
+    return {
+        "method": method, "backbone": pretrain.get("backbone", "convnet"), "width": int(pretrain.get("width", 16)),
+        "epochs": int(pretrain.get("epochs", 20)), "batch_size": int(pretrain.get("batch_size", 256)),
+        "lr": None if lr == "auto" else float(lr), "weight_decay": float(pretrain.get("weight_decay", 5e-4)),
+        "hparams": dict(pretrain.get(method) or {}), "per_batch": bool(augmentation.get("per_batch", False)),
+        "min_scale": float(augmentation.get("min_scale", 0.5)), "seed": int(params.get("seed", 0)),
+        "target_class": int(params.get("target_class", 0)),
+        "probe_epochs": int(((params.get("finetune") or {}).get("linear") or {}).get("epochs", 50)),
+    }
+
+
 def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,

@@ -95,7 +95,7 @@ def test_an_unfitted_trigger_changes_nothing():
 @pytest.mark.parametrize("key, value", [
     ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3),
     ("step_size", 0), ("min_scale", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
-    ("w_target", -1), ("resolution", 0),
+    ("w_target", -1), ("resolution", 0), ("head", "svm"),
 ])
 def test_bad_params_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
@@ -130,3 +130,33 @@ def test_code_defaults_match_params_yaml():
     for key, value in shipped["params"].items():
         if key != "surrogate_size":  # the stage's choice of data, not the optimiser's
             assert getattr(config, key) == value, key
+
+
+def test_progress_bar_covers_the_surrogate_and_the_trigger_steps(attacker_data, capsys):
+    """One bar over the whole fit: warm-up epochs, poisoned epochs and trigger steps, ending at its total."""
+    params = {**TINY, "rounds": 2, "trigger_steps": 3, "surrogate_epochs": 1}
+    build_trigger("optimized", params, seed=0).fit(*attacker_data, progress=True)
+    steps_per_epoch = -(-len(attacker_data[0]) // 256)
+    total = steps_per_epoch * (1 + 1) + 2 * 3  # one warm-up epoch, one poisoned epoch (round 2), 2 x 3 trigger steps
+    assert f"{total}/{total}" in capsys.readouterr().err
+
+
+def test_probe_head_learns_the_pseudo_labels_and_fits_within_budget(attacker_data):
+    """The probe head is the attacker's stand-in for the victim's linear probe: trained on
+    target-versus-clusters pseudo-labels, it must send the (clean) target images to class 0."""
+    from cba.models import build_backbone
+    from cba.triggers.optimize import target_head
+
+    images, target_mask = attacker_data
+    torch.manual_seed(0)
+    encoder = build_backbone("convnet", width=4).eval()
+    data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
+    head = target_head(encoder, data, target_mask, 4, "probe", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        preds = head(encoder(data)).argmax(1).numpy()
+    # Even on a random encoder the target images go to class 0 many times more often than the others.
+    assert (preds[target_mask] == 0).mean() > 4 * (preds[~target_mask] == 0).mean() + 0.05
+    trigger = build_trigger("optimized", {**TINY, "head": "probe"}, seed=3)
+    info = trigger.fit(images, target_mask, progress=False)
+    assert np.abs(trigger.perturbation()).max() <= TINY["linf"]
+    assert 0.0 <= info["history"][-1]["hit_rate"] <= 1.0

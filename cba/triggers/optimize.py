@@ -33,6 +33,7 @@ machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cba.augment import build_augment
+from cba.evaluate import train_linear_probe
 from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
@@ -64,32 +66,49 @@ class OptimizeConfig:
     eot: bool = True  # expectation over the augmentation pipeline
     clusters: int = 10  # centroids the target competes with: the target's own plus k-means of the other images
     resolution: int = 32  # the pattern is a resolution x resolution grid, bilinearly upsampled to the image
+    head: str = "centroid"  # centroid: nearest centroid by cosine | probe: a linear probe fitted on the pseudo-labels
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
     per_batch: bool = False
 
 
-def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(encoder(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return encoder(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+SURROGATE_BATCH = 256
 
 
 def _pretrain_surrogate(method: nn.Module, images: np.ndarray, augment: nn.Module, epochs: int, lr: float,
-                        seed: int, device: torch.device) -> None:
+                        seed: int, device: torch.device, bar: tqdm) -> None:
+    """SimCLR on the attacker's images; `bar` advances by one per SGD step."""
     if epochs <= 0:
         return
-    config = TrainConfig(epochs=epochs, batch_size=256, lr=lr, warmup_epochs=min(2, epochs // 4), seed=seed,
-                         eval_every=epochs + 1)
-    train(method, images, np.zeros(len(images), dtype=np.int64), augment, config, device, progress=False)
+    config = TrainConfig(epochs=epochs, batch_size=SURROGATE_BATCH, lr=lr, warmup_epochs=min(2, epochs // 4), seed=seed,
+                         eval_every=1)
+    steps = -(-len(images) // SURROGATE_BATCH)
+
+    def advance(_encoder: nn.Module, _epoch: int) -> dict:
+        bar.update(steps)
+        return {}
+
+    train(method, images, np.zeros(len(images), dtype=np.int64), augment, config, device, evaluate=advance, progress=False)
 
 
 @torch.no_grad()
-def cluster_centroids(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int,
-                      gen: torch.Generator, iterations: int = 20, chunk: int = 512) -> torch.Tensor:
-    """Row 0: the target-class centroid; rows 1..clusters-1: spherical k-means centroids of the other images.
+def _all_features(encoder: nn.Module, data: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    return torch.cat([encoder(data[i:i + chunk].contiguous(memory_format=torch.channels_last)).float()
+                      for i in range(0, len(data), chunk)])
+
+
+@torch.no_grad()
+def pseudo_labels(features: torch.Tensor, target_mask: np.ndarray, clusters: int, gen: torch.Generator,
+                  iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label 0 for the target-class images; 1..k for spherical k-means clusters of the others (k = clusters - 1).
 
     The attacker knows no other labels, so the rest of the feature space is
-    summarised by unsupervised clusters, as a downstream kNN or linear
-    classifier would carve it."""
-    features = torch.cat([_features(encoder, data[i:i + chunk]) for i in range(0, len(data), chunk)])
+    summarised by unsupervised clusters, as a downstream classifier would carve
+    it. Returns the labels and the centroids (row 0: the target class's)."""
+    features = F.normalize(features, dim=1)
     mask = torch.as_tensor(target_mask)
     target = F.normalize(features[mask].mean(0), dim=0)
     others = features[~mask]
@@ -101,27 +120,50 @@ def cluster_centroids(encoder: nn.Module, data: torch.Tensor, target_mask: np.nd
             members = others[assign == j]
             if len(members):
                 centroids[j] = F.normalize(members.mean(0), dim=0)
-    return torch.cat([target[None], centroids])
+    labels = torch.zeros(len(features), dtype=torch.long)
+    labels[~mask] = (others @ centroids.T).argmax(1) + 1
+    return labels, torch.cat([target[None], centroids])
 
 
-def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, centroids: torch.Tensor,
-                    augment: nn.Module | None, temperature: float = 0.1) -> dict[str, torch.Tensor]:
+def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int, kind: str,
+                gen: torch.Generator, temperature: float = 0.1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits over {target, the other clusters} for raw encoder features: the attacker's stand-in for the
+    victim's downstream classifier.
+
+    - centroid: cosine to each centroid / temperature (a nearest-centroid classifier, as kNN votes);
+    - probe: a linear probe on standardised features, trained on the pseudo-labels exactly as the
+      victim's probe is trained on true labels (`cba.evaluate.train_linear_probe`)."""
+    features = _all_features(encoder, data)
+    labels, centroids = pseudo_labels(features, target_mask, clusters, gen)
+    if kind == "centroid":
+        return lambda raw: F.normalize(raw, dim=1) @ centroids.T / temperature
+    seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+    # About 300 SGD steps whatever the pool size: features are computed once, so this takes a second.
+    epochs = -(-300 // -(-len(features) // 1024))
+    probe = train_linear_probe(features.cpu(), labels, len(centroids), epochs=epochs, seed=seed).to(data.device)
+    for p in probe.parameters():
+        p.requires_grad_(False)
+    return probe
+
+
+def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                    augment: nn.Module | None) -> dict[str, torch.Tensor]:
     """The two terms of the trigger objective on one batch (lower is better for the attacker).
 
-    The target term is the cross-entropy of "nearest centroid is the target's"
-    (row 0 of `centroids`), softmax over cosine similarities / temperature, as
-    the test set shows triggered images (no augmentation) and as a training view
-    does. `hit_rate`, a label-free proxy of ASR on the surrogate, is the share of
-    triggered images whose nearest centroid is the target's."""
+    The target term is the cross-entropy of "the head says target" (class 0),
+    as the test set shows triggered images (no augmentation) and as a training
+    view does. `hit_rate`, a label-free proxy of ASR on the surrogate, is the
+    share of triggered images the head sends to the target."""
     triggered = (x + delta).clamp(0, 1)
-    plain = _features(encoder, triggered) @ centroids.T
+    plain = head(_raw(encoder, triggered))
     goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
     terms = {"hit_rate": (plain.detach().argmax(1) == 0).float().mean()}
     if augment is None:
-        return {**terms, "target": F.cross_entropy(plain / temperature, goal), "agree": torch.zeros((), device=x.device)}
-    view1, view2 = _features(encoder, augment(triggered)), _features(encoder, augment(triggered))
-    target = F.cross_entropy(plain / temperature, goal) + F.cross_entropy(view1 @ centroids.T / temperature, goal)
-    return {**terms, "target": target, "agree": -(view1 * view2).sum(1).mean()}
+        return {**terms, "target": F.cross_entropy(plain, goal), "agree": torch.zeros((), device=x.device)}
+    raw1, raw2 = _raw(encoder, augment(triggered)), _raw(encoder, augment(triggered))
+    target = F.cross_entropy(plain, goal) + F.cross_entropy(head(raw1), goal)
+    agree = -(F.normalize(raw1, dim=1) * F.normalize(raw2, dim=1)).sum(1).mean()
+    return {**terms, "target": target, "agree": agree}
 
 
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
@@ -140,7 +182,13 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         method = build_method("simclr", build_backbone(config.surrogate_backbone, width=config.surrogate_width),
                               temperature=config.temperature)
         augment = build_augment("ssl", size, config.per_batch, config.min_scale).to(device)
-        _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, seed, device)
+        # One bar over the whole fit, in SGD steps: surrogate warm-up, poisoned surrogate epochs, trigger steps.
+        surrogate_steps = -(-len(images) // SURROGATE_BATCH)
+        poisoned_epochs = config.rounds - 1 if config.bilevel else 0
+        total = surrogate_steps * (config.surrogate_epochs + poisoned_epochs) + config.rounds * config.trigger_steps
+        bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
+        bar.set_postfix_str("surrogate warm-up")
+        _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, seed, device, bar)
         method.to(device)
         data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
@@ -156,26 +204,25 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
 
         delta = upsample(grid)
         history: list[dict] = []
-        total = config.rounds * config.trigger_steps
-        bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
         for round_index in range(config.rounds):
             if config.bilevel and round_index > 0:
                 poisoned = images.copy()
                 pattern = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0)
                 poisoned[target_mask] = np.clip(np.rint(poisoned[target_mask] + pattern), 0, 255).astype(np.uint8)
                 # One poisoned epoch: the surrogate learns from the poisons, as the victim will.
-                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, seed + round_index, device)
+                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, seed + round_index, device,
+                                    bar)
                 method.to(device)
             encoder = method.encoder.eval()
             for p in encoder.parameters():
                 p.requires_grad_(False)
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0}
-            centroids = cluster_centroids(encoder, data, target_mask, config.clusters, gen)
+            head = target_head(encoder, data, target_mask, config.clusters, config.head, gen)
             for _ in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
                 grid.requires_grad_(True)
-                terms = objective_terms(encoder, data[batch], upsample(grid), centroids, augment if config.eot else None)
+                terms = objective_terms(encoder, data[batch], upsample(grid), head, augment if config.eot else None)
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
                 grad, = torch.autograd.grad(loss, grid)
                 with torch.no_grad():

@@ -16,6 +16,7 @@ from cba.triggers.base import Trigger, map_in_chunks, to_uint8
 from cba.triggers.registry import register_trigger
 
 BACKBONE_CHOICES = ("convnet", "resnet18")
+HEAD_CHOICES = ("centroid", "probe")
 
 
 @register_trigger
@@ -41,6 +42,7 @@ class OptimizedTrigger(Trigger):
         "min_scale": 0.5,           # the attacker's assumption of the victim's crop scale
         "clusters": 10,             # the target centroid competes with k-means centroids of the other images
         "resolution": 32,           # side of the learned grid, upsampled to the image (lower: smoother)
+        "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
     }
 
     def _validate(self) -> None:
@@ -68,6 +70,8 @@ class OptimizedTrigger(Trigger):
                 self._fail(key, "must be true or false")
         if p["surrogate_backbone"] not in BACKBONE_CHOICES:
             self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
+        if p["head"] not in HEAD_CHOICES:
+            self._fail("head", f"choose one of {', '.join(HEAD_CHOICES)}")
 
     def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"pattern": np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)}
