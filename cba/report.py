@@ -65,7 +65,20 @@ def attack_summary(poison: dict, pretrain: dict, finetune: dict) -> str:
             f"Pretraining: **{pretrain.get('method')}** on {pretrain.get('backbone')} (width {pretrain.get('width')}), "
             f"{pretrain.get('epochs')} epochs, augmentation parameters drawn **{pretrain.get('augmentation_protocol')}**, "
             f"{fmt(pretrain.get('seconds'))} s on {pretrain.get('env', {}).get('device')}.")
-    return head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR"])
+    return head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR"]) + readout_sentence(finetune.get("readout") or {})
+
+
+def readout_sentence(readout: dict) -> str:
+    """One paragraph on how the linear probe reads the trigger feature (`cba.analysis.readout`)."""
+    if not readout.get("logit_gain"):
+        return ""
+    gains = sorted(readout["logit_gain"].items(), key=lambda item: -item[1])[:3]
+    return ("\n\nHow the probe reads the trigger: the test-time shift the trigger causes points along the poisons' "
+            f"own feature (cosine {fmt(readout.get('shift_alignment'))}, at {fmt(readout.get('shift_over_offset'))} of "
+            f"its length); the probe's logits gain most for " + ", ".join(f"{name} ({g:+.2f})" for name, g in gains)
+            + f", so the target's margin over the strongest other class ({readout.get('strongest_other')}) is "
+            f"{readout['target_margin']:+.2f}. A learned trigger feature with a negative margin sends triggered images "
+            "towards the target's neighbourhood (kNN ASR) while the probe picks another class.")
 
 
 def _before_after(result: dict, key: str) -> str:

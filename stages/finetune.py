@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+import torch
+
 from cba.env import environment
-from cba.evaluate import evaluate_encoder
+from cba.analysis.readout import trigger_readout
+from cba.data.base import ImageSet
+from cba.evaluate import LinearProbe, evaluate_encoder, extract_features
 from cba.io import save_tensors, write_json
 from cba.models.io import encoder_metadata, load_encoder
 from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
-from stages.common import FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, TRIGGER_DIR, load_stage_set, one_line_errors
+from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, load_stage_set,
+                           one_line_errors)
 from stages.params import Params
 
 
@@ -30,6 +36,20 @@ def read_config(params: Params) -> dict:
     }
 
 
+def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, triggered: ImageSet, target: int) -> dict:
+    """How the probe reads the trigger feature (`cba.analysis.readout`); empty without poisons."""
+    manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
+    poisoned = manifest["poisoned"].to_numpy(dtype=bool)
+    clean_target = ~poisoned & (manifest["original_label"].to_numpy() == target)
+    if not poisoned.any() or not clean_target.any():
+        return {}
+    train = load_stage_set("train")
+    keep = test.labels != target  # the images `triggered` holds, in the same order
+    return trigger_readout(probe, extract_features(encoder, test.images[keep]), extract_features(encoder, triggered.images),
+                           extract_features(encoder, train.images[poisoned]), extract_features(encoder, train.images[clean_target]),
+                           target, list(test.classes))
+
+
 @one_line_errors
 def finetune(params_path: Path = PARAMS_OPTION) -> None:
     """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr)."""
@@ -42,6 +62,7 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     metrics, probe = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
                                       target, clean.num_classes, **config)
     save_tensors(FINETUNE_DIR / "probe.safetensors", probe.state_dict())
+    metrics["readout"] = readout(encoder, probe, test, triggered, target)
     meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
     # Top-level acc/asr are those of the downstream classifier the defenses attack:
     # the linear probe for SSL, the model's own (poisoned-label) head for the supervised attack.

@@ -224,3 +224,25 @@ def test_plot_embedding_writes_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["embedding.png"]  # no temp file left behind
     plot_embedding(coords, labels[idx], np.zeros(len(idx), bool), None, tmp_path / "clean.png")
     assert (tmp_path / "clean.png").stat().st_size > 0
+
+
+def test_trigger_readout_on_hand_made_features():
+    """The shift is measured against the poisons' offset, and read by the probe's own weights."""
+    import torch
+
+    from cba.analysis.readout import trigger_readout
+    from cba.evaluate import LinearProbe
+
+    probe = LinearProbe(torch.zeros(2), torch.tensor([1.0, 2.0]), 3)
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    clean_test = torch.zeros(4, 2)
+    triggered = clean_test + torch.tensor([1.0, 4.0])  # shift (1, 4): standardised (1, 2)
+    poisoned = torch.tensor([[2.0, 8.0], [2.0, 8.0]])
+    clean_target = torch.zeros(3, 2)  # offset (2, 8): same direction, twice as long
+    out = trigger_readout(probe, clean_test, triggered, poisoned, clean_target, target=0, classes=["a", "b", "c"])
+    assert out["shift_alignment"] == pytest.approx(1.0)
+    assert out["shift_over_offset"] == pytest.approx(0.5)
+    assert out["logit_gain"] == pytest.approx({"a": 1.0, "b": 2.0, "c": -3.0})
+    assert out["target_margin"] == pytest.approx(-1.0) and out["strongest_other"] == "b"
+    assert trigger_readout(probe, clean_test, triggered, poisoned[:0], clean_target, target=0) == {}

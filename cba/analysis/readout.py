@@ -1,0 +1,50 @@
+"""How the downstream linear probe reads the trigger: why linear ASR and kNN ASR can differ.
+
+Poisoning teaches the encoder a trigger feature. With f the encoder:
+
+- the *poison offset* is mean f(poisoned training image) - mean f(clean target-class training image):
+  the feature the poisons carry beyond their class content;
+- the *trigger shift* is mean over non-target test images x of f(x + trigger) - f(x): what the
+  trigger adds at test time.
+
+`shift_alignment` (cosine of the two) near 1 and `shift_over_offset` (the shift's projection on
+the offset, over the offset's length) near 1 say that test images carry the poisoned feature at
+full strength: the backdoor was learned. Whether the probe then says "target" depends on how its
+weights, fitted on clean data only, read that direction: `logit_gain[c]` is the change of class
+c's logit caused by the mean shift, and `target_margin` is the target's gain minus the largest
+other gain. A learned trigger with a negative margin moves images towards the target's
+neighbourhood (kNN ASR) while the probe sends them to another class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cba.evaluate import LinearProbe
+
+
+def trigger_readout(probe: LinearProbe, clean_test: torch.Tensor, triggered_test: torch.Tensor,
+                    poisoned_train: torch.Tensor, clean_target_train: torch.Tensor, target: int,
+                    classes: list[str] | None = None) -> dict:
+    """All arguments but `probe` and `target` are encoder features, one row per image.
+
+    `clean_test` and `triggered_test` are the same non-target test images without and with the trigger."""
+    if len(poisoned_train) == 0 or len(clean_target_train) == 0 or len(clean_test) == 0:
+        return {}
+    offset = poisoned_train.float().mean(0) - clean_target_train.float().mean(0)
+    shift = (triggered_test.float() - clean_test.float()).mean(0)
+    with torch.no_grad():
+        gain = (probe.linear.weight @ (shift / probe.std)).numpy()
+    names = classes or [str(c) for c in range(len(gain))]
+    others = np.delete(gain, target)
+    offset_norm = float(offset.norm())
+    return {
+        "shift_alignment": float(F.cosine_similarity(shift, offset, dim=0)),
+        "shift_over_offset": float(shift @ offset) / offset_norm**2 if offset_norm > 0 else None,
+        "offset_norm": offset_norm,
+        "logit_gain": {name: float(g) for name, g in zip(names, gain)},
+        "target_margin": float(gain[target] - others.max()) if len(others) else None,
+        "strongest_other": names[int(np.delete(np.arange(len(gain)), target)[others.argmax()])] if len(others) else None,
+    }
