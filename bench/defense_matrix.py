@@ -150,7 +150,9 @@ def run_bench(args: argparse.Namespace, params: dict[str, Any], device: torch.de
                 dict(section.get("params") or {}) if section.get("name") == trigger_name else {})
         trigger = build_trigger(trigger_name, trigger_params, seed=args.seed, image_size=train_set.images.shape[1])
         fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device, progress=not args.quiet)
-        print(f"== attack {title}: {trigger_name} {trigger_params}, {mode}, {cfg['method']} lr {cfg['lr']}", flush=True)
+        changed = {k: v for k, v in trigger.params.items() if type(trigger).defaults.get(k) != v}
+        print(f"== attack {title}: {trigger_name} ({', '.join(f'{k}={v}' for k, v in changed.items()) or 'defaults'}), "
+              f"{mode}, {cfg['method']} lr {cfg['lr']}", flush=True)
         started = time.perf_counter()
         record = run_attack(train_set, test, trigger, method=cfg["method"], mode=mode, poison_rate=args.poison_rate,
                             target_class=args.target_class, width=args.width, epochs=args.epochs, lr=cfg["lr"],
