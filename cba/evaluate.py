@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cba.errors import ConfigError
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -37,7 +39,13 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 5
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(encoder(x).float().cpu())
     encoder.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    features = torch.cat(out) if out else torch.empty(0)
+    if not torch.isfinite(features).all():
+        # NaN features argmax to class 0 and would read as a perfect backdoor on target 0.
+        bad = int((~torch.isfinite(features)).any(1).sum())
+        raise ConfigError("encoder", f"{bad} of {len(features)} images with non-finite features",
+                          "finite features (the weights are NaN or inf: did pretraining diverge? lower pretrain.lr)")
+    return features
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cba.errors import ConfigError
 
@@ -72,9 +72,24 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its contents (DVC hashes them)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    blob = canonical_safetensors(save(tensors, metadata=metadata))
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(blob)
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so the same weights and
+    metadata give different bytes on every save; the data section does not
+    move, since it follows the header and its offsets are relative to it."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cba.errors import ConfigError
 from cba.io import load_tensors, save_tensors
 from cba.ssl.base import SSLMethod
 
@@ -194,7 +195,12 @@ def train(
             fresh = ~seen[idx]
             losses[epoch, idx[fresh].numpy()] = per_sample.float().cpu()[fresh].numpy()
             seen[idx] = True
-            epoch_loss += float(loss.detach())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # Stop before a NaN checkpoint is written: NaN weights later read as ASR 1.0.
+                raise ConfigError("lr", config.lr, f"a smaller rate: the loss became {value} at epoch {epoch + 1}, "
+                                  f"step {step + 1} of {len(batches)}; lower the learning rate or add warm-up epochs")
+            epoch_loss += value
         row = {"epoch": epoch + 1, "loss": epoch_loss / len(batches), "lr": opt.param_groups[0]["lr"]}
         if evaluate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             row.update(evaluate(method.encoder, epoch + 1))

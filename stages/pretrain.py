@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cba
+
 from cba.augment import KINDS, build_augment
 from cba.env import environment
 from cba.errors import ConfigError, is_number
@@ -74,9 +76,24 @@ def learning_rate(params: Params, method: str) -> float:
     return float(value)
 
 
+# The code that shapes the weights (dvc.yaml's pretrain deps inside the package): a checkpoint
+# written by other code must never be resumed as this code's result.
+TRAINING_CODE = ("train.py", "augment.py", "ssl", "models")
+
+
+def code_digest(root: Path | None = None) -> str:
+    """SHA-256 of the training code under `root` (default: the installed package)."""
+    root = root or Path(cba.__file__).parent
+    digest = hashlib.sha256()
+    for entry in TRAINING_CODE:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:
-    """Identifies a run for resuming: its settings plus the exact training data."""
-    digest = hashlib.sha256(json.dumps([config.__dict__, extra], sort_keys=True, default=str).encode())
+    """Identifies a run for resuming: its settings, the training code and the exact training data."""
+    digest = hashlib.sha256(json.dumps([config.__dict__, extra, code_digest()], sort_keys=True, default=str).encode())
     with open(POISON_DIR / "train.safetensors", "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

@@ -42,3 +42,26 @@ def test_save_and_load_tensors_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04 a pickle, not weights")
     with pytest.raises(ConfigError, match="not a readable safetensors file"):
         load_tensors(tmp_path / "bad.safetensors")
+
+
+def test_same_tensors_give_the_same_bytes(tmp_path):
+    """safetensors orders its header from a hash map; cba's files must not depend on that (DVC hashes them)."""
+    import hashlib
+
+    import torch
+
+    from cba.io import load_tensors, save_tensors
+
+    tensors = {"b": torch.arange(6).reshape(2, 3), "a": torch.ones(3), "c": torch.zeros(1, dtype=torch.float64)}
+    metadata = {key: str(i) for i, key in enumerate("pqrstuvwxyz")}
+    digests = set()
+    for i in range(8):
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, metadata)
+        digests.add(hashlib.md5((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded = load_tensors(tmp_path / "0.safetensors")
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert handle.metadata() == metadata

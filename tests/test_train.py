@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,54 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     train(_method(), images, labels, build_augment("none"), TrainConfig(epochs=4, batch_size=16, warmup_epochs=0),
           torch.device("cpu"), checkpointer=Checkpointer(tmp_path, "fp", keep=2), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.safetensors", "epoch_0004.safetensors"]
+
+
+def test_resume_fingerprint_covers_the_training_code(tmp_path):
+    """Editing the loss must invalidate old checkpoints; editing the report must not."""
+    import shutil
+    from pathlib import Path
+
+    import cba
+    from stages.pretrain import TRAINING_CODE, code_digest
+
+    package = Path(cba.__file__).parent
+    copy = tmp_path / "cba"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(copy)
+    assert before == code_digest(package)
+    (copy / "report.py").write_text((copy / "report.py").read_text() + "\n# unrelated\n")
+    assert code_digest(copy) == before
+    loss = copy / "ssl" / "simclr.py"
+    loss.write_text(loss.read_text().replace("def ", "def  ", 1))
+    assert code_digest(copy) != before
+    assert "ssl" in TRAINING_CODE
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
+    """lr 1e6 sends the loss to NaN; NaN weights would later read as ASR 1.0 on target 0."""
+    from cba.errors import ConfigError
+
+    images, labels = _images()
+    config = TrainConfig(epochs=3, batch_size=32, lr=1e6, warmup_epochs=0, seed=0)
+    with pytest.raises(ConfigError) as caught:
+        train(_method(), images, labels, build_augment("ssl", 16), config, torch.device("cpu"),
+              checkpointer=Checkpointer(tmp_path, "fp"), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "lr=1000000.0" in message
+    failed_epoch = int(re.search(r"at epoch (\d+), step \d+", message).group(1))
+    # Only the finite epochs before the blow-up were checkpointed.
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"epoch_{e:04d}.safetensors" for e in range(1, failed_epoch)][-2:]
+
+
+def test_nan_weights_are_refused_by_the_evaluators():
+    from cba.errors import ConfigError
+    from cba.evaluate import evaluate_encoder, extract_features
+
+    images, labels = _images(40)
+    encoder = _method().encoder
+    with torch.no_grad():
+        next(encoder.parameters()).fill_(float("nan"))
+    with pytest.raises(ConfigError, match="non-finite features"):
+        extract_features(encoder, images)
+    with pytest.raises(ConfigError, match="non-finite"):
+        evaluate_encoder(encoder, images, labels, images, labels, images, 0, 4, probe_epochs=1)
