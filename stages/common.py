@@ -63,6 +63,12 @@ def load_split(params: Params, split: str) -> ImageSet:
     return load_dataset(name, split, root=root, seed=params.integer("seed", 0), **options)
 
 
+def check_target(target: int, data: ImageSet) -> None:
+    """Every stage that uses target_class checks it against the data's classes before any work."""
+    if not 0 <= target < data.num_classes:
+        raise ConfigError("target_class", target, f"an integer in [0, {data.num_classes - 1}] ({data.num_classes} classes)")
+
+
 def load_stage_set(name: str) -> ImageSet:
     """An image set the poison stage wrote: 'train', 'clean_train' or 'test'."""
     return load_imageset(POISON_DIR / f"{name}.safetensors")

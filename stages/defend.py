@@ -18,7 +18,7 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
 from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR,
-                           load_stage_set, one_line_errors)
+                           check_target, load_stage_set, one_line_errors)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -29,6 +29,7 @@ def load_attack_record(params: Params) -> AttackRecord:
     seed, target = params.integer("seed", 0), params.integer("target_class", low=0)
     method, meta = load_method(PRETRAIN_DIR / "model.safetensors")
     train, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
+    check_target(target, clean)
     trigger = load_trigger(TRIGGER_DIR)
     manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
     if getattr(method, "uses_labels", False):

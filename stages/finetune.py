@@ -17,8 +17,8 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
-from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, load_stage_set,
-                           one_line_errors)
+from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, check_target,
+                           load_stage_set, one_line_errors)
 from stages.params import Params
 
 
@@ -58,6 +58,7 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     target = params.integer("target_class", low=0)
     encoder = load_encoder(PRETRAIN_DIR / "encoder.safetensors")
     clean, test = load_stage_set("clean_train"), load_stage_set("test")
+    check_target(target, clean)
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
     metrics, probe = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
                                       target, clean.num_classes, **config)

@@ -25,7 +25,7 @@ from cba.ssl import METHODS, build_method
 from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
-from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR,
+from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, check_target,
                            load_stage_set, one_line_errors)
 from stages.params import Params
 
@@ -107,6 +107,7 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     config, extra = read_config(params)
     # Loading the stored sets is quick; it comes first because the head size depends on the classes.
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
+    check_target(extra["target_class"], train_set)
     torch.manual_seed(config.seed)
     method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
                           num_classes=train_set.num_classes, **extra["hparams"])

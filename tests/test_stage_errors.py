@@ -130,3 +130,16 @@ def test_pretrain_lr_auto_is_each_methods_own_rate():
     assert rates == {name: METHODS.get(name).default_lr for name in METHODS.names()}
     assert rates["simclr"] == 0.6 and rates["supervised"] == 0.05 and all(r > 0 for r in rates.values())
     assert learning_rate(Params({"pretrain": {"lr": 0.25}}), "byol") == 0.25
+
+
+def test_every_stage_checks_target_class_against_the_data(workdir):
+    """A target class the data lacks is refused before any work, and nothing already written changes."""
+    write_params(workdir, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
+    for stage in ("trigger", "poison", "pretrain"):
+        assert cba([stage], workdir).exit_code == 0, stage
+    encoder = (workdir / "data/pretrain/encoder.safetensors").read_bytes()
+    write_params(workdir, target_class=10, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
+    for args in (["pretrain"], ["finetune"], ["defend", "strip"]):
+        assert_one_line_error(cba(args, workdir), "target_class=10", "[0, 9]")
+    assert (workdir / "data/pretrain/encoder.safetensors").read_bytes() == encoder
+    assert not (workdir / "metrics/finetune.json").exists()
