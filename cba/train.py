@@ -12,8 +12,10 @@ run replays exactly what an uninterrupted run would have done.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,15 +82,23 @@ def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.T
 
 
 class Checkpointer:
-    """Keeps the newest few epoch checkpoints of one run, tagged with its fingerprint."""
+    """Keeps the newest few epoch checkpoints of one run, tagged with its fingerprint.
+
+    File names carry the fingerprint, so a run only ever lists and deletes its
+    own files: runs with other settings can share the folder, even at once."""
 
     def __init__(self, folder: str | Path | None, fingerprint: str, keep: int = 2):
         self.folder = Path(folder) if folder else None
         self.fingerprint, self.keep = fingerprint, keep
+        self.prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", fingerprint) + "-epoch_"
 
     def _path(self, epoch: int) -> Path:
         assert self.folder is not None
-        return self.folder / f"epoch_{epoch:04d}.safetensors"
+        return self.folder / f"{self.prefix}{epoch:04d}.safetensors"
+
+    def files(self) -> list[Path]:
+        """This run's checkpoints, oldest first."""
+        return sorted(self.folder.glob(f"{glob.escape(self.prefix)}*.safetensors")) if self.folder else []
 
     def save(self, epoch: int, model: nn.Module, opt: torch.optim.Optimizer, losses: np.ndarray, curves: list[dict]) -> None:
         if self.folder is None:
@@ -101,7 +111,7 @@ class Checkpointer:
         tensors["log.losses"] = torch.from_numpy(losses[:epoch].copy())
         meta = {"epoch": str(epoch), "fingerprint": self.fingerprint, "curves": _dumps(curves)}
         save_tensors(self._path(epoch), tensors, metadata=meta)
-        for old in sorted(self.folder.glob("epoch_*.safetensors"))[: -self.keep]:
+        for old in self.files()[: -self.keep]:
             old.unlink()
 
     def load_latest(self, model: nn.Module, opt: torch.optim.Optimizer, losses: np.ndarray) -> tuple[int, list[dict]]:
@@ -110,7 +120,7 @@ class Checkpointer:
             return 0, []
         from safetensors import safe_open
 
-        for path in sorted(self.folder.glob("epoch_*.safetensors"), reverse=True):
+        for path in reversed(self.files()):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}

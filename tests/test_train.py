@@ -57,7 +57,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     # possible, so run the same config and delete the last checkpoint, then resume.
     first = _method()
     train(first, images, labels, aug, config, cpu, checkpointer=Checkpointer(tmp_path / "b", "fp", keep=5), progress=False)
-    (tmp_path / "b" / "epoch_0003.safetensors").unlink()
+    (tmp_path / "b" / "fp-epoch_0003.safetensors").unlink()
     resumed = _method(seed=123)  # different init: everything must come from the checkpoint
     resumed_result = train(resumed, images, labels, aug, config, cpu, checkpointer=Checkpointer(tmp_path / "b", "fp"), progress=False)
 
@@ -78,7 +78,7 @@ def test_checkpoint_with_other_fingerprint_is_ignored(tmp_path):
 
 
 def test_corrupt_checkpoint_is_skipped(tmp_path):
-    (tmp_path / "epoch_0001.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "fp-epoch_0001.safetensors").write_bytes(b"not a safetensors file")
     model = _method()
     epoch, _ = Checkpointer(tmp_path, "fp").load_latest(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                                         np.zeros((1, 96), dtype=np.float32))
@@ -89,7 +89,25 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     images, labels = _images(32)
     train(_method(), images, labels, build_augment("none"), TrainConfig(epochs=4, batch_size=16, warmup_epochs=0),
           torch.device("cpu"), checkpointer=Checkpointer(tmp_path, "fp", keep=2), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.safetensors", "epoch_0004.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp-epoch_0003.safetensors", "fp-epoch_0004.safetensors"]
+
+
+def test_cleanup_leaves_other_runs_checkpoints_alone(tmp_path):
+    """A shorter run with other settings in the same folder neither deletes nor is deleted by a longer one."""
+    images, labels = _images(32)
+    cpu = torch.device("cpu")
+    config = TrainConfig(epochs=6, batch_size=16, warmup_epochs=0)
+    train(_method(), images, labels, build_augment("none"), config, cpu, checkpointer=Checkpointer(tmp_path, "long"),
+          progress=False)
+    short = Checkpointer(tmp_path, "short")
+    train(_method(), images, labels, build_augment("none"), TrainConfig(epochs=4, batch_size=16, warmup_epochs=0), cpu,
+          checkpointer=short, progress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["long-epoch_0005.safetensors", "long-epoch_0006.safetensors",
+                     "short-epoch_0003.safetensors", "short-epoch_0004.safetensors"]
+    model = _method()
+    epoch, _ = short.load_latest(model, torch.optim.SGD(model.parameters(), lr=0.1), np.zeros((4, 32), dtype=np.float32))
+    assert epoch == 4
 
 
 def test_resume_fingerprint_covers_the_training_code(tmp_path):
@@ -126,7 +144,7 @@ def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
     assert "\n" not in message and "lr=1000000.0" in message
     failed_epoch = int(re.search(r"at epoch (\d+), step \d+", message).group(1))
     # Only the finite epochs before the blow-up were checkpointed.
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"epoch_{e:04d}.safetensors" for e in range(1, failed_epoch)][-2:]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"fp-epoch_{e:04d}.safetensors" for e in range(1, failed_epoch)][-2:]
 
 
 def test_nan_weights_are_refused_by_the_evaluators():
