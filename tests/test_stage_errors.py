@@ -143,3 +143,13 @@ def test_every_stage_checks_target_class_against_the_data(workdir):
         assert_one_line_error(cba(args, workdir), "target_class=10", "[0, 9]")
     assert (workdir / "data/pretrain/encoder.safetensors").read_bytes() == encoder
     assert not (workdir / "metrics/finetune.json").exists()
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("seed: 0\npoison_rat: 0.1\n", ["poison_rat=0.1", "did you mean poison_rate?"]),
+    ("seed: 0\npretrain:\n  epochs: 1\n  epochs: 2\n", ["epochs=2", "lines 3 and 4"]),
+    ("seed: [0\n", ["valid YAML (line 2, column 1"]),
+])
+def test_params_file_typos_duplicates_and_syntax_are_one_line(workdir, text, fragments):
+    (workdir / "params.yaml").write_text(text)
+    assert_one_line_error(cba(["poison"], workdir), *fragments)
