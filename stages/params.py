@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -88,6 +89,21 @@ class Params:
                 if name not in allowed:
                     raise ConfigError(f"{key}.{name}", value[name], f"not a known key; allowed: {', '.join(allowed)}")
         return dict(value)
+
+    def device(self, key: str, default: str = "auto") -> str:
+        """auto, cpu, cuda or cuda:N, and a requested GPU must exist here: checked before any work."""
+        value = self.raw(key, default)
+        match = re.fullmatch(r"cuda(?::(\d+))?", value) if isinstance(value, str) else None
+        if value not in ("auto", "cpu") and not match:
+            raise ConfigError(key, value, "auto, cpu, cuda or cuda:N")
+        if match:
+            import torch  # only when a GPU is asked for
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(match.group(1) or 0)
+            if index >= count:
+                raise ConfigError(key, value, f"a GPU this machine has ({count} visible); use auto or cpu")
+        return value
 
     def integer(self, key: str, default: Any = _MISSING, low: int | None = None, high: int | None = None) -> int:
         value = self.raw(key, default)

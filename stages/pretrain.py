@@ -56,7 +56,7 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
         "per_batch": params.boolean("pretrain.augmentation.per_batch", False),
         "min_scale": params.number("pretrain.augmentation.min_scale", 0.2, low=0.0, high=1.0, open_low=True),
         "eval_bank_size": params.integer("pretrain.eval_bank_size", 5000, low=1),
-        "device": params.text("pretrain.device", "auto", lambda d: d in ("auto", "cpu") or d.startswith("cuda"), "auto, cpu or cuda[:N]"),
+        "device": params.device("pretrain.device"),
         "target_class": params.integer("target_class", low=0),
     }
     extra["hparams"] = params.section(f"pretrain.{extra['method']}")

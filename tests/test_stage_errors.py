@@ -68,6 +68,8 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.lr", "fast", ["pretrain.lr='fast'", "auto", "simclr 0.6"]),
     ("pretrain", "pretrain.lr", -0.1, ["pretrain.lr=-0.1", "> 0"]),
     ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
+    ("pretrain", "pretrain.device", "cuda:abc", ["pretrain.device='cuda:abc'", "cuda:N"]),
+    ("pretrain", "pretrain.device", "cuda:7", ["pretrain.device='cuda:7'", "a GPU this machine has"]),
 ])
 def test_bad_parameter_is_one_line(workdir, stage, key, value, fragments):
     write_params(workdir, **{key: value})
