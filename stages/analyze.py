@@ -47,7 +47,7 @@ def read_config(params: Params) -> dict[str, Any]:
         "folds": params.integer("analyze.folds", 5, low=2),
         "tsne_iter": params.integer("analyze.tsne_iter", 1000, low=250),
         "target_class": params.integer("target_class", low=0),
-        "seed": params.integer("seed", 0),
+        "seed": params.integer("seed", 0, low=0, high=2**32 - 1),
     }
 
 

@@ -60,7 +60,7 @@ def data_source(params: Params) -> tuple[str, str | None, dict[str, Any]]:
 
 def load_split(params: Params, split: str) -> ImageSet:
     name, root, options = data_source(params)
-    return load_dataset(name, split, root=root, seed=params.integer("seed", 0), **options)
+    return load_dataset(name, split, root=root, seed=params.integer("seed", 0, low=0, high=2**32 - 1), **options)
 
 
 def check_target(target: int, data: ImageSet) -> None:

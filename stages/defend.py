@@ -26,7 +26,7 @@ DEFENSE_DIR = METRICS_DIR / "defense"
 
 def load_attack_record(params: Params) -> AttackRecord:
     """Assemble the attack's one record from the DVC artifacts of the earlier stages."""
-    seed, target = params.integer("seed", 0), params.integer("target_class", low=0)
+    seed, target = params.integer("seed", 0, low=0, high=2**32 - 1), params.integer("target_class", low=0)
     method, meta = load_method(PRETRAIN_DIR / "model.safetensors")
     train, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(target, clean)

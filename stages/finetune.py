@@ -32,7 +32,7 @@ def read_config(params: Params) -> dict:
         "probe_epochs": params.integer("finetune.linear.epochs", 50, low=1),
         "probe_lr": params.number("finetune.linear.lr", 0.1, low=0.0, open_low=True),
         "probe_weight_decay": params.number("finetune.linear.weight_decay", 1e-4, low=0.0),
-        "seed": params.integer("seed", 0),
+        "seed": params.integer("seed", 0, low=0, high=2**32 - 1),
     }
 
 

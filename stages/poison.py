@@ -16,7 +16,7 @@ from stages.params import Params
 def poison(params_path: Path = PARAMS_OPTION) -> None:
     """Poison the training set; write data/poisoned/ (train, clean_train, test, manifest.parquet)."""
     params = Params.load(params_path)
-    seed = params.integer("seed", 0)
+    seed = params.integer("seed", 0, low=0, high=2**32 - 1)
     rate = params.number("poison_rate", low=0.0, high=1.0)
     target = params.integer("target_class", low=0)
     mode = params.choice("poison.mode", ("auto", *MODES), "auto")

@@ -35,7 +35,7 @@ KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum",
 
 def read_config(params: Params) -> tuple[TrainConfig, dict]:
     params.section("pretrain", KEYS)
-    seed = params.integer("seed", 0)
+    seed = params.integer("seed", 0, low=0, high=2**32 - 1)
     method = params.choice("pretrain.method", METHODS.names())
     config = TrainConfig(
         epochs=params.integer("pretrain.epochs", low=1),
@@ -63,6 +63,15 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
     # Check the method's options now, on a throwaway one-channel backbone, before any data is read.
     build_method(extra["method"], build_backbone("convnet", width=1), num_classes=2, **extra["hparams"])
     return config, extra
+
+
+LOSS_LOG_BYTES = 2 << 30  # the per-sample loss log (epochs x images float32) must fit in memory
+
+
+def check_loss_log(epochs: int, images: int) -> None:
+    if epochs * images * 4 > LOSS_LOG_BYTES:
+        raise ConfigError("pretrain.epochs", epochs, f"at most {LOSS_LOG_BYTES // (4 * images)} for {images} training images "
+                          "(the per-sample loss log keeps epochs x images floats, 2 GiB at most)")
 
 
 def learning_rate(params: Params, method: str) -> float:
@@ -108,6 +117,7 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     # Loading the stored sets is quick; it comes first because the head size depends on the classes.
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(extra["target_class"], train_set)
+    check_loss_log(config.epochs, len(train_set))
     torch.manual_seed(config.seed)
     method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
                           num_classes=train_set.num_classes, **extra["hparams"])

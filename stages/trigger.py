@@ -29,7 +29,7 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     params.section("trigger", ["name", "params"])
     params.choice("data.name", DATASETS.names(), "synthetic")
     name = params.choice("trigger.name", TRIGGERS.names())
-    seed = params.integer("seed", 0)
+    seed = params.integer("seed", 0, low=0, high=2**32 - 1)
     target = params.integer("target_class", low=0)
     trig = build_trigger(name, params.section("trigger.params"), seed=seed)
     test = load_split(params, "test")

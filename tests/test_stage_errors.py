@@ -68,6 +68,7 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.lr", "fast", ["pretrain.lr='fast'", "auto", "simclr 0.6"]),
     ("pretrain", "pretrain.lr", -0.1, ["pretrain.lr=-0.1", "> 0"]),
     ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
+    ("poison", "seed", -1, ["seed=-1", "[0, 4294967295]"]),
     ("pretrain", "pretrain.device", "cuda:abc", ["pretrain.device='cuda:abc'", "cuda:N"]),
     ("pretrain", "pretrain.device", "cuda:7", ["pretrain.device='cuda:7'", "a GPU this machine has"]),
 ])
@@ -155,3 +156,12 @@ def test_every_stage_checks_target_class_against_the_data(workdir):
 def test_params_file_typos_duplicates_and_syntax_are_one_line(workdir, text, fragments):
     (workdir / "params.yaml").write_text(text)
     assert_one_line_error(cba(["poison"], workdir), *fragments)
+
+
+def test_an_epoch_count_the_loss_log_cannot_hold_is_refused_before_training(workdir):
+    write_params(workdir)
+    for stage in ("trigger", "poison"):
+        assert cba([stage], workdir).exit_code == 0, stage
+    write_params(workdir, **{"pretrain.epochs": 1_000_000_000})
+    assert_one_line_error(cba(["pretrain"], workdir), "pretrain.epochs=1000000000", "at most")
+    assert not (workdir / "data/pretrain").exists()
