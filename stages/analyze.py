@@ -32,7 +32,7 @@ from cba.evaluate import extract_features
 from cba.io import write_csv, write_json
 from cba.models.io import encoder_metadata, load_encoder
 from stages.common import (ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, load_stage_set,
-                           one_line_errors)
+                           one_line_errors, read_table)
 from stages.params import Params
 
 
@@ -49,16 +49,6 @@ def read_config(params: Params) -> dict[str, Any]:
         "target_class": params.integer("target_class", low=0),
         "seed": params.integer("seed", 0, low=0, high=2**32 - 1),
     }
-
-
-def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.exists():
-        raise ConfigError("path", str(path), "the file does not exist; run the stage that writes it first")
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError("path", str(path), f"needs columns {list(columns)}; missing {missing}")
-    return frame
 
 
 def _clean(value: Any) -> Any:
@@ -108,9 +98,9 @@ def analyze(params_path: Path = PARAMS_OPTION) -> None:
     target, seed = config["target_class"], config["seed"]
     started = time.perf_counter()
 
-    manifest = _read_table(POISON_DIR / "manifest.parquet", ("index", "label", "original_label", "poisoned"))
-    losses = _read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss"))
-    curves = _read_table(PLOTS_DIR / "pretrain_knn.csv", ("epoch",)).to_dict("records")
+    manifest = read_table(POISON_DIR / "manifest.parquet", ("index", "label", "original_label", "poisoned"))
+    losses = read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss"))
+    curves = read_table(PLOTS_DIR / "pretrain_knn.csv", ("epoch",)).to_dict("records")
     labels = manifest["original_label"].to_numpy()  # true classes: where poisoned samples came from
     poisoned = manifest["poisoned"].to_numpy(dtype=bool)
     if not 0 <= target < int(labels.max()) + 1:

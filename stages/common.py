@@ -69,6 +69,27 @@ def check_target(target: int, data: ImageSet) -> None:
         raise ConfigError("target_class", target, f"an integer in [0, {data.num_classes - 1}] ({data.num_classes} classes)")
 
 
+MANIFEST_COLUMNS = ("index", "label", "original_label", "poisoned")
+
+
+def read_table(path: Path, columns: tuple[str, ...] = ()) -> "pd.DataFrame":
+    """A parquet or CSV artifact with the named columns, or one line saying what is wrong with it."""
+    import pandas as pd  # pandas is needed only by the stages that read tables
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("path", str(path), "the file does not exist; run the stage that writes it first")
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a corrupt file
+        raise ConfigError("path", str(path), f"not a readable {path.suffix[1:]} table ({type(exc).__name__}); "
+                          "rerun the stage that writes it") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ConfigError("path", str(path), f"needs columns {list(columns)}; missing {missing}")
+    return frame
+
+
 def load_stage_set(name: str) -> ImageSet:
     """An image set the poison stage wrote: 'train', 'clean_train' or 'test'."""
     return load_imageset(POISON_DIR / f"{name}.safetensors")

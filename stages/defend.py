@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 from cba.attack import downstream_classifier
@@ -17,8 +16,8 @@ from cba.io import load_tensors, write_json
 from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
-from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR,
-                           check_target, load_stage_set, one_line_errors)
+from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -31,7 +30,7 @@ def load_attack_record(params: Params) -> AttackRecord:
     train, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(target, clean)
     trigger = load_trigger(TRIGGER_DIR)
-    manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
+    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     if getattr(method, "uses_labels", False):
         classifier = downstream_classifier(method, clean)
     else:
@@ -43,7 +42,7 @@ def load_attack_record(params: Params) -> AttackRecord:
         encoder=method.encoder, classifier=classifier, train=train, clean_train=clean, test=test,
         triggered=triggered_test_set(test, trigger, target, seed), poisoned=manifest["poisoned"].to_numpy(),
         target_class=target, trigger=trigger, method=meta["method"],
-        losses=pd.read_parquet(PRETRAIN_DIR / "losses.parquet"), model_state=method.state_dict(), seed=seed,
+        losses=read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss")), model_state=method.state_dict(), seed=seed,
         extra={"backbone": meta["backbone"], "width": int(meta["width"]), "hparams": json.loads(meta["hparams"])},
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from cba.env import environment
@@ -17,8 +16,8 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
-from stages.common import (FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, check_target,
-                           load_stage_set, one_line_errors)
+from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 
@@ -38,7 +37,7 @@ def read_config(params: Params) -> dict:
 
 def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, triggered: ImageSet, target: int) -> dict:
     """How the probe reads the trigger feature (`cba.analysis.readout`); empty without poisons."""
-    manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
+    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     poisoned = manifest["poisoned"].to_numpy(dtype=bool)
     clean_target = ~poisoned & (manifest["original_label"].to_numpy() == target)
     if not poisoned.any() or not clean_target.any():

@@ -25,8 +25,8 @@ from cba.ssl import METHODS, build_method
 from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
-from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR, TRIGGER_DIR, check_target,
-                           load_stage_set, one_line_errors)
+from stages.common import (MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
@@ -122,7 +122,7 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
                           num_classes=train_set.num_classes, **extra["hparams"])
     kind = method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
-    manifest = pd.read_parquet(POISON_DIR / "manifest.parquet")
+    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), extra["target_class"], config.seed)
     device = pick_device(extra["device"])
     bank = np.random.default_rng(config.seed).permutation(len(clean))[: extra["eval_bank_size"]]

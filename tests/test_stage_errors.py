@@ -165,3 +165,14 @@ def test_an_epoch_count_the_loss_log_cannot_hold_is_refused_before_training(work
     write_params(workdir, **{"pretrain.epochs": 1_000_000_000})
     assert_one_line_error(cba(["pretrain"], workdir), "pretrain.epochs=1000000000", "at most")
     assert not (workdir / "data/pretrain").exists()
+
+
+def test_a_corrupt_manifest_is_one_line_in_every_stage_that_reads_it(workdir):
+    write_params(workdir, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
+    for stage in ("trigger", "poison", "pretrain"):
+        assert cba([stage], workdir).exit_code == 0, stage
+    manifest = workdir / "data/poisoned/manifest.parquet"
+    manifest.write_bytes(b"PAR1 garbage")
+    for args in (["pretrain"], ["finetune"], ["analyze"], ["defend", "strip"]):
+        assert_one_line_error(cba(args, workdir), "manifest.parquet", "not a readable parquet table")
+    assert manifest.read_bytes() == b"PAR1 garbage"
