@@ -65,3 +65,24 @@ def test_same_tensors_give_the_same_bytes(tmp_path):
 
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
         assert handle.metadata() == metadata
+
+
+@pytest.mark.parametrize("meta, fragment", [
+    ({"backbone": "convnet", "width": "abc"}, "width in [1, 4096]"),
+    ({"backbone": "convnet", "width": "100000000"}, "width in [1, 4096]"),
+    ({"backbone": "vit", "width": "4"}, "known backbone"),
+    ({"backbone": "convnet", "width": "8"}, "wrong shape"),  # the weights are width 4's
+])
+def test_hostile_encoder_files_are_one_line(tmp_path, meta, fragment):
+    import torch
+
+    from cba.errors import ConfigError
+    from cba.io import save_tensors
+    from cba.models import build_backbone
+    from cba.models.io import load_encoder
+
+    path = tmp_path / "encoder.safetensors"
+    save_tensors(path, build_backbone("convnet", width=4).state_dict(), metadata=meta)
+    with pytest.raises(ConfigError) as caught:
+        load_encoder(path)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)

@@ -26,10 +26,28 @@ def encoder_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_encoder(path: str | os.PathLike) -> nn.Module:
     """Rebuild the backbone named in the file's metadata and load its weights."""
     meta = encoder_metadata(path)
-    if "backbone" not in meta or "width" not in meta:
-        raise ConfigError("path", str(path), "an encoder file written by cba (metadata names backbone and width)")
-    encoder = build_backbone(meta["backbone"], width=int(meta["width"]))
-    missing, unexpected = encoder.load_state_dict(load_tensors(path), strict=False)
-    if missing or unexpected:
-        raise ConfigError("path", str(path), f"weights do not match {meta['backbone']} (missing {len(missing)}, unexpected {len(unexpected)})")
+    width = meta.get("width", "")
+    if "backbone" not in meta or not width.isdigit() or not 1 <= int(width) <= MAX_WIDTH:
+        raise ConfigError("path", str(path), "an encoder file written by cba (metadata names a backbone and a width "
+                          f"in [1, {MAX_WIDTH}])")
+    try:
+        encoder = build_backbone(meta["backbone"], width=int(width))
+    except ConfigError as exc:
+        raise ConfigError("path", str(path), f"an encoder file naming a known backbone ({exc.allowed})") from None
+    load_weights(encoder, load_tensors(path), path, meta["backbone"])
     return encoder.eval()
+
+
+MAX_WIDTH = 4096  # far above any real backbone; bounds what a hostile file can make us allocate
+
+
+def load_weights(module: nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:
+    """Load `state` into `module`, or one line saying how the file does not fit it (names or shapes)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"missing {len(missing)}, unexpected {len(unexpected)}, wrong shape {len(wrong)}"
+                  + (f", e.g. {wrong[0]} {tuple(state[wrong[0]].shape)} for {tuple(own[wrong[0]].shape)}" if wrong else ""))
+        raise ConfigError("path", str(path), f"weights that fit {what} ({detail})")
+    module.load_state_dict(state)
