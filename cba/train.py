@@ -128,18 +128,35 @@ class Checkpointer:
                 continue  # a corrupt checkpoint is skipped, never trusted
             if meta.get("fingerprint") != self.fingerprint:
                 continue
-            tensors = load_tensors(path)
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            state = opt.state_dict()
-            for key, value in tensors.items():
-                if key.startswith("optim."):
-                    _, param_id, name = key.split(".", 2)
-                    state["state"].setdefault(int(param_id), {})[name] = value
-            opt.load_state_dict(state)
-            epoch = int(meta["epoch"])
-            losses[:epoch] = tensors["log.losses"].numpy()
-            return epoch, _loads(meta.get("curves", "[]"))
+            try:
+                restored = _restore(load_tensors(path), meta, model, opt, losses)
+            except (ConfigError, ValueError, KeyError, RuntimeError, TypeError):
+                continue  # right run, bad contents: skipped as corrupt, never half-loaded
+            return restored
         return 0, []
+
+
+def _restore(tensors: dict, meta: dict, model: nn.Module, opt: torch.optim.Optimizer,
+             losses: np.ndarray) -> tuple[int, list[dict]]:
+    """Check a checkpoint's every part against this run, then load it: nothing is applied unless all fit."""
+    epoch = int(meta["epoch"])
+    curves = _loads(meta.get("curves", "[]"))
+    logged = tensors["log.losses"].numpy()
+    if not 1 <= epoch <= len(losses) or logged.shape != (epoch, losses.shape[1]) or not isinstance(curves, list):
+        raise ValueError("checkpoint does not fit this run")
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    if set(weights) != set(own) or any(tuple(weights[k].shape) != tuple(own[k].shape) for k in own):
+        raise ValueError("checkpoint weights do not fit the model")
+    state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, param_id, name = key.split(".", 2)
+            state["state"].setdefault(int(param_id), {})[name] = value
+    opt.load_state_dict(state)  # first: it can still refuse; the model's fit was checked above
+    model.load_state_dict(weights)
+    losses[:epoch] = logged
+    return epoch, curves
 
 
 def _dumps(obj) -> str:

@@ -159,3 +159,37 @@ def test_nan_weights_are_refused_by_the_evaluators():
         extract_features(encoder, images)
     with pytest.raises(ConfigError, match="non-finite"):
         evaluate_encoder(encoder, images, labels, images, labels, images, 0, 4, probe_epochs=1)
+
+
+@pytest.mark.parametrize("damage", ["epoch", "losses", "shape", "curves"])
+def test_a_checkpoint_with_bad_contents_is_skipped_for_the_previous_one(tmp_path, damage):
+    """Right fingerprint, bad contents: resume falls back to the older good checkpoint, never crashes."""
+    import json
+
+    from safetensors import safe_open
+
+    from cba.io import load_tensors, save_tensors
+
+    images, labels = _images(32)
+    config = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0)
+    train(_method(), images, labels, build_augment("none"), config, torch.device("cpu"),
+          checkpointer=Checkpointer(tmp_path, "fp"), progress=False)
+    newest = tmp_path / "fp-epoch_0002.safetensors"
+    tensors = load_tensors(newest)
+    with safe_open(str(newest), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    if damage == "epoch":
+        meta["epoch"] = "abc"
+    elif damage == "losses":
+        del tensors["log.losses"]
+    elif damage == "shape":
+        key = next(k for k in tensors if k.startswith("model."))
+        tensors[key] = torch.zeros(3)
+    else:
+        meta["curves"] = "{not json"
+    save_tensors(newest, tensors, metadata=meta)
+    model = _method(seed=9)
+    epoch, curves = Checkpointer(tmp_path, "fp").load_latest(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                             np.zeros((2, 32), dtype=np.float32))
+    assert epoch == 1 and len(curves) == 1
+    assert json.loads(json.dumps(curves))  # the good checkpoint's curves, intact
