@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -67,6 +68,18 @@ def check_target(target: int, data: ImageSet) -> None:
     """Every stage that uses target_class checks it against the data's classes before any work."""
     if not 0 <= target < data.num_classes:
         raise ConfigError("target_class", target, f"an integer in [0, {data.num_classes - 1}] ({data.num_classes} classes)")
+
+
+def check_outputs(*folders: Path) -> None:
+    """Create the stage's output folders now, so that a blocked path fails before the work, not after."""
+    for folder in folders:  # every folder is checked before any is created
+        for part in [folder, *folder.parents]:
+            if part.exists() and not part.is_dir():
+                raise ConfigError("path", str(part), f"a folder, but it is a file; move it so the stage can write {folder}/")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise ConfigError("path", str(folder), "a folder this user can write to")
 
 
 MANIFEST_COLUMNS = ("index", "label", "original_label", "poisoned")

@@ -17,7 +17,7 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
 from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -55,6 +55,7 @@ def defend(
 ) -> None:
     """Run one defense; write metrics/defense/NAME.json in the schema of its kind."""
     params = Params.load(params_path)
+    check_outputs(METRICS_DIR / "defense")
     DEFENSES.get(name, key="defenses")
     defense = build_defense(name, **params.section(f"defense.{name}"))
     record = load_attack_record(params)

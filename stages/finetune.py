@@ -17,7 +17,7 @@ from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
 from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 
@@ -53,6 +53,7 @@ def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, trigge
 def finetune(params_path: Path = PARAMS_OPTION) -> None:
     """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr)."""
     params = Params.load(params_path)
+    check_outputs(FINETUNE_DIR, METRICS_DIR)
     config = read_config(params)
     target = params.integer("target_class", low=0)
     encoder = load_encoder(PRETRAIN_DIR / "encoder.safetensors")

@@ -26,7 +26,7 @@ from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
 from stages.common import (MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_target, load_stage_set, one_line_errors, read_table)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
@@ -113,6 +113,7 @@ def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:
 def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match."""
     params = Params.load(params_path)
+    check_outputs(PRETRAIN_DIR, METRICS_DIR, PLOTS_DIR)
     config, extra = read_config(params)
     # Loading the stored sets is quick; it comes first because the head size depends on the classes.
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")

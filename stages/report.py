@@ -11,9 +11,9 @@ from cba.io import atomic_path, read_json
 from cba.verdicts import claim_verdicts
 from cba.report import (analysis_section, attack_summary, bench_section, defense_table, params_block,
                         plot_learning_curves, trigger_summary)
-from stages.common import ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR, one_line_errors
+from stages.common import (ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR,
+                           check_outputs, one_line_errors)
 from stages.params import Params
-
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
@@ -24,6 +24,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
 def report(params_path: Path = PARAMS_OPTION) -> None:
     """Write reports/report.md with the params, the metrics, the trigger preview and the learning curves."""
     params = Params.load(params_path)
+    check_outputs(REPORT_DIR)
     poison, pretrain, finetune = (read_json(METRICS_DIR / f"{name}.json") for name in ("poison", "pretrain", "finetune"))
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _copy(TRIGGER_DIR / "preview.png", REPORT_DIR / "trigger_preview.png")

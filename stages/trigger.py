@@ -16,7 +16,8 @@ from cba.triggers import TRIGGERS, build_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 from cba.triggers.preview import save_preview
 from cba.triggers.stealth import stealth_metrics
-from stages.common import METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, load_split, one_line_errors
+from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, check_outputs, load_split,
+                           one_line_errors)
 from stages.params import Params
 
 STEALTH_IMAGES = 500  # test images the visibility figures average over
@@ -26,6 +27,7 @@ STEALTH_IMAGES = 500  # test images the visibility figures average over
 def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     """Build the trigger named by trigger.name (fitting a learned one); write data/trigger/ and metrics/trigger.json."""
     params = Params.load(params_path)
+    check_outputs(TRIGGER_DIR, METRICS_DIR, PLOTS_DIR)
     params.section("trigger", ["name", "params"])
     params.choice("data.name", DATASETS.names(), "synthetic")
     name = params.choice("trigger.name", TRIGGERS.names())

@@ -176,3 +176,11 @@ def test_a_corrupt_manifest_is_one_line_in_every_stage_that_reads_it(workdir):
     for args in (["pretrain"], ["finetune"], ["analyze"], ["defend", "strip"]):
         assert_one_line_error(cba(args, workdir), "manifest.parquet", "not a readable parquet table")
     assert manifest.read_bytes() == b"PAR1 garbage"
+
+
+def test_an_output_folder_that_is_a_file_fails_before_the_work(workdir):
+    write_params(workdir)
+    (workdir / "metrics").write_text("not a folder")
+    assert_one_line_error(cba(["trigger"], workdir), "path='metrics'", "it is a file")
+    assert not (workdir / "data/trigger").exists()  # refused before fitting anything
+    assert (workdir / "metrics").read_text() == "not a folder"
