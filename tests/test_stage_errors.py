@@ -69,6 +69,8 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.lr", -0.1, ["pretrain.lr=-0.1", "> 0"]),
     ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
     ("poison", "seed", -1, ["seed=-1", "[0, 4294967295]"]),
+    ("pretrain", "pretrain.simclr.temperature", "abc", ["pretrain.simclr.temperature='abc'", "a number > 0"]),
+    ("pretrain", "pretrain.simclr.proj_dim", "x", ["pretrain.simclr.proj_dim='x'", "an integer"]),
     ("pretrain", "pretrain.device", "cuda:abc", ["pretrain.device='cuda:abc'", "cuda:N"]),
     ("pretrain", "pretrain.device", "cuda:7", ["pretrain.device='cuda:7'", "a GPU this machine has"]),
 ])
