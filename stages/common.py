@@ -71,15 +71,16 @@ def check_target(target: int, data: ImageSet) -> None:
 
 
 def check_outputs(*folders: Path) -> None:
-    """Create the stage's output folders now, so that a blocked path fails before the work, not after."""
-    for folder in folders:  # every folder is checked before any is created
+    """Fail now, not after the work, if a stage could not write its output folders.
+
+    Nothing is created here: a refused run leaves the tree as it was."""
+    for folder in folders:
         for part in [folder, *folder.parents]:
             if part.exists() and not part.is_dir():
                 raise ConfigError("path", str(part), f"a folder, but it is a file; move it so the stage can write {folder}/")
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise ConfigError("path", str(folder), "a folder this user can write to")
+        existing = next(part for part in [folder, *folder.parents] if part.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError("path", str(existing), f"a folder this user can write to (the stage writes {folder}/)")
 
 
 MANIFEST_COLUMNS = ("index", "label", "original_label", "poisoned")
