@@ -56,9 +56,9 @@ def workdir(tmp_path):
 @pytest.mark.parametrize("stage, key, value, fragments", [
     ("trigger", "trigger.name", "sparkle", ["trigger.name='sparkle'", "ctrl"]),
     ("trigger", "data.name", "imagenet", ["data.name='imagenet'", "synthetic"]),
-    ("trigger", "trigger.params.alpha_", 3, ["trigger.alpha_"]),
+    ("trigger", "trigger.params.alpha_", 3, ["trigger.params.alpha_"]),
     ("trigger", "trigger.params.surrogate_size", 100000, ["trigger.params.surrogate_size=100000", "at most 200"]),
-    ("trigger", "trigger.params.linf", 300, ["trigger.linf=300", "(0, 255]"]),
+    ("trigger", "trigger.params.linf", 300, ["trigger.params.linf=300", "(0, 255]"]),
     ("trigger", "data.root", "/no/such/folder", ["data.root='/no/such/folder'"]),
     ("poison", "poison.mode", "flip", ["poison.mode='flip'", "clean_label"]),
     ("pretrain", "pretrain.method", "simclrr", ["pretrain.method='simclrr'", "simclr"]),

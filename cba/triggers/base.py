@@ -55,7 +55,7 @@ class Trigger(ABC):
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             allowed = ", ".join(sorted(cls.defaults)) or "none"
-            raise ConfigError(f"trigger.{unknown[0]}", params[unknown[0]],
+            raise ConfigError(f"trigger.params.{unknown[0]}", params[unknown[0]],
                               f"not a parameter of trigger '{cls.name}'; allowed: {allowed}")
 
     # --- subclass hooks -------------------------------------------------
@@ -106,7 +106,7 @@ class Trigger(ABC):
 
     # --- helpers for subclasses ------------------------------------------
     def _fail(self, param: str, allowed: str) -> None:
-        raise ConfigError(f"trigger.{param}", self.params[param], allowed)
+        raise ConfigError(f"trigger.params.{param}", self.params[param], allowed)
 
     def _check_size(self, param: str = "size") -> int:
         """A square side length that fits inside the image."""
