@@ -26,12 +26,11 @@ def encoder_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_encoder(path: str | os.PathLike) -> nn.Module:
     """Rebuild the backbone named in the file's metadata and load its weights."""
     meta = encoder_metadata(path)
-    width = meta.get("width", "")
-    if "backbone" not in meta or not width.isdigit() or not 1 <= int(width) <= MAX_WIDTH:
-        raise ConfigError("path", str(path), "an encoder file written by cba (metadata names a backbone and a width "
-                          f"in [1, {MAX_WIDTH}])")
+    if "backbone" not in meta:
+        raise ConfigError("path", str(path), "an encoder file written by cba (metadata names a backbone)")
+    width = metadata_size(meta, "width", MAX_WIDTH, path, "an encoder file")
     try:
-        encoder = build_backbone(meta["backbone"], width=int(width))
+        encoder = build_backbone(meta["backbone"], width=width)
     except ConfigError as exc:
         raise ConfigError("path", str(path), f"an encoder file naming a known backbone ({exc.allowed})") from None
     load_weights(encoder, load_tensors(path), path, meta["backbone"])
@@ -39,6 +38,14 @@ def load_encoder(path: str | os.PathLike) -> nn.Module:
 
 
 MAX_WIDTH = 4096  # far above any real backbone; bounds what a hostile file can make us allocate
+
+
+def metadata_size(meta: dict[str, str], key: str, high: int, path: str | os.PathLike, what: str) -> int:
+    """A size from a file's metadata, checked to lie in [1, high] before anything is built from it."""
+    value = str(meta.get(key, ""))
+    if not value.isdigit() or not 1 <= int(value) <= high:
+        raise ConfigError("path", str(path), f"{what} written by cba (metadata {key} in [1, {high}])")
+    return int(value)
 
 
 def load_weights(module: nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:

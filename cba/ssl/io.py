@@ -10,7 +10,7 @@ from safetensors import safe_open
 from cba.errors import ConfigError
 from cba.io import load_tensors, save_tensors
 from cba.models import build_backbone
-from cba.models.io import MAX_WIDTH, load_weights
+from cba.models.io import MAX_WIDTH, load_weights, metadata_size
 from cba.ssl.base import SSLMethod, build_method
 
 
@@ -25,12 +25,11 @@ def load_method(path: str | os.PathLike) -> tuple[SSLMethod, dict[str, str]]:
     state = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
-    for key, high in (("width", MAX_WIDTH), ("num_classes", 100_000)):
-        if not str(meta.get(key, "")).isdigit() or not 1 <= int(meta[key]) <= high:
-            raise ConfigError("path", str(path), f"a method file written by cba (metadata {key} in [1, {high}])")
+    width = metadata_size(meta, "width", MAX_WIDTH, path, "a method file")
+    num_classes = metadata_size(meta, "num_classes", 100_000, path, "a method file")
     try:
-        method = build_method(meta["method"], build_backbone(meta["backbone"], width=int(meta["width"])),
-                              num_classes=int(meta["num_classes"]), **json.loads(meta["hparams"]))
+        method = build_method(meta["method"], build_backbone(meta["backbone"], width=width),
+                              num_classes=num_classes, **json.loads(meta["hparams"]))
     except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
         raise ConfigError("path", str(path), f"a method file written by cba ({type(exc).__name__}: {exc})") from None
     load_weights(method, state, path, meta["method"])
