@@ -106,7 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=1024, help="MoCo queue (capped at the training set size)")
     parser.add_argument("--eval-every", type=int, default=3, help="kNN ACC/ASR every k epochs, for the learning epochs")
     parser.add_argument("--eval-bank-size", type=int, default=2000, help="clean labelled images in the kNN bank during training")
-    parser.add_argument("--probe-epochs", type=int, default=30)
     parser.add_argument("--max-target-points", type=int, default=2000,
                         help="cap on clean target-class samples in the separability metrics")
     parser.add_argument("--seed", type=int, default=0)
@@ -155,12 +154,13 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     record = run_attack(train_set, test, trigger, method=name, mode=mode, poison_rate=args.poison_rate, target_class=target,
                         backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                         seed=seed, hparams=hparams, per_batch=args.per_batch, min_scale=args.min_scale,
-                        probe_epochs=args.probe_epochs, device=device, progress=not args.quiet,
+                        device=device, progress=not args.quiet,
                         eval_every=args.eval_every, evaluate=monitor)
     mask = record.poisoned
 
     metrics, _ = evaluate_encoder(record.encoder, train_set.images, train_set.labels, test.images, test.labels,
-                                  triggered.images, target, train_set.num_classes, probe_epochs=args.probe_epochs, seed=seed)
+                                  triggered.images, target, train_set.num_classes,
+                                  triggered_labels=triggered.labels, seed=seed)
     row: dict[str, Any] = {
         "method": name, "mode": mode, "lr": lr, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
         "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],

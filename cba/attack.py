@@ -15,7 +15,7 @@ import torch
 from cba.augment import build_augment
 from cba.data.base import ImageSet
 from cba.defenses.base import AttackRecord, Classifier, classifier_acc_asr
-from cba.evaluate import extract_features, knn_backdoor_metrics, train_linear_probe
+from cba.evaluate import extract_features, fit_linear_probe, knn_backdoor_metrics
 from cba.models import build_backbone
 from cba.poison import poison_dataset, triggered_test_set
 from cba.ssl import build_method
@@ -23,13 +23,13 @@ from cba.train import TrainConfig, train
 from cba.triggers import Trigger
 
 
-def downstream_classifier(method: Any, clean: ImageSet, probe_epochs: int = 30, seed: int = 0) -> Classifier:
-    """The supervised method keeps its own head; SSL encoders get a linear probe on clean labels."""
+def downstream_classifier(method: Any, clean: ImageSet, seed: int = 0) -> Classifier:
+    """The supervised method keeps its own head; SSL encoders get the converged linear probe on clean labels."""
     encoder = method.encoder.eval()
     if hasattr(method, "head") and getattr(method, "uses_labels", False):
         return Classifier(encoder, method.head).eval()
     feats = extract_features(encoder, clean.images)
-    probe = train_linear_probe(feats, torch.as_tensor(clean.labels), clean.num_classes, probe_epochs, seed=seed)
+    probe = fit_linear_probe(feats, torch.as_tensor(clean.labels), clean.num_classes, seed=seed).probe
     return Classifier(encoder, probe).eval()
 
 
@@ -49,7 +49,6 @@ def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[s
         "hparams": dict(pretrain.get(method) or {}), "per_batch": bool(augmentation.get("per_batch", False)),
         "min_scale": float(augmentation.get("min_scale", 0.5)), "seed": int(params.get("seed", 0)),
         "target_class": int(params.get("target_class", 0)),
-        "probe_epochs": int(((params.get("finetune") or {}).get("linear") or {}).get("epochs", 50)),
     }
 
 
@@ -57,7 +56,7 @@ def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
     batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
-    hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5, probe_epochs: int = 30,
+    hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5,
     device: torch.device | None = None, progress: bool = False, eval_every: int | None = None,
     evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
 ) -> AttackRecord:
@@ -82,7 +81,7 @@ def run_attack(
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True
     return AttackRecord(
-        encoder=model.encoder, classifier=downstream_classifier(model, train_set, probe_epochs, seed),
+        encoder=model.encoder, classifier=downstream_classifier(model, train_set, seed),
         train=poisoned.train, clean_train=train_set, test=test,
         triggered=triggered_test_set(test, trigger, target_class, seed), poisoned=mask, target_class=target_class,
         trigger=trigger, method=method, losses=result.loss_frame(mask), model_state=model.state_dict(), seed=seed,

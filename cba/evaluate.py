@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.errors import ConfigError
+from cba.probe import LinearProbe, ProbeFit, fit_linear_probe, probe_predict, train_linear_probe  # noqa: F401 (re-exported)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,47 +74,6 @@ def knn_predict(
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-class LinearProbe(nn.Module):
-    """A linear classifier on standardised frozen features."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(len(mean), num_classes)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features - self.mean) / self.std)
-
-
-def train_linear_probe(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
-    weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0,
-) -> LinearProbe:
-    """Mini-batch SGD with a cosine schedule on CPU-resident features (seconds)."""
-    features = features.float()
-    labels = torch.as_tensor(labels).long()
-    with torch.random.fork_rng():  # the initialisation, too, comes from `seed`
-        torch.manual_seed(seed)
-        probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(features), generator=gen).split(batch_size):
-            loss = F.cross_entropy(probe(features[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    return probe.eval()
-
-
-@torch.no_grad()
-def probe_predict(probe: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    return probe(features.float()).argmax(1)
-
-
 def accuracy(preds: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
     labels = torch.as_tensor(labels)
     return float((preds.cpu() == labels.cpu()).float().mean()) if len(labels) else float("nan")
@@ -150,22 +110,29 @@ def knn_backdoor_metrics(
 def evaluate_encoder(
     encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
     triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
-    probe_epochs: int = 50, probe_lr: float = 0.1, probe_weight_decay: float = 1e-4, seed: int = 0,
-) -> tuple[dict[str, dict[str, float]], LinearProbe]:
-    """ACC and ASR of an encoder by kNN and by a linear probe, both fitted on clean labelled data."""
+    triggered_labels: np.ndarray | None = None, probe_options: dict | None = None, seed: int = 0,
+) -> tuple[dict[str, dict], ProbeFit]:
+    """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean labelled data.
+
+    Per classifier: `acc`, `asr`, `natural_rate` (non-target clean images sent to the target: the floor ASR must
+    clear), `landing` (how many triggered images each class received) and, given the triggered images' true
+    labels, `robust_acc` (triggered images still classified as their true class, BackdoorBench's RA)."""
     train_feats = extract_features(encoder, train_images)
     test_feats = extract_features(encoder, test_images)
     trig_feats = extract_features(encoder, triggered_images)
     labels = torch.as_tensor(train_labels)
-    probe = train_linear_probe(train_feats, labels, num_classes, probe_epochs, probe_lr, probe_weight_decay, seed=seed)
+    fit = fit_linear_probe(train_feats, labels, num_classes, seed=seed, **(probe_options or {}))
     knn = lambda feats: knn_predict(train_feats, labels, feats, num_classes, k, temperature)  # noqa: E731
     non_target = torch.as_tensor(non_target_mask(test_labels, target_class))
-    metrics = {}
-    for name, predict in (("knn", knn), ("linear", lambda feats: probe_predict(probe, feats))):
-        clean_preds = predict(test_feats)
+    metrics: dict[str, dict] = {}
+    for name, predict in (("knn", knn), ("linear", lambda feats: probe_predict(fit.probe, feats))):
+        clean_preds, trig_preds = predict(test_feats), predict(trig_feats)
         metrics[name] = {
-            "acc": accuracy(clean_preds, test_labels), "asr": attack_success_rate(predict(trig_feats), target_class),
+            "acc": accuracy(clean_preds, test_labels), "asr": attack_success_rate(trig_preds, target_class),
             # The ASR baseline: non-target test images predicted as the target WITHOUT the trigger.
             "natural_rate": attack_success_rate(clean_preds[non_target], target_class),
+            "landing": torch.bincount(trig_preds.long(), minlength=num_classes).tolist(),
         }
-    return metrics, probe
+        if triggered_labels is not None:
+            metrics[name]["robust_acc"] = accuracy(trig_preds, triggered_labels)
+    return metrics, fit

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.errors import ConfigError
 from cba.io import load_tensors, save_tensors

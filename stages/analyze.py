@@ -29,10 +29,10 @@ from cba.analysis.embedding import METHODS as EMBEDDINGS
 from cba.env import environment
 from cba.errors import ConfigError
 from cba.evaluate import extract_features
-from cba.io import write_csv, write_json
+from cba.io import write_csv
 from cba.models.io import encoder_metadata, load_encoder
-from stages.common import (ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           check_outputs, load_stage_set, one_line_errors, read_table)
+from stages.common import (DETAILS_DIR, ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
+                           check_outputs, load_stage_set, one_line_errors, read_table, write_metrics)
 from stages.params import Params
 
 
@@ -94,7 +94,7 @@ def feature_rows(poisoned: np.ndarray, labels: np.ndarray, target: int, max_poin
 def analyze(params_path: Path = PARAMS_OPTION) -> None:
     """Learning dynamics and feature entanglement of the attack; write metrics/analysis.json and plots."""
     params = Params.load(params_path)
-    check_outputs(ANALYSIS_DIR, METRICS_DIR, PLOTS_DIR)
+    check_outputs(ANALYSIS_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     config = read_config(params)
     target, seed = config["target_class"], config["seed"]
     started = time.perf_counter()
@@ -132,7 +132,7 @@ def analyze(params_path: Path = PARAMS_OPTION) -> None:
                    title=f"{method}, {mode}: training features ({config['embedding']}), target {target}")
 
     seconds = time.perf_counter() - started
-    write_json(METRICS_DIR / "analysis.json", _clean({
+    write_metrics("analysis", _clean({
         "dynamics": dynamics,
         "entanglement": entanglement,
         "embedding": {"method": config["embedding"], "points": int(len(points))},

@@ -12,10 +12,24 @@ import sys
 
 import typer
 
-STAGES = ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report")
+STAGES = ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report", "compare")
 HELP = ("cba: backdoor attacks on contrastive self-supervised learning, as cached DVC stages.\n\n"
         "Stages run in order: trigger -> poison -> pretrain -> finetune -> analyze -> defend NAME (one per defense) -> report. "
-        "Each reads params.yaml (override with --params) and writes the artifacts listed in the README.")
+        "Each reads params.yaml (override with --params) and writes the artifacts listed in the README. "
+        "`cba compare` gathers DVC experiments into one table, mean ± std over seeds.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"cba {version('cba')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from cba import __version__
+
+            print(f"cba {__version__}")
+        raise typer.Exit()
 
 
 def build_app(names: tuple[str, ...] = STAGES) -> typer.Typer:
@@ -23,7 +37,8 @@ def build_app(names: tuple[str, ...] = STAGES) -> typer.Typer:
     app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
     @app.callback()
-    def _group() -> None:
+    def _group(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                            help="Print cba's version and exit.")) -> None:
         """Keeps `cba <stage>` a sub-command even when one stage is loaded."""
 
     for name in names:

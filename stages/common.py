@@ -13,6 +13,7 @@ import typer
 from cba.data import ImageSet, load_dataset
 from cba.data.store import load_imageset
 from cba.errors import ConfigError
+from cba.io import read_json, write_json
 from stages.params import Params
 
 TRIGGER_DIR = Path("data/trigger")
@@ -21,11 +22,14 @@ PRETRAIN_DIR = Path("data/pretrain")
 FINETUNE_DIR = Path("data/finetune")
 ANALYSIS_DIR = Path("data/analysis")
 METRICS_DIR = Path("metrics")
+DETAILS_DIR = METRICS_DIR / "details"  # each stage's full record; not a DVC metrics file
 PLOTS_DIR = Path("plots")
 REPORT_DIR = Path("reports")
 BENCH_DIR = Path("bench/results")  # committed outputs of the bench scripts, shown in the report
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Path of the params file to read.")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress",
+                               help="Show progress: a bar on a terminal, a plain line every 30 s in a log.")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,6 +85,40 @@ def check_outputs(*folders: Path) -> None:
         existing = next(part for part in [folder, *folder.parents] if part.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError("path", str(existing), f"a folder this user can write to (the stage writes {folder}/)")
+
+
+# Kept out of the DVC metrics files, which hold comparable scalars only: the environment, timings, the attack's
+# description, and per-class or per-setting breakdowns (text and lists are left out by type).
+DETAIL_ONLY = frozenset({"env", "seconds", "fit_seconds", "attack", "logit_gain", "val_acc", "landing", "iterations",
+                         "grad_max", "per_class"})
+
+
+def metric_scalars(record: dict) -> dict:
+    """The numbers and booleans of `record`, nested as they are, less DETAIL_ONLY keys, text, lists and nulls."""
+    out: dict = {}
+    for key, value in record.items():
+        if key in DETAIL_ONLY or value is None:
+            continue
+        if isinstance(value, dict):
+            value = metric_scalars(value)
+            if value:
+                out[key] = value
+        elif isinstance(value, (bool, int, float)) and not (isinstance(value, float) and value != value):
+            out[key] = value
+    return out
+
+
+def write_metrics(name: str, record: dict) -> None:
+    """metrics/NAME.json gets the comparable scalars (what `dvc metrics diff` and `dvc exp show` compare);
+    metrics/details/NAME.json gets the whole record, which the report reads."""
+    write_json(DETAILS_DIR / f"{name}.json", record)
+    write_json(METRICS_DIR / f"{name}.json", metric_scalars(record))
+
+
+def read_details(name: str) -> dict:
+    """A stage's whole record (see `write_metrics`); empty if that stage has not run."""
+    path = DETAILS_DIR / f"{name}.json"
+    return read_json(path) if path.exists() else {}
 
 
 MANIFEST_COLUMNS = ("index", "label", "original_label", "poisoned")

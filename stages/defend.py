@@ -12,12 +12,13 @@ from cba.attack import downstream_classifier
 from cba.defenses import DEFENSES, AttackRecord, Classifier, build_defense
 from cba.env import environment
 from cba.evaluate import LinearProbe
-from cba.io import load_tensors, write_json
+from cba.defenses.plots import defense_plot_tables
+from cba.io import load_tensors, write_csv
 from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
-from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, PLOTS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -47,24 +48,52 @@ def load_attack_record(params: Params) -> AttackRecord:
     )
 
 
+def write_plot_tables(folder: Path, tables: dict) -> None:
+    """One CSV per table; tables an earlier run of this defense wrote and this one did not are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.csv"):
+        if stale.stem not in tables:
+            stale.unlink()
+    for table, frame in tables.items():
+        write_csv(folder / f"{table}.csv", frame)
+
+
+def key_figures(result: dict) -> str:
+    """One line of the figures that rate a defense, for the log."""
+    parts = []
+    if result.get("auroc") is not None:
+        parts.append(f"AUROC {result['auroc']:.3f}")
+    if result.get("tpr") is not None and result.get("fpr") is not None:
+        parts.append(f"TPR {result['tpr']:.3f} FPR {result['fpr']:.3f}")
+    if "target_flagged" in result:
+        parts.append(f"target {'flagged' if result['target_flagged'] else 'not flagged'} "
+                     f"(anomaly index {result.get('target_anomaly_index', float('nan')):.2f})")
+    if result.get("asr_after") is not None:
+        parts.append(f"ACC {result['acc_before']:.3f} -> {result['acc_after']:.3f}, "
+                     f"ASR {result['asr_before']:.3f} -> {result['asr_after']:.3f}, DER {result.get('der', float('nan')):.3f}")
+    return "; ".join(parts) or "no figures"
+
+
 @one_line_errors
 def defend(
-    name: str = typer.Argument(..., help="The defense to run: one of the names under `defenses:` in params.yaml."),
+    name: str = typer.Argument(..., help=f"The defense to run, one of: {', '.join(DEFENSES.names())}. "
+                               "`dvc repro` runs one per entry of `defenses:` in params.yaml."),
     params_path: Path = PARAMS_OPTION,
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Run one defense; write metrics/defense/NAME.json in the schema of its kind."""
     params = Params.load(params_path)
-    check_outputs(METRICS_DIR / "defense")
-    DEFENSES.get(name, key="defenses")
+    check_outputs(METRICS_DIR / "defense", DETAILS_DIR / "defense", PLOTS_DIR / "defense" / name)
+    DEFENSES.get(name, key="defense")
     defense = build_defense(name, **params.section(f"defense.{name}"))
     record = load_attack_record(params)
     started = time.perf_counter()
     result = defense.run(record, progress=progress)
-    write_json(DEFENSE_DIR / f"{name}.json", {
+    write_metrics(f"defense/{name}", {
         "defense": name, "kind": defense.kind, **result, "seconds": time.perf_counter() - started,
         "attack": {"method": record.method, "trigger": record.trigger.name, "poisoned": int(record.poisoned.sum()),
                    "target_class": record.target_class},
         "env": environment("cpu"),
     })
-    print(f"defense {name} ({defense.kind}) -> {DEFENSE_DIR / (name + '.json')}")
+    write_plot_tables(PLOTS_DIR / "defense" / name, defense_plot_tables(result))
+    print(f"defense {name} ({defense.kind}): {key_figures(result)} -> {DEFENSE_DIR / (name + '.json')}")

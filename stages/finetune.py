@@ -9,28 +9,34 @@ import torch
 from cba.env import environment
 from cba.analysis.readout import trigger_readout
 from cba.data.base import ImageSet
-from cba.evaluate import LinearProbe, evaluate_encoder, extract_features
-from cba.io import save_tensors, write_json
+from cba.errors import ConfigError
+from cba.evaluate import evaluate_encoder, extract_features
+from cba.probe import MAX_ITER, VAL_FRACTION, WEIGHT_DECAYS, LinearProbe, check_probe_options
+from cba.io import save_tensors
 from cba.models.io import encoder_metadata, load_encoder
 from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
-from stages.common import (FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
+from stages.common import (DETAILS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
 from stages.params import Params
 
 
 def read_config(params: Params) -> dict:
     params.section("finetune", ["knn", "linear"])
     params.section("finetune.knn", ["k", "temperature"])
-    params.section("finetune.linear", ["epochs", "lr", "weight_decay"])
+    linear = params.section("finetune.linear", ["weight_decays", "val_fraction", "max_iter"])
+    options = {"weight_decays": linear.get("weight_decays", list(WEIGHT_DECAYS)),
+               "val_fraction": linear.get("val_fraction", VAL_FRACTION), "max_iter": linear.get("max_iter", MAX_ITER)}
+    try:
+        check_probe_options(**options)
+    except ConfigError as err:
+        raise ConfigError(f"finetune.linear.{err.key}", err.value, err.allowed) from None
     return {
         "k": params.integer("finetune.knn.k", 200, low=1),
         "temperature": params.number("finetune.knn.temperature", 0.1, low=0.0, open_low=True),
-        "probe_epochs": params.integer("finetune.linear.epochs", 50, low=1),
-        "probe_lr": params.number("finetune.linear.lr", 0.1, low=0.0, open_low=True),
-        "probe_weight_decay": params.number("finetune.linear.weight_decay", 1e-4, low=0.0),
+        "probe_options": options,
         "seed": params.integer("seed", 0, low=0, high=2**32 - 1),
     }
 
@@ -53,17 +59,18 @@ def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, trigge
 def finetune(params_path: Path = PARAMS_OPTION) -> None:
     """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr)."""
     params = Params.load(params_path)
-    check_outputs(FINETUNE_DIR, METRICS_DIR)
+    check_outputs(FINETUNE_DIR, METRICS_DIR, DETAILS_DIR)
     config = read_config(params)
     target = params.integer("target_class", low=0)
     encoder = load_encoder(PRETRAIN_DIR / "encoder.safetensors")
     clean, test = load_stage_set("clean_train"), load_stage_set("test")
     check_target(target, clean)
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
-    metrics, probe = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
-                                      target, clean.num_classes, **config)
-    save_tensors(FINETUNE_DIR / "probe.safetensors", probe.state_dict())
-    metrics["readout"] = readout(encoder, probe, test, triggered, target)
+    metrics, fit = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
+                                    target, clean.num_classes, triggered_labels=triggered.labels, **config)
+    save_tensors(FINETUNE_DIR / "probe.safetensors", fit.probe.state_dict())
+    metrics["linear"]["probe"] = fit.summary()
+    metrics["readout"] = readout(encoder, fit.probe, test, triggered, target)
     meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
     # Top-level acc/asr are those of the downstream classifier the defenses attack:
     # the linear probe for SSL, the model's own (poisoned-label) head for the supervised attack.
@@ -72,10 +79,12 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     if getattr(method, "uses_labels", False) and hasattr(method, "head"):
         metrics["head"] = classifier_acc_asr(Classifier(method.encoder, method.head), test, triggered, target)
         primary = "head"
-    write_json(METRICS_DIR / "finetune.json", {
+    write_metrics("finetune", {
         "acc": metrics[primary]["acc"], "asr": metrics[primary]["asr"], "primary": primary, **metrics,
         "method": meta.get("method"), "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
         "env": environment("cpu"),
     })
-    print(f"finetune: linear ACC {metrics['linear']['acc']:.3f} ASR {metrics['linear']['asr']:.3f} | "
-          f"kNN ACC {metrics['knn']['acc']:.3f} ASR {metrics['knn']['asr']:.3f}")
+    line = " | ".join(f"{label} ACC {metrics[name]['acc']:.3f} ASR {metrics[name]['asr']:.3f} (natural "
+                      f"{metrics[name]['natural_rate']:.3f}, RA {metrics[name]['robust_acc']:.3f})"
+                      for name, label in (("linear", "linear"), ("knn", "kNN")))
+    print(f"finetune: {line}; probe weight decay {fit.weight_decay:g}")

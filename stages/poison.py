@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cba.data.store import save_imageset
-from cba.io import write_json, write_parquet
+from cba.io import write_parquet
 from cba.poison import MODES, poison_dataset, validate_poison
 from cba.triggers import load_trigger
-from stages.common import (METRICS_DIR, PARAMS_OPTION, POISON_DIR, TRIGGER_DIR, check_outputs, load_split,
-                           one_line_errors)
+from stages.common import (DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, TRIGGER_DIR, check_outputs, load_split,
+                           one_line_errors, write_metrics)
 from stages.params import Params
 
 
@@ -17,7 +17,7 @@ from stages.params import Params
 def poison(params_path: Path = PARAMS_OPTION) -> None:
     """Poison the training set; write data/poisoned/ (train, clean_train, test, manifest.parquet)."""
     params = Params.load(params_path)
-    check_outputs(POISON_DIR, METRICS_DIR)
+    check_outputs(POISON_DIR, METRICS_DIR, DETAILS_DIR)
     seed = params.integer("seed", 0, low=0, high=2**32 - 1)
     rate = params.number("poison_rate", low=0.0, high=1.0)
     target = params.integer("target_class", low=0)
@@ -33,7 +33,7 @@ def poison(params_path: Path = PARAMS_OPTION) -> None:
     save_imageset(POISON_DIR / "clean_train.safetensors", train)
     save_imageset(POISON_DIR / "test.safetensors", test)
     write_parquet(POISON_DIR / "manifest.parquet", poisoned.manifest())
-    write_json(METRICS_DIR / "poison.json", {
+    write_metrics("poison", {
         "poisoned": count, "train_size": len(train), "test_size": len(test), "mode": mode,
         "target_class": target, "trigger": trig.name, "classes": train.classes,
     })

@@ -17,7 +17,7 @@ from cba.augment import KINDS, build_augment
 from cba.env import environment
 from cba.errors import ConfigError, is_number
 from cba.evaluate import knn_backdoor_metrics, pick_device
-from cba.io import write_csv, write_json, write_parquet
+from cba.io import write_csv, write_parquet
 from cba.models import BACKBONES, build_backbone
 from cba.models.io import save_encoder
 from cba.poison import triggered_test_set
@@ -25,8 +25,8 @@ from cba.ssl import METHODS, build_method
 from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
-from stages.common import (MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table)
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
@@ -110,10 +110,10 @@ def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:
 
 
 @one_line_errors
-def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
+def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION) -> None:
     """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match."""
     params = Params.load(params_path)
-    check_outputs(PRETRAIN_DIR, METRICS_DIR, PLOTS_DIR)
+    check_outputs(PRETRAIN_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     config, extra = read_config(params)
     # Loading the stored sets is quick; it comes first because the head size depends on the classes.
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
@@ -149,7 +149,7 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     knn_rows = curves.dropna(subset=["knn_acc"])[["epoch", "knn_acc", "knn_asr"]] if "knn_acc" in curves else curves[["epoch"]]
     write_csv(PLOTS_DIR / "pretrain_knn.csv", knn_rows)
     last = result.curves[-1]
-    write_json(METRICS_DIR / "pretrain.json", {
+    write_metrics("pretrain", {
         "final_loss": last["loss"], "knn_acc": last.get("knn_acc"), "knn_asr": last.get("knn_asr"),
         "random_init_knn_acc": random_init["knn_acc"], "random_init_knn_asr": random_init["knn_asr"],
         "epochs": config.epochs, "seconds": seconds, "method": extra["method"], "backbone": extra["backbone"],

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from cba.io import atomic_path, read_json
+from cba.errors import ConfigError
+from cba.io import atomic_path, write_json
+from cba.summary import summary_figures
 from cba.verdicts import claim_verdicts
 from cba.report import (analysis_section, attack_summary, bench_section, defense_table, params_block,
                         plot_learning_curves, trigger_summary)
 from stages.common import (ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, REPORT_DIR, TRIGGER_DIR,
-                           check_outputs, one_line_errors)
+                           check_outputs, one_line_errors, read_details)
 from stages.params import Params
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
@@ -22,16 +24,20 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
 
 @one_line_errors
 def report(params_path: Path = PARAMS_OPTION) -> None:
-    """Write reports/report.md with the params, the metrics, the trigger preview and the learning curves."""
+    """Write reports/report.md (params, metrics, trigger preview, learning curves) and metrics/summary.json."""
     params = Params.load(params_path)
-    check_outputs(REPORT_DIR)
-    poison, pretrain, finetune = (read_json(METRICS_DIR / f"{name}.json") for name in ("poison", "pretrain", "finetune"))
+    check_outputs(REPORT_DIR, METRICS_DIR)
+    poison, pretrain, finetune = (read_details(name) for name in ("poison", "pretrain", "finetune"))
+    for name, record in (("poison", poison), ("pretrain", pretrain), ("finetune", finetune)):
+        if not record:
+            raise ConfigError("path", f"metrics/details/{name}.json", f"the file does not exist; run `cba {name}` first")
+    analysis = read_details("analysis")
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _copy(TRIGGER_DIR / "preview.png", REPORT_DIR / "trigger_preview.png")
     plot_learning_curves(pd.read_csv(PLOTS_DIR / "pretrain_loss.csv"), pd.read_csv(PLOTS_DIR / "pretrain_knn.csv"),
                          REPORT_DIR / "learning_curves.png")
     analysis_parts = []
-    if (METRICS_DIR / "analysis.json").exists():
+    if analysis:
         figures = {}
         for name, title in (("loss_groups", "per-sample loss by group"), ("loss_auroc", "loss AUROC and kNN curves"),
                             ("embedding", "t-SNE of training features")):
@@ -40,19 +46,17 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
                 figures[title] = f"analysis_{name}.png"
         analysis_parts = ["## Learning dynamics and feature entanglement",
                           "Claim 1 (entangled learning) and claim 2 (entangled features) of the paper, for this run.",
-                          analysis_section(read_json(METRICS_DIR / "analysis.json"), figures)]
+                          analysis_section(analysis, figures)]
     # Exactly this run's defenses: files of defenses dropped from `defenses:` may linger from earlier runs.
     listed = params.raw("defenses", []) or []
-    defense_files = [METRICS_DIR / "defense" / f"{name}.json" for name in listed
-                     if (METRICS_DIR / "defense" / f"{name}.json").exists()]
+    defenses = [record for record in (read_details(f"defense/{name}") for name in listed) if record]
     defense_parts = []
-    if defense_files:
+    if defenses:
         defense_parts = ["## Defenses against this attack",
                          "Detection defenses: AUROC, and TPR/FPR/precision of the flagged set at the defense's own threshold. "
                          "Neural Cleanse: whether the true target class is flagged. Repairs: ACC and ASR before → after.",
-                         defense_table([read_json(p) for p in defense_files])]
-    analysis = read_json(METRICS_DIR / "analysis.json") if (METRICS_DIR / "analysis.json").exists() else {}
-    verdicts = claim_verdicts(finetune, analysis, [read_json(p) for p in defense_files])
+                         defense_table(defenses)]
+    verdicts = claim_verdicts(finetune, analysis, defenses)
     parts = [
         "# cba report",
         "## Verdict",
@@ -61,7 +65,7 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         attack_summary(poison, pretrain, finetune),
         "ASR counts triggered test images whose true class is not the target; ACC is on the clean test set.",
         "## Trigger",
-        trigger_summary(read_json(METRICS_DIR / "trigger.json") if (METRICS_DIR / "trigger.json").exists() else {}),
+        trigger_summary(read_details("trigger")),
         "Clean image, triggered image, and the amplified difference.",
         "![trigger preview](trigger_preview.png)",
         "## Learning curves",
@@ -77,7 +81,9 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     parts += ["## Parameters", params_block(params.data)]
     with atomic_path(REPORT_DIR / "report.md") as tmp:
         tmp.write_text("\n\n".join(parts) + "\n")
-    print(f"report -> {REPORT_DIR / 'report.md'}")
+    summary = summary_figures(finetune, defenses)
+    write_json(METRICS_DIR / "summary.json", summary)
+    print(f"report -> {REPORT_DIR / 'report.md'}; " + ", ".join(f"{key} {value:.3f}" for key, value in list(summary.items())[:6]))
 
 
 def _copy(source: Path, dest: Path) -> None:

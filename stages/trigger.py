@@ -11,23 +11,23 @@ import pandas as pd
 from cba.data import DATASETS
 from cba.errors import ConfigError
 from cba.evaluate import pick_device
-from cba.io import write_csv, write_json
+from cba.io import write_csv
 from cba.triggers import TRIGGERS, build_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 from cba.triggers.preview import save_preview
 from cba.triggers.stealth import stealth_metrics
-from stages.common import (METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, check_outputs, load_split,
-                           one_line_errors)
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, check_outputs, load_split,
+                           one_line_errors, write_metrics)
 from stages.params import Params
 
 STEALTH_IMAGES = 500  # test images the visibility figures average over
 
 
 @one_line_errors
-def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
+def trigger(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION) -> None:
     """Build the trigger named by trigger.name (fitting a learned one); write data/trigger/ and metrics/trigger.json."""
     params = Params.load(params_path)
-    check_outputs(TRIGGER_DIR, METRICS_DIR, PLOTS_DIR)
+    check_outputs(TRIGGER_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     params.section("trigger", ["name", "params"])
     params.choice("data.name", DATASETS.names(), "synthetic")
     name = params.choice("trigger.name", TRIGGERS.names())
@@ -56,5 +56,5 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = True) -> None:
     save_trigger(trig, TRIGGER_DIR)
     write_csv(PLOTS_DIR / "trigger_objective.csv", history)
     save_preview(trig, sample[:4], TRIGGER_DIR / "preview.png", n=min(4, len(sample)), rng=rng)
-    write_json(METRICS_DIR / "trigger.json", metrics)
+    write_metrics("trigger", metrics)
     print(f"trigger {name}: L-inf {metrics['linf']:.1f}/255, PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f} -> {TRIGGER_DIR}/")

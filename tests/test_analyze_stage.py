@@ -48,7 +48,7 @@ def pipeline(tmp_path_factory):
 
 
 def test_metrics_keys_and_ranges(pipeline):
-    metrics = json.loads((pipeline / "metrics/analysis.json").read_text())
+    metrics = json.loads((pipeline / "metrics/details/analysis.json").read_text())
     assert {"dynamics", "entanglement", "method", "env", "poison_mode", "embedding"} <= set(metrics)
     assert metrics["method"] == "simclr" and metrics["poison_mode"] == "clean_label"
     dyn, ent = metrics["dynamics"], metrics["entanglement"]
@@ -107,6 +107,6 @@ def test_pca_embedding(pipeline, monkeypatch):
 
     monkeypatch.chdir(pipeline)
     analyze(write_params(pipeline / "pca.yaml", embedding="pca", max_points=50))
-    metrics = json.loads((pipeline / "metrics/analysis.json").read_text())
+    metrics = json.loads((pipeline / "metrics/details/analysis.json").read_text())
     assert metrics["embedding"] == {"method": "pca", "points": 50}
     assert metrics["entanglement"]["n_poisoned"] == 15

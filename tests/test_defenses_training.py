@@ -180,7 +180,7 @@ def test_abl_log_source_on_badnets(supervised_badnets):
 def test_downstream_ft_on_badnets(supervised_badnets):
     record = supervised_badnets
     state = {k: v.clone() for k, v in record.encoder.state_dict().items()}
-    out = build_defense("downstream_ft", epochs=1, train_size=500, test_size=200, probe_epochs=20).run(record)
+    out = build_defense("downstream_ft", epochs=1, train_size=500, test_size=200).run(record)
     print("downstream_ft on supervised BadNets:", json.dumps(out))
     json.dumps(out)
     assert REPAIR_KEYS | {"downstream_acc_before", "downstream_acc_after", "downstream_acc_triggered_after",
@@ -198,8 +198,8 @@ def test_abl_on_a_contrastive_encoder():
 
     record = run_attack(generate(128, seed=1), generate(60, seed=2), build_trigger("patch", {"size": 4}, seed=0),
                         method="simclr", mode="clean_label", poison_rate=0.05, width=4, epochs=1, batch_size=64,
-                        probe_epochs=5, hparams={"proj_hidden_dim": 32, "proj_dim": 16})
-    abl = build_defense("abl", isolation_epochs=1, lga_batch_size=64, unlearn_epochs=1, probe_epochs=5)
+                        hparams={"proj_hidden_dim": 32, "proj_dim": 16})
+    abl = build_defense("abl", isolation_epochs=1, lga_batch_size=64, unlearn_epochs=1)
     out = abl.run(record)
     assert DETECTION_KEYS | REPAIR_KEYS | {"knn_acc_after", "adaptation"} <= set(out) and out["flagged"] == 6
     assert "linear probe" in out["adaptation"] and "augmented views" in out["adaptation"]

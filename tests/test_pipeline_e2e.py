@@ -20,7 +20,7 @@ def tiny_params() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["options"] = {"train_size": 400, "test_size": 120}
     params["pretrain"].update(epochs=2, width=4, batch_size=64, eval_every=1, eval_bank_size=200)
-    params["finetune"]["linear"]["epochs"] = 3
+    params["finetune"]["linear"]["max_iter"] = 200
     params["analyze"].update(embedding="pca", max_points=200)
     params["defenses"] = DEFENSES
     # The learned trigger, at a size that fits in seconds: the stage still trains its surrogate and optimises.
@@ -40,6 +40,16 @@ def run(cmd: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+def flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -50,12 +60,14 @@ def project(tmp_path_factory) -> Path:
     for folder in ("cba", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     (root / "bench/results").mkdir(parents=True)  # the report shows the committed bench tables; a small stand-in here
     (root / "bench/results/defense_matrix.md").write_text("# Defense matrix\n\n## Attacks\n\n| defense | BadNets |\n|---|---|\n| strip | AUROC .95 |\n")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
+    shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots")  # the plot template dvc.yaml names
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "init"], root)
     return root
@@ -69,11 +81,21 @@ def test_repro_writes_every_contracted_artifact(project):
     for evaluation in ("knn", "linear"):
         assert 0 <= finetune[evaluation]["acc"] <= 1 and 0 <= finetune[evaluation]["asr"] <= 1
     assert finetune["acc"] == finetune["linear"]["acc"]
-    pretrain = json.loads((project / "metrics/pretrain.json").read_text())
+    assert 0 <= finetune["linear"]["robust_acc"] <= 1 and 0 <= finetune["linear"]["natural_rate"] <= 1
+    pretrain = json.loads((project / "metrics/details/pretrain.json").read_text())
     assert pretrain["env"]["torch"] and pretrain["augmentation_protocol"] == "per_sample"
     for name in DEFENSES:
-        result = json.loads((project / f"metrics/defense/{name}.json").read_text())
-        assert result["defense"] == name and 0 <= result["auroc"] <= 1
+        result = json.loads((project / f"metrics/details/defense/{name}.json").read_text())
+        assert result["defense"] == name and 0 <= result["auroc"] <= 1 and result["env"]["torch"]
+    # The DVC metrics files hold comparable scalars only: no text, lists, environment or timings.
+    for path in [*project.glob("metrics/*.json"), *project.glob("metrics/defense/*.json")]:
+        assert all(isinstance(value, (int, float, bool)) for value in flatten(json.loads(path.read_text())).values()), path
+        assert not any(key.split(".")[-1] in ("env", "seconds") or key.startswith("env.")
+                       for key in flatten(json.loads(path.read_text()))), path
+    summary = json.loads((project / "metrics/summary.json").read_text())
+    assert summary["acc"] == finetune["acc"] and summary["asr"] == finetune["asr"]
+    assert summary["ra"] == finetune["linear"]["robust_acc"] and summary["knn_asr"] == finetune["knn"]["asr"]
+    assert summary["strip_auroc"] == json.loads((project / "metrics/defense/strip.json").read_text())["auroc"]
     for path in ("data/trigger/trigger.safetensors", "data/trigger/preview.png", "data/poisoned/manifest.parquet",
                  "data/pretrain/encoder.safetensors", "data/pretrain/losses.parquet", "plots/pretrain_loss.csv",
                  "reports/report.md", "reports/learning_curves.png", "reports/trigger_preview.png"):
@@ -131,4 +153,15 @@ def test_metrics_diff_plots_and_experiments(project):
     # The experiment's metrics differ from the committed baseline's.
     diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=project, capture_output=True, text=True).stdout)
     assert "metrics/poison.json" in diff
-    run(["dvc", "plots", "show", "--json"], project)
+    plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
+    rendered = json.dumps(plots)
+    assert "kNN ACC (clean test) and ASR (triggered) during pretraining" in rendered and '"domain": [0, 1]' in rendered
+    # The baseline (poison_rate 0.05) and the experiment (0.02) are two groups of one run each.
+    table = run(["cba", "compare", "--by", "poison_rate", "--metrics", "asr,knn_asr"], project)
+    assert "| 0.02 | 1 | 0 |" in table and "| 0.05 | 1 | 0 |" in table
+    assert (project / "experiments/compare.png").stat().st_size > 0
+    # Returning to the committed baseline (git for the small files, DVC for the cached data) leaves nothing to run:
+    # resume checkpoints are no DVC output, so the experiment's training left no hash behind.
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)
+    assert ran_stages(run(["dvc", "repro"], project)) == set()

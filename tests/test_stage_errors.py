@@ -73,6 +73,9 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.simclr.proj_dim", "x", ["pretrain.simclr.proj_dim='x'", "an integer"]),
     ("pretrain", "pretrain.device", "cuda:abc", ["pretrain.device='cuda:abc'", "cuda:N"]),
     ("pretrain", "pretrain.device", "cuda:7", ["pretrain.device='cuda:7'", "a GPU this machine has"]),
+    ("finetune", "finetune.linear.weight_decays", "abc", ["finetune.linear.weight_decays='abc'", "list of numbers"]),
+    ("finetune", "finetune.linear.val_fraction", 1.5, ["finetune.linear.val_fraction=1.5", "(0, 1)"]),
+    ("finetune", "finetune.linear.epochs", 50, ["finetune.linear.epochs", "weight_decays"]),
 ])
 def test_bad_parameter_is_one_line(workdir, stage, key, value, fragments):
     write_params(workdir, **{key: value})

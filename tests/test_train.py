@@ -158,7 +158,7 @@ def test_nan_weights_are_refused_by_the_evaluators():
     with pytest.raises(ConfigError, match="non-finite features"):
         extract_features(encoder, images)
     with pytest.raises(ConfigError, match="non-finite"):
-        evaluate_encoder(encoder, images, labels, images, labels, images, 0, 4, probe_epochs=1)
+        evaluate_encoder(encoder, images, labels, images, labels, images, 0, 4)
 
 
 @pytest.mark.parametrize("damage", ["epoch", "losses", "shape", "curves"])

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
@@ -154,12 +154,12 @@ class ABL(Defense):
                  loss_source: str = "retrain_lga", lga_gamma: float = 0.5, lga_lr: float = 0.1,
                  lga_batch_size: int = 64, unlearn_epochs: int = 5, unlearn_lr: float = 5e-4,
                  unlearn_batch_size: int = 64, bounded_ascent: bool = True, clean_finetune: bool = False,
-                 probe_epochs: int = 50, device: str = "cpu"):
+                 device: str = "cpu"):
         key = "defense.abl."
         check(is_number(isolation_rate) and 0 < isolation_rate < 1, key + "isolation_rate", isolation_rate,
               "a number in (0, 1)")
         for name, value in (("isolation_epochs", isolation_epochs), ("lga_batch_size", lga_batch_size),
-                            ("unlearn_batch_size", unlearn_batch_size), ("probe_epochs", probe_epochs)):
+                            ("unlearn_batch_size", unlearn_batch_size)):
             check(is_int(value) and value >= 1, key + name, value, "a positive integer")
         check(is_int(unlearn_epochs) and unlearn_epochs >= 0, key + "unlearn_epochs", unlearn_epochs,
               "a non-negative integer (0 skips unlearning)")
@@ -175,7 +175,7 @@ class ABL(Defense):
         self.loss_source, self.lga_gamma, self.lga_lr, self.lga_batch_size = loss_source, lga_gamma, lga_lr, lga_batch_size
         self.unlearn_epochs, self.unlearn_lr, self.unlearn_batch_size = unlearn_epochs, unlearn_lr, unlearn_batch_size
         self.bounded_ascent, self.clean_finetune = bounded_ascent, clean_finetune
-        self.probe_epochs, self.device = probe_epochs, device
+        self.device = device
 
     def isolation_losses(self, record: AttackRecord, progress: bool = False) -> tuple[np.ndarray, int]:
         """Per-sample isolation loss (lower = more suspicious) and the number of epochs it covers."""
@@ -248,7 +248,7 @@ class ABL(Defense):
         """Supervised: the model's own head. SSL: linear probe refitted on clean labels (plus kNN)."""
         if method.uses_labels and hasattr(method, "head"):
             return classifier_acc_asr(Classifier(method.encoder, method.head), record)
-        return probe_acc_asr(method.encoder, record, self.probe_epochs)
+        return probe_acc_asr(method.encoder, record)
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
         loss, epochs_used = self.isolation_losses(record, progress)

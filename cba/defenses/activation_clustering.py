@@ -31,7 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA, FastICA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
 from cba.defenses.features import check_labels_source, class_groups, poison_group, training_features

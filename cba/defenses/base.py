@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from cba.data.base import ImageSet
@@ -103,6 +103,13 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def roc_points(scores: np.ndarray, is_positive: np.ndarray, points: int = 51) -> dict[str, list[float]]:
+    """The ROC curve on a fixed FPR grid (TPR interpolated), small enough to store and plot."""
+    fpr, tpr, _ = roc_curve(is_positive, scores)
+    grid = np.linspace(0.0, 1.0, points)
+    return {"fpr": [float(x) for x in grid], "tpr": [float(y) for y in np.interp(grid, fpr, tpr)]}
+
+
 def detection_metrics(scores: np.ndarray, is_positive: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
     """Higher score = more suspicious. `flagged` is the defense's own decision."""
     scores, is_positive, flagged = (np.asarray(a) for a in (scores, is_positive, flagged))
@@ -111,6 +118,7 @@ def detection_metrics(scores: np.ndarray, is_positive: np.ndarray, flagged: np.n
     tp = int((flagged & is_positive).sum())
     return {
         "auroc": float(roc_auc_score(is_positive, scores)) if both else float("nan"),
+        "roc": roc_points(scores, is_positive) if both else {},
         "tpr": tp / max(int(is_positive.sum()), 1),
         "fpr": int((flagged & ~is_positive).sum()) / max(int((~is_positive).sum()), 1),
         "precision": tp / int(flagged.sum()) if flagged.any() else float("nan"),
@@ -120,9 +128,15 @@ def detection_metrics(scores: np.ndarray, is_positive: np.ndarray, flagged: np.n
     }
 
 
+def defense_effectiveness(before: dict[str, float], after: dict[str, float]) -> float:
+    """BackdoorBench's DER: (max(0, ASR drop) - max(0, ACC drop) + 1) / 2, in [0, 1]; 0.5 means no effect."""
+    return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["acc"] - after["acc"]) + 1.0) / 2.0
+
+
 def repair_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """`before`/`after` hold acc and asr of the downstream classifier."""
-    return {"acc_before": before["acc"], "asr_before": before["asr"], "acc_after": after["acc"], "asr_after": after["asr"]}
+    """`before`/`after` hold acc and asr of the downstream classifier; `der` rates the repair (BackdoorBench)."""
+    return {"acc_before": before["acc"], "asr_before": before["asr"], "acc_after": after["acc"], "asr_after": after["asr"],
+            "der": defense_effectiveness(before, after)}
 
 
 @torch.no_grad()

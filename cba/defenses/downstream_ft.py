@@ -31,25 +31,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.data import DATASETS, ImageSet, load_dataset
 from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, predict, repair_metrics
 from cba.errors import is_int, is_number
-from cba.evaluate import accuracy, evaluate_encoder, extract_features, pick_device, train_linear_probe
+from cba.evaluate import accuracy, evaluate_encoder, extract_features, fit_linear_probe, pick_device
 from cba.train import epoch_batches, lr_at
 
 HEAD_INITS = ("probe", "random")
 
 
-def probe_acc_asr(encoder: nn.Module, record: AttackRecord, probe_epochs: int = 50) -> dict[str, float]:
-    """Original-task ACC/ASR of an encoder with a linear probe refitted on clean labels (kNN as extra keys)."""
-    torch.manual_seed(record.seed)  # the probe's initialisation draws from the global generator
+def probe_acc_asr(encoder: nn.Module, record: AttackRecord) -> dict[str, float]:
+    """Original-task ACC/ASR of an encoder with the converged linear probe refitted on clean labels (kNN as extra keys)."""
     metrics, _ = evaluate_encoder(encoder, record.clean_train.images, record.clean_train.labels, record.test.images,
                                   record.test.labels, record.triggered.images, record.target_class, record.num_classes,
-                                  probe_epochs=probe_epochs, seed=record.seed)
-    return {**metrics["linear"], "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"]}
+                                  triggered_labels=record.triggered.labels, seed=record.seed)
+    linear = {key: value for key, value in metrics["linear"].items() if key != "landing"}
+    return {**linear, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"]}
 
 
 def effective_asr(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, int]:
@@ -74,11 +74,11 @@ class DownstreamFineTune(Defense):
 
     def __init__(self, *, dataset: str = "synthetic_textures", train_size: int = 2000, test_size: int = 500,
                  epochs: int = 5, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
-                 probe_epochs: int = 50, head_init: str = "probe", device: str = "cpu"):
+                 head_init: str = "probe", device: str = "cpu"):
         key = "defense.downstream_ft."
         check(dataset in DATASETS, key + "dataset", dataset, f"choose one of {', '.join(DATASETS.names())}")
         for name, value in (("train_size", train_size), ("test_size", test_size), ("epochs", epochs),
-                            ("batch_size", batch_size), ("probe_epochs", probe_epochs)):
+                            ("batch_size", batch_size)):
             check(is_int(value) and value >= 1, key + name, value,
                   "a positive integer")
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
@@ -88,7 +88,7 @@ class DownstreamFineTune(Defense):
         check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")
         self.dataset, self.train_size, self.test_size = dataset, train_size, test_size
         self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
-        self.probe_epochs, self.head_init, self.device = probe_epochs, head_init, device
+        self.head_init, self.device = head_init, device
 
     def load(self, record: AttackRecord) -> tuple[ImageSet, ImageSet]:
         """The downstream splits, generated from the record's seed at the record's image size."""
@@ -127,15 +127,15 @@ class DownstreamFineTune(Defense):
         train, test = self.load(record)
         triggered = record.trigger.apply(test.images, rng=np.random.default_rng([record.seed, 0xD0F7]))
         frozen = record.encoder
-        torch.manual_seed(record.seed)
-        probe = train_linear_probe(extract_features(frozen, train.images), torch.as_tensor(train.labels),
-                                   train.num_classes, self.probe_epochs, seed=record.seed)
+        torch.manual_seed(record.seed)  # a random head's initialisation
+        probe = fit_linear_probe(extract_features(frozen, train.images), torch.as_tensor(train.labels),
+                                 train.num_classes, seed=record.seed).probe
         down_before = downstream_metrics(Classifier(frozen, probe), test, triggered)
         head = copy.deepcopy(probe) if self.head_init == "probe" else nn.Linear(frozen.feature_dim, train.num_classes)
         tuned = self.finetune(copy.deepcopy(record.encoder), head.train(), train, record.seed, progress)
         down_after = downstream_metrics(tuned, test, triggered)
-        before = probe_acc_asr(record.encoder, record, self.probe_epochs)
-        after = probe_acc_asr(tuned.encoder, record, self.probe_epochs)
+        before = probe_acc_asr(record.encoder, record)
+        after = probe_acc_asr(tuned.encoder, record)
         out: dict[str, Any] = repair_metrics(before, after)
         out.update({f"{k}_{tag}": v for tag, m in (("before", before), ("after", after)) for k, v in m.items()
                     if k not in ("acc", "asr")})

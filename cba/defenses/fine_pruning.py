@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr, predict, repair_metrics

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.defenses.base import DEFENSES, AttackRecord, Defense, check
 from cba.errors import is_int, is_number

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 from sklearn.cluster import KMeans
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
 from cba.defenses.features import check_labels_source, class_groups, poison_group, robust_z, training_features

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
 from cba.defenses.features import check_labels_source, class_groups, poison_group, robust_z, training_features

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.defenses.base import DEFENSES, AttackRecord, Defense, check, detection_metrics
 from cba.errors import is_int, is_number

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.evaluate import train_linear_probe
