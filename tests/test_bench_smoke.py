@@ -26,7 +26,7 @@ def load(name: str):
 def test_trl_compare_writes_one_row_per_method(tmp_path):
     out = tmp_path / "trl.md"
     load("trl_compare").main(["--train-size", "200", "--test-size", "60", "--epochs", "2", "--width", "4",
-                              "--trigger", "optimized", "--trigger-params", TINY_TRIGGER, "--methods", "simclr,supervised", "--eval-every", "1", "--probe-epochs", "2",
+                              "--trigger", "optimized", "--trigger-params", TINY_TRIGGER, "--methods", "simclr,supervised", "--eval-every", "1",
                               "--quiet", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["simclr", "supervised"]
