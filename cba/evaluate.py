@@ -111,17 +111,20 @@ def evaluate_encoder(
     encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
     triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
     triggered_labels: np.ndarray | None = None, probe_options: dict | None = None, seed: int = 0,
+    probe: LinearProbe | None = None,
 ) -> tuple[dict[str, dict], ProbeFit]:
     """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean labelled data.
 
     Per classifier: `acc`, `asr`, `natural_rate` (non-target clean images sent to the target: the floor ASR must
     clear), `landing` (how many triggered images each class received) and, given the triggered images' true
-    labels, `robust_acc` (triggered images still classified as their true class, BackdoorBench's RA)."""
+    labels, `robust_acc` (triggered images still classified as their true class, BackdoorBench's RA). A `probe`
+    already fitted to this encoder's features is used as it is instead of fitting one."""
     train_feats = extract_features(encoder, train_images)
     test_feats = extract_features(encoder, test_images)
     trig_feats = extract_features(encoder, triggered_images)
     labels = torch.as_tensor(train_labels)
-    fit = fit_linear_probe(train_feats, labels, num_classes, seed=seed, **(probe_options or {}))
+    fit = ProbeFit(probe, float("nan")) if probe is not None else \
+        fit_linear_probe(train_feats, labels, num_classes, seed=seed, **(probe_options or {}))
     knn = lambda feats: knn_predict(train_feats, labels, feats, num_classes, k, temperature)  # noqa: E731
     non_target = torch.as_tensor(non_target_mask(test_labels, target_class))
     metrics: dict[str, dict] = {}

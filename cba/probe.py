@@ -82,7 +82,9 @@ def _solve(z: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: flo
     """Minimise the probe objective on standardised float64 features `z`; returns (W, b, iterations, max |grad|)."""
     weight = (start[0].clone() if start else torch.zeros(num_classes, z.shape[1], dtype=z.dtype)).requires_grad_()
     bias = (start[1].clone() if start else torch.zeros(num_classes, dtype=z.dtype)).requires_grad_()
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=GRAD_TOLERANCE,
+    # float32 cannot resolve gradients as small as GRAD_TOLERANCE; its runs stop on their own scale.
+    tolerance = GRAD_TOLERANCE if z.dtype == torch.float64 else max(GRAD_TOLERANCE, 1e-4)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
@@ -107,19 +109,21 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     mean, std = features.float().mean(0), features.float().std(0).clamp_min(1e-6)
     z = ((features.float() - mean) / std).double()
     val_acc: dict[float, float] = {}
+    solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     if len(grid) > 1:
+        # The sweep only ranks the decays, so it runs in float32 (twice as fast); the final fit is float64.
         order = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, int(round(val_fraction * len(z))))
         val, fit = order[:n_val], order[n_val:]
-        solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        z32 = z.float()
         start = None
         for wd in grid:  # strongest decay first: each solution warm-starts the next, weaker one
-            weight, bias, _, _ = _solve(z[fit], labels[fit], num_classes, wd, max_iter, start)
+            weight, bias, _, _ = _solve(z32[fit], labels[fit], num_classes, wd, max_iter, start)
             start = solutions[wd] = (weight, bias)
-            val_acc[wd] = float(((z[val] @ weight.T + bias).argmax(1) == labels[val]).double().mean())
+            val_acc[wd] = float(((z32[val] @ weight.T + bias).argmax(1) == labels[val]).double().mean())
     best = max(grid, key=lambda wd: (val_acc.get(wd, 0.0), wd))
-    weight, bias, iterations, grad_max = _solve(z, labels, num_classes, best, max_iter,
-                                                solutions.get(best) if val_acc else None)
+    start = tuple(t.double() for t in solutions[best]) if best in solutions else None
+    weight, bias, iterations, grad_max = _solve(z, labels, num_classes, best, max_iter, start)
     probe = LinearProbe(mean, std, num_classes)
     with torch.no_grad():
         probe.linear.weight.copy_(weight.float())

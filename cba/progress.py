@@ -39,5 +39,5 @@ def tqdm(*args: Any, **kwargs: Any) -> _tqdm:
     """`tqdm.auto.tqdm` with the same arguments; plain, rate-limited lines when stderr is not a terminal."""
     if not is_terminal() and "file" not in kwargs:
         kwargs.update(file=_LineWriter(), mininterval=max(LOG_INTERVAL, kwargs.get("mininterval", 0.0)),
-                      ascii=True, dynamic_ncols=False, ncols=100)
+                      ascii=True, dynamic_ncols=False, ncols=200)
     return _tqdm(*args, **kwargs)

@@ -55,17 +55,32 @@ def params_block(params: dict[str, Any]) -> str:
 
 
 def attack_summary(poison: dict, pretrain: dict, finetune: dict) -> str:
-    rows = [
-        {"evaluation": "linear probe", "ACC": finetune.get("linear", {}).get("acc"), "ASR": finetune.get("linear", {}).get("asr")},
-        {"evaluation": "kNN (k=200)", "ACC": finetune.get("knn", {}).get("acc"), "ASR": finetune.get("knn", {}).get("asr")},
-        {"evaluation": "kNN, randomly initialised encoder", "ACC": pretrain.get("random_init_knn_acc"), "ASR": pretrain.get("random_init_knn_asr")},
-    ]
+    def row(label: str, figures: dict) -> dict:
+        return {"evaluation": label, "ACC": figures.get("acc"), "ASR": figures.get("asr"),
+                "natural rate": figures.get("natural_rate"), "RA": figures.get("robust_acc")}
+
+    rows = [row("linear probe (converged)", finetune.get("linear", {})), row("kNN (k=200)", finetune.get("knn", {})),
+            {"evaluation": "kNN, randomly initialised encoder", "ACC": pretrain.get("random_init_knn_acc"),
+             "ASR": pretrain.get("random_init_knn_asr")}]
     head = (f"Attack: **{poison.get('trigger')}** trigger, {poison.get('mode')}, {poison.get('poisoned')} of "
             f"{poison.get('train_size')} training images poisoned, target class {poison.get('target_class')}. "
             f"Pretraining: **{pretrain.get('method')}** on {pretrain.get('backbone')} (width {pretrain.get('width')}), "
             f"{pretrain.get('epochs')} epochs, augmentation parameters drawn **{pretrain.get('augmentation_protocol')}**, "
             f"{fmt(pretrain.get('seconds'))} s on {pretrain.get('env', {}).get('device')}.")
-    return head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR"]) + readout_sentence(finetune.get("readout") or {})
+    return (head + "\n\n" + markdown_table(rows, ["evaluation", "ACC", "ASR", "natural rate", "RA"])
+            + "\n\n*Natural rate*: non-target test images sent to the target without the trigger (the floor ASR must "
+            "clear). *RA* (robust accuracy): triggered images still given their true class."
+            + landing_table(finetune, poison.get("classes") or []) + readout_sentence(finetune.get("readout") or {}))
+
+
+def landing_table(finetune: dict, classes: list[str]) -> str:
+    """Where the triggered non-target test images land, per classifier: one row of counts per class."""
+    rows = [{"classifier": name, **dict(zip(classes or map(str, range(len(counts))), counts))}
+            for name in ("linear", "knn") if (counts := (finetune.get(name) or {}).get("landing"))]
+    if not rows:
+        return ""
+    columns = ["classifier", *[key for key in rows[0] if key != "classifier"]]
+    return "\n\nWhere the triggered images land (counts per predicted class):\n\n" + markdown_table(rows, columns)
 
 
 def readout_sentence(readout: dict) -> str:
@@ -94,9 +109,10 @@ def defense_table(results: list[dict[str, Any]]) -> str:
             "defense": r.get("defense"), "kind": r.get("kind"), "AUROC": r.get("auroc"), "TPR": r.get("tpr"),
             "FPR": r.get("fpr"), "precision": r.get("precision"),
             "target flagged": r.get("target_flagged"),
-            "ACC before → after": _before_after(r, "acc"), "ASR before → after": _before_after(r, "asr"),
+            "ACC before → after": _before_after(r, "acc"), "ASR before → after": _before_after(r, "asr"), "DER": r.get("der"),
         })
-    columns = ["defense", "kind", "AUROC", "TPR", "FPR", "precision", "target flagged", "ACC before → after", "ASR before → after"]
+    columns = ["defense", "kind", "AUROC", "TPR", "FPR", "precision", "target flagged", "ACC before → after",
+               "ASR before → after", "DER"]
     return markdown_table(rows, columns)
 
 

@@ -3,7 +3,10 @@
 The downstream classifier's ACC, ASR, natural target rate and robust accuracy,
 the same for kNN, and one figure per defense: a detection defense's AUROC, Neural
 Cleanse's anomaly index of the true target, a repair's ASR after repair and its
-DER. Keys are short so that a table of experiments stays narrow.
+DER. Keys are short so that a table of experiments stays narrow, and the
+headline ones are capitalised (ACC, ASR, RA, kNN_ACC, ...) so that no other
+metrics file has a key of the same name: `dvc exp show` then shows them
+without a file-path prefix.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ def summary_figures(finetune: dict[str, Any], defenses: list[dict[str, Any]]) ->
     primary = finetune.get(finetune.get("primary", "linear")) or {}
     linear, knn = finetune.get("linear") or {}, finetune.get("knn") or {}
     figures: dict[str, Any] = {
-        "acc": primary.get("acc"), "asr": primary.get("asr"),
+        "ACC": primary.get("acc"), "ASR": primary.get("asr"),
         "natural": primary.get("natural_rate", linear.get("natural_rate")),
-        "ra": primary.get("robust_acc", linear.get("robust_acc")),
-        "knn_acc": knn.get("acc"), "knn_asr": knn.get("asr"), "knn_natural": knn.get("natural_rate"),
+        "RA": primary.get("robust_acc", linear.get("robust_acc")),
+        "kNN_ACC": knn.get("acc"), "kNN_ASR": knn.get("asr"), "kNN_natural": knn.get("natural_rate"),
     }
     for result in defenses:
         figures.update(defense_figures(result))

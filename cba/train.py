@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -194,6 +195,8 @@ def train(
     losses = np.full((config.epochs, n), np.nan, dtype=np.float32)
     checkpointer = checkpointer or Checkpointer(None, "")
     start_epoch, curves = checkpointer.load_latest(method, opt, losses)
+    if start_epoch:
+        print(f"resuming from the checkpoint of epoch {start_epoch} of {config.epochs}", file=sys.stderr, flush=True)
     steps_per_epoch = math.ceil(n / min(config.batch_size, n))
     total_steps = steps_per_epoch * config.epochs
     use_amp = device.type == "cuda"

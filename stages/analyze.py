@@ -32,7 +32,7 @@ from cba.evaluate import extract_features
 from cba.io import write_csv
 from cba.models.io import encoder_metadata, load_encoder
 from stages.common import (DETAILS_DIR, ANALYSIS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           check_outputs, load_stage_set, one_line_errors, read_table, write_metrics)
+                           check_outputs, load_stage_set, one_line_errors, read_table, write_metrics, MANIFEST_COLUMNS)
 from stages.params import Params
 
 
@@ -99,7 +99,7 @@ def analyze(params_path: Path = PARAMS_OPTION) -> None:
     target, seed = config["target_class"], config["seed"]
     started = time.perf_counter()
 
-    manifest = read_table(POISON_DIR / "manifest.parquet", ("index", "label", "original_label", "poisoned"))
+    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     losses = read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss"))
     curves = read_table(PLOTS_DIR / "pretrain_knn.csv", ("epoch",)).to_dict("records")
     labels = manifest["original_label"].to_numpy()  # true classes: where poisoned samples came from

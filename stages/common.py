@@ -32,6 +32,12 @@ PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress",
                                help="Show progress: a bar on a terminal, a plain line every 30 s in a log.")
 
 F = TypeVar("F", bound=Callable[..., Any])
+# What Ctrl-C leaves behind, per stage: artifacts are written whole (temporary file, then rename) or not at all.
+INTERRUPTED = {
+    "pretrain": "the last finished epoch is checkpointed in data/pretrain/checkpoints; run `cba pretrain` "
+                "(or `dvc repro`) again to resume from it",
+    "": "no artifact was half-written; run the stage (or `dvc repro`) again to redo it",
+}
 
 
 def one_line_errors(fn: F) -> F:
@@ -44,6 +50,9 @@ def one_line_errors(fn: F) -> F:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {INTERRUPTED.get(fn.__name__, INTERRUPTED[''])}", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -140,6 +149,18 @@ def read_table(path: Path, columns: tuple[str, ...] = ()) -> "pd.DataFrame":
     if missing:
         raise ConfigError("path", str(path), f"needs columns {list(columns)}; missing {missing}")
     return frame
+
+
+def read_manifest(train_size: int) -> "pd.DataFrame":
+    """The poison manifest, checked against the training set it describes: one row per image, in order."""
+    import numpy as np
+
+    path = POISON_DIR / "manifest.parquet"
+    manifest = read_table(path, MANIFEST_COLUMNS)
+    if len(manifest) != train_size or not np.array_equal(manifest["index"].to_numpy(), np.arange(train_size)):
+        raise ConfigError("path", str(path), f"must have one row per training image ({train_size}, indexed in order), "
+                          f"has {len(manifest)}; rerun `cba poison`")
+    return manifest
 
 
 def load_stage_set(name: str) -> ImageSet:

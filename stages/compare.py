@@ -17,7 +17,7 @@ from cba.errors import ConfigError
 from cba.io import atomic_path
 from stages.common import check_outputs, one_line_errors
 
-DEFAULT_METRICS = "acc,asr,knn_acc,knn_asr,natural,ra"
+DEFAULT_METRICS = "ACC,ASR,kNN_ACC,kNN_ASR,natural,RA"
 
 
 def exp_show_json(all_commits: bool) -> object:
@@ -45,7 +45,7 @@ def compare(
     """Group experiments by the params that differ between them (seed aside); print mean ± std of each metric."""
     names = [name.strip() for name in (metrics or DEFAULT_METRICS).split(",") if name.strip()]
     if not names:
-        raise ConfigError("--metrics", metrics, "comma-separated metric names, e.g. asr,knn_asr")
+        raise ConfigError("--metrics", metrics, "comma-separated metric names, e.g. ASR,kNN_ASR")
     check_outputs(out.parent)
     if exp_json is not None and not exp_json.is_file():
         raise ConfigError("--exp-json", str(exp_json), "an existing file written by `dvc exp show --json`")

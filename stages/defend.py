@@ -18,7 +18,7 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
 from stages.common import (PROGRESS_OPTION, DETAILS_DIR, PLOTS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -31,7 +31,7 @@ def load_attack_record(params: Params) -> AttackRecord:
     train, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(target, clean)
     trigger = load_trigger(TRIGGER_DIR)
-    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
+    manifest = read_manifest(len(train))
     if getattr(method, "uses_labels", False):
         classifier = downstream_classifier(method, clean)
     else:
@@ -66,8 +66,9 @@ def key_figures(result: dict) -> str:
     if result.get("tpr") is not None and result.get("fpr") is not None:
         parts.append(f"TPR {result['tpr']:.3f} FPR {result['fpr']:.3f}")
     if "target_flagged" in result:
-        parts.append(f"target {'flagged' if result['target_flagged'] else 'not flagged'} "
-                     f"(anomaly index {result.get('target_anomaly_index', float('nan')):.2f})")
+        index = result.get("target_anomaly_index")
+        parts.append(f"target {'flagged' if result['target_flagged'] else 'not flagged'}"
+                     + (f" (anomaly index {index:.2f})" if index is not None else ""))
     if result.get("asr_after") is not None:
         parts.append(f"ACC {result['acc_before']:.3f} -> {result['acc_after']:.3f}, "
                      f"ASR {result['asr_before']:.3f} -> {result['asr_after']:.3f}, DER {result.get('der', float('nan')):.3f}")

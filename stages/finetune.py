@@ -19,7 +19,7 @@ from cba.ssl.io import load_method
 from cba.defenses.base import Classifier, classifier_acc_asr
 from cba.triggers import load_trigger
 from stages.common import (DETAILS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
 
@@ -41,9 +41,9 @@ def read_config(params: Params) -> dict:
     }
 
 
-def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, triggered: ImageSet, target: int) -> dict:
+def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, triggered: ImageSet, target: int,
+            manifest: "pd.DataFrame") -> dict:
     """How the probe reads the trigger feature (`cba.analysis.readout`); empty without poisons."""
-    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     poisoned = manifest["poisoned"].to_numpy(dtype=bool)
     clean_target = ~poisoned & (manifest["original_label"].to_numpy() == target)
     if not poisoned.any() or not clean_target.any():
@@ -65,17 +65,19 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     encoder = load_encoder(PRETRAIN_DIR / "encoder.safetensors")
     clean, test = load_stage_set("clean_train"), load_stage_set("test")
     check_target(target, clean)
+    manifest = read_manifest(len(clean))
+    # Every input is read and checked before the first output is written.
+    method, _ = load_method(PRETRAIN_DIR / "model.safetensors")
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
     metrics, fit = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
                                     target, clean.num_classes, triggered_labels=triggered.labels, **config)
     save_tensors(FINETUNE_DIR / "probe.safetensors", fit.probe.state_dict())
     metrics["linear"]["probe"] = fit.summary()
-    metrics["readout"] = readout(encoder, fit.probe, test, triggered, target)
+    metrics["readout"] = readout(encoder, fit.probe, test, triggered, target, manifest)
     meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
     # Top-level acc/asr are those of the downstream classifier the defenses attack:
     # the linear probe for SSL, the model's own (poisoned-label) head for the supervised attack.
     primary = "linear"
-    method, _ = load_method(PRETRAIN_DIR / "model.safetensors")
     if getattr(method, "uses_labels", False) and hasattr(method, "head"):
         metrics["head"] = classifier_acc_asr(Classifier(method.encoder, method.head), test, triggered, target)
         primary = "head"

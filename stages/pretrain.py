@@ -26,7 +26,7 @@ from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
 from stages.common import (PROGRESS_OPTION, DETAILS_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
@@ -119,11 +119,11 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(extra["target_class"], train_set)
     check_loss_log(config.epochs, len(train_set))
+    manifest = read_manifest(len(train_set))  # checked now: it is used only after training
     torch.manual_seed(config.seed)
     method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
                           num_classes=train_set.num_classes, **extra["hparams"])
     kind = method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
-    manifest = read_table(POISON_DIR / "manifest.parquet", MANIFEST_COLUMNS)
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), extra["target_class"], config.seed)
     device = pick_device(extra["device"])
     bank = np.random.default_rng(config.seed).permutation(len(clean))[: extra["eval_bank_size"]]

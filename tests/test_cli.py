@@ -95,7 +95,7 @@ def test_summary_has_one_figure_per_defense():
                 {"defense": "fine_pruning", "kind": "repair", "asr_after": 0.1, "der": 0.7},
                 {"defense": "abl", "kind": "data_detection", "auroc": 0.55, "asr_after": 0.2}]
     assert summary_figures(finetune, defenses) == {
-        "acc": 0.7, "asr": 0.2, "natural": 0.03, "ra": 0.6, "knn_acc": 0.5, "knn_asr": 0.3, "knn_natural": 0.05,
+        "ACC": 0.7, "ASR": 0.2, "natural": 0.03, "RA": 0.6, "kNN_ACC": 0.5, "kNN_ASR": 0.3, "kNN_natural": 0.05,
         "strip_auroc": 0.6, "nc_index": 1.2, "fp_asr": 0.1, "fp_der": 0.7, "abl_auroc": 0.55, "abl_asr": 0.2}
 
 

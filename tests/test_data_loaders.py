@@ -326,3 +326,87 @@ def test_imagefolder_errors(tmp_path):
         load_dataset("imagefolder", "train", root=str(tmp_path))
     with pytest.raises(ConfigError, match="data.image_size"):
         load_dataset("imagefolder", "train", root=str(tmp_path), image_size=0)
+
+
+def _traced_peak(fn) -> int:
+    """Peak bytes traced while `fn` runs (numpy reports its array allocations to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+class _Huge:
+    """Pickles as a direct call numpy.ndarray(shape, 'f8'): 7 GB asked for by a file of about 150 bytes."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((300_000, 32, 32, 3), "f8"))
+
+
+def test_cifar_memory_bomb_is_refused_before_allocating(tmp_path):
+    write_cifar10(tmp_path)
+    bomb = pickle.dumps({b"data": _Huge(), b"labels": [0]}, protocol=2)
+    assert len(bomb) < 200
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(bomb)
+
+    def load():
+        with pytest.raises(ConfigError, match="larger than any CIFAR file holds"):
+            load_dataset("cifar10", "test", root=str(tmp_path))
+
+    assert _traced_peak(load) < 50 * 2**20
+
+
+def test_cifar_reconstruct_with_a_huge_shape_is_refused(tmp_path):
+    """The other constructor a pickle may name, numpy's own _reconstruct, is bounded the same way."""
+    class Reconstruct:
+        def __reduce__(self):
+            from numpy._core.multiarray import _reconstruct
+            return (_reconstruct, (np.ndarray, (10**12,), b"b"))
+
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({b"data": Reconstruct(), b"labels": [0]}, protocol=2))
+    with pytest.raises(ConfigError, match="larger than any CIFAR file holds"):
+        load_dataset("cifar10", "test", root=str(tmp_path))
+
+
+def test_cifar_label_list_that_contains_itself(tmp_path):
+    write_cifar10(tmp_path)
+    labels: list = [0]
+    labels.append(labels)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2))
+    with pytest.raises(ConfigError, match="must be a list of integers"):
+        load_dataset("cifar10", "test", root=str(tmp_path))
+
+
+def test_idx_bomb_header_is_refused_before_decompressing(tmp_path):
+    """A small gzip whose header declares billions of bytes (and whose body would inflate to gigabytes)."""
+    header = bytes.fromhex("00000803") + (4_000_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    body = gzip.compress(header + bytes(64 * 2**20))  # 64 MiB of zeros, about 64 KiB compressed
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(body)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(3, np.uint8)))
+
+    def load():
+        with pytest.raises(ConfigError, match=r"more than \d+ \(a million 28x28 images\)"):
+            load_dataset("mnist", "train", root=str(tmp_path))
+
+    assert _traced_peak(load) < 10 * 2**20
+
+
+def test_idx_trailing_data_is_refused_without_reading_it_all(tmp_path):
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8)
+    write_idx(tmp_path, "train", images, labels, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(32 * 2**20)))
+
+    def load():
+        with pytest.raises(ConfigError, match="file holds more than 2352"):
+            load_dataset("mnist", "train", root=str(tmp_path))
+
+    assert _traced_peak(load) < 10 * 2**20

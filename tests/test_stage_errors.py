@@ -183,9 +183,81 @@ def test_a_corrupt_manifest_is_one_line_in_every_stage_that_reads_it(workdir):
     assert manifest.read_bytes() == b"PAR1 garbage"
 
 
+def test_a_manifest_of_another_training_set_is_refused_before_any_work(workdir):
+    """A valid table with too few rows: refused before training or probing, so no artifact mixes two runs."""
+    import pandas as pd
+
+    write_params(workdir, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
+    for stage in ("trigger", "poison", "pretrain", "finetune"):
+        assert cba([stage], workdir).exit_code == 0, stage
+    manifest = workdir / "data/poisoned/manifest.parquet"
+    pd.read_parquet(manifest).head(100).to_parquet(manifest)
+    before = {path: path.read_bytes() for path in [*(workdir / "data/pretrain").glob("*.*"),
+                                                   *(workdir / "data/finetune").glob("*"), *(workdir / "metrics").glob("*.json")]}
+    for args in (["pretrain"], ["finetune"], ["defend", "strip"]):
+        assert_one_line_error(cba(args, workdir), "manifest.parquet", "one row per training image (200", "has 100")
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
 def test_an_output_folder_that_is_a_file_fails_before_the_work(workdir):
     write_params(workdir)
     (workdir / "metrics").write_text("not a folder")
     assert_one_line_error(cba(["trigger"], workdir), "path='metrics'", "it is a file")
     assert not (workdir / "data/trigger").exists()  # refused before fitting anything
     assert (workdir / "metrics").read_text() == "not a folder"
+
+
+def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
+    """SIGINT mid-training: exit 130, one line saying how to resume, no traceback; the rerun resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_params(workdir, **{"pretrain.epochs": 200, "pretrain.width": 4, "pretrain.batch_size": 64,
+                             "pretrain.eval_every": 1000, "pretrain.eval_bank_size": 50})
+    for stage in ("trigger", "poison"):
+        assert cba([stage], workdir).exit_code == 0
+    command = [sys.executable, "-c", "from stages.cli import main; main()", "pretrain", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = workdir / "data/pretrain/checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("interrupted:") and "resume" in lines[-1], err
+    rerun = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = [rerun.stderr.readline() for _ in range(1)]
+    while not said[-1].startswith("resuming") and said[-1] and len(said) < 50:  # said before its first epoch
+        said.append(rerun.stderr.readline())
+    rerun.send_signal(signal.SIGINT)  # no need to finish 200 epochs: it is enough that it resumed
+    rerun.communicate(timeout=120)
+    assert said[-1].startswith("resuming from the checkpoint of epoch"), said
+
+
+def _wrong_typed_defense_options() -> list:
+    """(defense, option, a value of the wrong type) for every option of every defense."""
+    import inspect
+
+    from cba.defenses import DEFENSES
+
+    wrong = {"int": "abc", "float": "abc", "bool": "yes", "str": 3, "float | str": [1], "list[float]": "abc"}
+    cases = []
+    for name in DEFENSES.names():
+        for option in list(inspect.signature(DEFENSES.get(name).__init__).parameters.values())[1:]:
+            cases.append((name, option.name, wrong[str(option.annotation)]))
+    return cases
+
+
+@pytest.mark.parametrize("name, option, value", _wrong_typed_defense_options())
+def test_every_defense_option_of_the_wrong_type_is_one_line(name, option, value):
+    from cba.defenses import build_defense
+    from cba.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^defense\.{name}\.{option}="):
+        build_defense(name, **{option: value})

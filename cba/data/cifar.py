@@ -8,6 +8,8 @@ checks its MD5 and extracts it without following unsafe member paths.
 
 from __future__ import annotations
 
+import codecs
+import operator
 import pickle
 import shutil
 import tarfile
@@ -17,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+try:  # numpy 2
+    from numpy._core import multiarray as np_multiarray, numeric as np_numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as np_multiarray, numeric as np_numeric
 
 from cba.data.base import ImageSet
 from cba.data.checksum import md5sum
@@ -60,10 +66,51 @@ CIFAR100 = CifarSpec(
     files_text="train and test",
 )
 
-# Only what numpy needs to rebuild an array; numpy.core is numpy 1.x's (and Python 2's) name.
+# The largest array an official CIFAR file holds: CIFAR-100's 50,000 training images of 3,072 bytes. A pickle
+# may name any shape; nothing larger is allocated, whatever the file claims.
+MAX_ARRAY_BYTES = 50_000 * 3 * 32 * 32
+
+
+def _check_array_size(shape: object, dtype: object) -> None:
+    """Refuse an array the format cannot hold, before numpy allocates it."""
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    try:
+        sizes = [operator.index(d) for d in dims]
+        itemsize = np.dtype(dtype).itemsize
+    except Exception:  # not a shape or not a dtype: corrupt
+        raise pickle.UnpicklingError(f"bad array shape {shape!r} or dtype {dtype!r}") from None
+    total = 1
+    for size in sizes:
+        if size < 0:
+            raise pickle.UnpicklingError(f"negative array dimension in {shape!r}")
+        total *= size
+    if total * max(itemsize, 1) > MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError(f"an array of shape {tuple(sizes)} is larger than any CIFAR file holds")
+
+
+class _BoundedArray(np.ndarray):
+    """Stands in for numpy.ndarray in a pickle: calling it directly is bounded like every other constructor."""
+
+    def __new__(cls, shape, dtype=float, *args, **kwargs):  # noqa: ANN001, ANN204 - numpy's signature
+        _check_array_size(shape, dtype)
+        return np.ndarray.__new__(np.ndarray, shape, dtype, *args, **kwargs)
+
+
+def _bounded_reconstruct(subtype, shape, dtype):  # noqa: ANN001, ANN202 - numpy's pickle protocol
+    _check_array_size(shape, dtype)
+    return np_multiarray._reconstruct(np.ndarray if subtype is _BoundedArray else subtype, shape, dtype)
+
+
+def _bounded_frombuffer(buffer, dtype, shape, order):  # noqa: ANN001, ANN202 - numpy's pickle protocol
+    _check_array_size(shape, dtype)
+    return np_numeric._frombuffer(buffer, dtype, shape, order)
+
+
+# Only what numpy needs to rebuild an array (numpy.core is numpy 1.x's, and Python 2's, name), each bounded.
 _SAFE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"): _BoundedArray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
+    ("numpy._core.multiarray", "_reconstruct"): _bounded_reconstruct,
+    ("numpy._core.numeric", "_frombuffer"): _bounded_frombuffer,
 }
 
 
@@ -72,7 +119,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         module = module.replace("numpy.core.", "numpy._core.")
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"refusing global {module}.{name}")
-        return super().find_class(module, name)
+        return _SAFE_GLOBALS[(module, name)]
 
 
 def _unpickle(path: Path) -> dict:
@@ -94,6 +141,11 @@ def _read_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     if data is None or labels is None:
         need = f"b'data' and {spec.label_key!r}"
         raise ConfigError("data.root", str(path), f"a {spec.name} pickle must have keys {need}")
+    if not isinstance(data, np.ndarray):
+        raise ConfigError("data.root", str(path), f"b'data' must be a uint8 array, got {type(data).__name__}")
+    if isinstance(labels, list) and not all(type(label) is int for label in labels):
+        # also catches a list that contains itself, which numpy would recurse into
+        raise ConfigError("data.root", str(path), f"{spec.label_key!r} must be a list of integers")
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ConfigError("data.root", str(path), f"b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")

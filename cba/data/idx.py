@@ -45,36 +45,40 @@ FASHION_MNIST = IdxSpec(
 _PREFIX = {"train": "train", "test": "t10k"}
 
 
-def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped when the name ends in .gz."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ConfigError("data.root", str(path), f"not a readable idx file ({exc})") from None
+# The most data an idx file here may declare: MNIST-style sets hold 60,000 or 70,000 images of 28x28 bytes, so
+# 1,000,000 images is generous; a header claiming more is refused before anything is read or decompressed.
+MAX_IDX_BYTES = 1_000_000 * SIDE * SIDE
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an unsigned-byte idx file with `ndim` dimensions, checking magic and size."""
-    raw = _read_bytes(path)
+    """Parse an unsigned-byte idx file with `ndim` dimensions: the header is checked against the format first,
+    then exactly the declared bytes are read (a gzipped file is decompressed only that far)."""
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ConfigError("data.root", str(path), f"idx file too short for its {header}-byte header")
-    magic = int.from_bytes(raw[:4], "big")
-    expected_magic = (IDX_UBYTE << 8) | ndim
-    if magic != expected_magic:
-        raise ConfigError(
-            "data.root", str(path), f"idx magic must be 0x{expected_magic:08x} (ubyte, {ndim}-d), got 0x{magic:08x}"
-        )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != size:
-        raise ConfigError(
-            "data.root", str(path), f"header says {dims} = {size} bytes of data, file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(header)
+            if len(head) < header:
+                raise ConfigError("data.root", str(path), f"idx file too short for its {header}-byte header")
+            magic = int.from_bytes(head[:4], "big")
+            expected_magic = (IDX_UBYTE << 8) | ndim
+            if magic != expected_magic:
+                raise ConfigError("data.root", str(path),
+                                  f"idx magic must be 0x{expected_magic:08x} (ubyte, {ndim}-d), got 0x{magic:08x}")
+            dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            size = 1
+            for dim in dims:
+                size *= dim
+            if size > MAX_IDX_BYTES:
+                raise ConfigError("data.root", str(path), f"header declares {dims} = {size} bytes, more than "
+                                  f"{MAX_IDX_BYTES} (a million {SIDE}x{SIDE} images); not an MNIST-style file")
+            raw = f.read(size)
+            extra = f.read(1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ConfigError("data.root", str(path), f"not a readable idx file ({exc})") from None
+    if len(raw) != size or extra:
+        held = f"{len(raw)}" if not extra else f"more than {size}"
+        raise ConfigError("data.root", str(path), f"header says {dims} = {size} bytes of data, file holds {held}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _find(folder: Path, name: str) -> Path | None:

@@ -38,7 +38,7 @@ from cba.progress import tqdm
 from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
                                detection_metrics, repair_metrics)
-from cba.defenses.downstream_ft import probe_acc_asr
+from cba.defenses.downstream_ft import probe_acc_asr, record_probe
 from cba.errors import ConfigError, is_int, is_number
 from cba.evaluate import pick_device
 from cba.ssl import METHODS, SSLMethod, build_method
@@ -244,11 +244,11 @@ class ABL(Defense):
         stats = {"unlearn_ascent_steps": ascent_steps, "unlearn_ceiling": ceiling if np.isfinite(ceiling) else None}
         return method.to("cpu").eval(), stats
 
-    def acc_asr(self, method: SSLMethod, record: AttackRecord) -> dict[str, Any]:
-        """Supervised: the model's own head. SSL: linear probe refitted on clean labels (plus kNN)."""
+    def acc_asr(self, method: SSLMethod, record: AttackRecord, probe: Any = None) -> dict[str, Any]:
+        """Supervised: the model's own head. SSL: linear probe refitted on clean labels (plus kNN), or `probe`."""
         if method.uses_labels and hasattr(method, "head"):
             return classifier_acc_asr(Classifier(method.encoder, method.head), record)
-        return probe_acc_asr(method.encoder, record)
+        return probe_acc_asr(method.encoder, record, probe)
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
         loss, epochs_used = self.isolation_losses(record, progress)
@@ -260,7 +260,7 @@ class ABL(Defense):
         out["mean_loss_poisoned"] = float(loss[poisoned & finite].mean()) if (poisoned & finite).any() else float("nan")
         out["mean_loss_clean"] = float(loss[~poisoned & finite].mean()) if (~poisoned & finite).any() else float("nan")
         method = rebuild_method(record)
-        before = self.acc_asr(method, record)
+        before = self.acc_asr(method, record, record_probe(record))  # the rebuilt method is the record's encoder
         method, stats = self.unlearn(method, record, isolated, progress)
         after = self.acc_asr(method, record)
         out.update(repair_metrics(before, after))

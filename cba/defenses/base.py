@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from cba.data.base import ImageSet
-from cba.errors import ConfigError
+from cba.errors import ConfigError, is_int, is_number
 from cba.registry import Registry
 from cba.triggers import Trigger
 
@@ -88,12 +88,26 @@ class Defense:
 DEFENSES: Registry[type[Defense]] = Registry("defenses")
 
 
+# What each annotation of a defense option accepts, checked before the constructor sees the value.
+_OPTION_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (is_int, "an integer"),
+    "float": (is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "float | str": (lambda v: is_number(v) or isinstance(v, str), "a number or a word"),
+    "list[float]": (lambda v: isinstance(v, list) and all(is_number(x) for x in v), "a list of numbers"),
+}
+
+
 def build_defense(name: str, **params: Any) -> Defense:
-    cls = DEFENSES.get(name, key="defenses")
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    cls = DEFENSES.get(name, key="defense")
+    signature = {p.name: p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"}
     for key, value in params.items():
-        if key not in allowed:
-            raise ConfigError(f"defense.{name}.{key}", value, f"{name} takes {', '.join(allowed) or 'no options'}")
+        if key not in signature:
+            raise ConfigError(f"defense.{name}.{key}", value, f"{name} takes {', '.join(signature) or 'no options'}")
+        accepts, allowed = _OPTION_TYPES.get(str(signature[key].annotation), (lambda v: True, ""))
+        if not accepts(value):  # a wrong type would otherwise reach the constructor's comparisons as a traceback
+            raise ConfigError(f"defense.{name}.{key}", value, allowed)
     return cls(**params)
 
 

@@ -37,17 +37,24 @@ from cba.augment import build_augment
 from cba.data import DATASETS, ImageSet, load_dataset
 from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, predict, repair_metrics
 from cba.errors import is_int, is_number
-from cba.evaluate import accuracy, evaluate_encoder, extract_features, fit_linear_probe, pick_device
+from cba.evaluate import LinearProbe, accuracy, evaluate_encoder, extract_features, fit_linear_probe, pick_device
 from cba.train import epoch_batches, lr_at
 
 HEAD_INITS = ("probe", "random")
 
 
-def probe_acc_asr(encoder: nn.Module, record: AttackRecord) -> dict[str, float]:
-    """Original-task ACC/ASR of an encoder with the converged linear probe refitted on clean labels (kNN as extra keys)."""
+def record_probe(record: AttackRecord) -> LinearProbe | None:
+    """The attack's own linear probe (fitted by `cba finetune` on the record's encoder), if its classifier has one."""
+    head = getattr(record.classifier, "head", None)
+    return head if isinstance(head, LinearProbe) else None
+
+
+def probe_acc_asr(encoder: nn.Module, record: AttackRecord, probe: LinearProbe | None = None) -> dict[str, float]:
+    """Original-task ACC/ASR of an encoder with the converged linear probe refitted on clean labels (kNN as extra
+    keys); `probe`, when the encoder is the record's own, is the record's probe and saves refitting it."""
     metrics, _ = evaluate_encoder(encoder, record.clean_train.images, record.clean_train.labels, record.test.images,
                                   record.test.labels, record.triggered.images, record.target_class, record.num_classes,
-                                  triggered_labels=record.triggered.labels, seed=record.seed)
+                                  triggered_labels=record.triggered.labels, seed=record.seed, probe=probe)
     linear = {key: value for key, value in metrics["linear"].items() if key != "landing"}
     return {**linear, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"]}
 
@@ -134,7 +141,7 @@ class DownstreamFineTune(Defense):
         head = copy.deepcopy(probe) if self.head_init == "probe" else nn.Linear(frozen.feature_dim, train.num_classes)
         tuned = self.finetune(copy.deepcopy(record.encoder), head.train(), train, record.seed, progress)
         down_after = downstream_metrics(tuned, test, triggered)
-        before = probe_acc_asr(record.encoder, record)
+        before = probe_acc_asr(record.encoder, record, record_probe(record))
         after = probe_acc_asr(tuned.encoder, record)
         out: dict[str, Any] = repair_metrics(before, after)
         out.update({f"{k}_{tag}": v for tag, m in (("before", before), ("after", after)) for k, v in m.items()
