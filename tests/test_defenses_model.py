@@ -160,6 +160,7 @@ def test_channel_pruner_zeroes_exactly_those_channels():
     ("neural_cleanse", {"steps": 0}, "defense.neural_cleanse.steps"),
     ("neural_cleanse", {"target_success": 1.5}, "defense.neural_cleanse.target_success"),
     ("neural_cleanse", {"batched": "yes"}, "defense.neural_cleanse.batched"),
+    ("neural_cleanse", {"batched": 1}, "defense.neural_cleanse.batched"),
     ("neural_cleanse", {"norm_scale": "sqrt"}, "defense.neural_cleanse.norm_scale"),
     ("strip", {"frr": 1.0}, "defense.strip.frr"),
     ("strip", {"n_overlays": 0}, "defense.strip.n_overlays"),

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cba.compare import flatten
+
 REPO = Path(__file__).resolve().parents[1]
 DEFENSES = ["spectral", "strip"]
 
@@ -46,16 +48,6 @@ def run(cmd: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -81,7 +73,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_writes_every_contracted_artifact(project):
     out = run(["dvc", "repro"], project)
-    stages = {"trigger", "poison", "pretrain", "finetune", "analyze", "report"} | {f"defend@{d}" for d in DEFENSES}
+    stages = {"validate", "trigger", "poison", "pretrain", "finetune", "analyze", "report"} | {f"defend@{d}" for d in DEFENSES}
     assert ran_stages(out) == stages
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     for evaluation in ("knn", "linear"):
@@ -121,15 +113,16 @@ def test_finetune_param_reruns_only_downstream_stages(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(run(["dvc", "repro"], project))
     # The kNN k does not change the probe file the defenses read, so DVC's content hashes
-    # keep every defense cached: only finetune and report rerun, nothing upstream.
-    assert ran == {"finetune", "report"}
+    # keep every defense cached: only finetune and report rerun, nothing upstream (the params check reruns on
+    # any params change, and its unchanged output keeps everything else cached).
+    assert ran == {"validate", "finetune", "report"}
 
 
 def test_defense_param_reruns_only_that_defense(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["defense"]["strip"]["n_overlays"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
+    assert ran_stages(run(["dvc", "repro"], project)) == {"validate", "defend@strip", "report"}
 
 
 def test_editing_one_defense_module_reruns_only_that_defense(project):
@@ -144,7 +137,7 @@ def test_experiment_retrains_without_the_trigger_and_metrics_diff(project):
     run(["git", "commit", "-qm", "baseline"], project)
     pattern = (project / "data/trigger/trigger.safetensors").read_bytes()
     ran = ran_stages(run(["dvc", "exp", "run", "-S", "pretrain.epochs=3"], project))
-    assert "trigger" not in ran and "poison" not in ran and "pretrain" in ran
+    assert "trigger" not in ran and "poison" not in ran and "pretrain" in ran and "validate" in ran
     assert (project / "data/trigger/trigger.safetensors").read_bytes() == pattern
     trigger = json.loads((project / "metrics/trigger.json").read_text())
     assert 0 < trigger["linf"] <= 16 and trigger["psnr"] > 20 and 0 < trigger["ssim"] <= 1
@@ -165,3 +158,21 @@ def test_experiment_retrains_without_the_trigger_and_metrics_diff(project):
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
     assert ran_stages(run(["dvc", "repro"], project)) == set()
+
+
+def test_a_bad_defense_fails_the_repro_in_seconds_with_cbas_line(project):
+    """An unknown defense, or a bad defense value, stops `dvc repro` at the params check, before any other stage."""
+    original = (project / "params.yaml").read_text()
+    try:
+        for change, fragment in ((lambda p: p["defenses"].append("sparkle"), "defenses='sparkle' is not valid"),
+                                 (lambda p: p["defense"]["spectral"].update(expected_rate="abc"),
+                                  "defense.spectral.expected_rate='abc' is not valid")):
+            params = yaml.safe_load(original)
+            change(params)
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+            done = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode != 0 and fragment in done.stdout + done.stderr
+            assert ran_stages(done.stdout + done.stderr) == {"validate"}
+    finally:
+        (project / "params.yaml").write_text(original)

@@ -246,7 +246,7 @@ def _wrong_typed_defense_options() -> list:
 
     from cba.defenses import DEFENSES
 
-    wrong = {"int": "abc", "float": "abc", "bool": "yes", "str": 3, "float | str": [1], "list[float]": "abc"}
+    wrong = {"int": "abc", "float": "abc", "bool": "yes", "str": 3, "float | str": [1], "bool | str": 3, "list[float]": "abc"}
     cases = []
     for name in DEFENSES.names():
         for option in list(inspect.signature(DEFENSES.get(name).__init__).parameters.values())[1:]:
@@ -261,3 +261,26 @@ def test_every_defense_option_of_the_wrong_type_is_one_line(name, option, value)
 
     with pytest.raises(ConfigError, match=rf"^defense\.{name}\.{option}="):
         build_defense(name, **{option: value})
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("defenses", ["strip", "sparkle"], "defenses='sparkle'"),
+    ("defense.spectral.expected_rate", "abc", "defense.spectral.expected_rate='abc'"),
+    ("finetune.linear.max_iter", 0, "finetune.linear.max_iter=0"),
+    ("analyze.embedding", "umap3d", "analyze.embedding='umap3d'"),
+    ("pretrain.epochs", 0, "pretrain.epochs=0"),
+])
+def test_validate_checks_every_section_before_any_data_is_read(workdir, key, value, fragment):
+    write_params(workdir, **{key: value})
+    assert_one_line_error(cba(["validate"], workdir), fragment)
+    assert not (workdir / "data").exists() or not any((workdir / "data").iterdir())
+
+
+def test_validate_passes_the_shipped_params_and_writes_a_constant_file(workdir):
+    (workdir / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = cba(["validate"], workdir)
+    assert result.exit_code == 0, result.output
+    first = (workdir / "data/params_checked.json").read_bytes()
+    write_params(workdir, **{"pretrain.epochs": 3})
+    assert cba(["validate"], workdir).exit_code == 0
+    assert (workdir / "data/params_checked.json").read_bytes() == first

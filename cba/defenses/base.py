@@ -95,6 +95,7 @@ _OPTION_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "float | str": (lambda v: is_number(v) or isinstance(v, str), "a number or a word"),
+    "bool | str": (lambda v: isinstance(v, (bool, str)), "true, false or a word"),
     "list[float]": (lambda v: isinstance(v, list) and all(is_number(x) for x in v), "a list of numbers"),
 }
 

@@ -26,7 +26,9 @@ All K classes are optimised at once: the masks and patterns are one (K, ...)
 parameter tensor, each step builds the K x B triggered images in one forward
 pass, and the per-class losses are summed (their gradients do not mix, and
 Adam is element-wise, so this equals K separate runs). `batched=False` runs
-the same optimiser one class at a time, for the speed comparison.
+the same optimiser one class at a time; `auto` (the default) batches on a GPU
+and loops on a CPU, where one K-fold forward pass costs more than K small ones
+(`bench/defense_matrix.py` measures both).
 
 Adaptation to contrastive pretraining: the class outputs come from
 `record.classifier`, the encoder with the linear probe fitted on clean labels
@@ -149,7 +151,7 @@ class NeuralCleanse(Defense):
 
     def __init__(self, *, steps: int = 300, lr: float = 0.1, batch_size: int = 64, init_cost: float = 1e-3,
                  target_success: float = 0.99, patience: int = 10, threshold: float = 2.0, clean_images: int = 500,
-                 batched: bool = True, norm_scale: str = "log"):
+                 batched: bool | str = "auto", norm_scale: str = "log"):
         key = "defense.neural_cleanse."
         for name, value in (("steps", steps), ("batch_size", batch_size), ("patience", patience), ("clean_images", clean_images)):
             check(is_int(value) and value >= 1, key + name, value, "a positive integer")
@@ -158,7 +160,7 @@ class NeuralCleanse(Defense):
                   "a positive number")
         check(isinstance(target_success, (int, float)) and 0 < target_success <= 1, key + "target_success", target_success,
               "a number in (0, 1]")
-        check(isinstance(batched, bool), key + "batched", batched, "true or false")
+        check(isinstance(batched, bool) or batched == "auto", key + "batched", batched, "auto, true or false")
         check(norm_scale in NORM_SCALES, key + "norm_scale", norm_scale, f"choose one of {', '.join(NORM_SCALES)}")
         self.steps, self.lr, self.batch_size, self.init_cost = steps, float(lr), batch_size, float(init_cost)
         self.target_success, self.patience, self.threshold = float(target_success), patience, float(threshold)
@@ -170,7 +172,9 @@ class NeuralCleanse(Defense):
         rng = np.random.default_rng([record.seed, 0x0C1EA])
         pick = np.sort(rng.permutation(len(record.test))[: self.clean_images])
         images = to_float(record.test.images[pick])
-        found = reverse_engineer(record.classifier, images, record.num_classes, self.steps, self.batched, self.lr,
+        batched = self.batched if isinstance(self.batched, bool) else \
+            next(record.classifier.parameters()).device.type == "cuda"
+        found = reverse_engineer(record.classifier, images, record.num_classes, self.steps, batched, self.lr,
                                  self.batch_size, self.init_cost, self.target_success, self.patience, record.seed, progress)
         norms = found["masks"].flatten(1).sum(1).numpy().astype(np.float64)
         indices = {scale: anomaly_index(norms, scale) for scale in NORM_SCALES}
@@ -191,7 +195,7 @@ class NeuralCleanse(Defense):
             "target_norm_ratio": float(norms[record.target_class] / np.median(norms)),
             "trigger_success": [float(v) for v in found["success"]],
             "steps": self.steps,
-            "batched": self.batched,
+            "batched": batched,
             "clean_images": len(pick),
             "seconds": float(found["seconds"]),
             "adaptation": "class outputs from record.classifier (encoder + linear probe fitted on clean labels for SSL; "
