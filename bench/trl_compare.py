@@ -55,6 +55,7 @@ from cba.data import load_dataset
 from cba.env import environment
 from cba.attack import run_attack
 from cba.defenses import classifier_acc_asr
+from cba.defenses.downstream_ft import record_probe
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES
@@ -160,7 +161,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
 
     metrics, _ = evaluate_encoder(record.encoder, train_set.images, train_set.labels, test.images, test.labels,
                                   triggered.images, target, train_set.num_classes,
-                                  triggered_labels=triggered.labels, seed=seed)
+                                  triggered_labels=triggered.labels, seed=seed, probe=record_probe(record))
     row: dict[str, Any] = {
         "method": name, "mode": mode, "lr": lr, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
         "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],
