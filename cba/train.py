@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from cba.progress import tqdm
 
+from cba import distributed
 from cba.errors import ConfigError
 from cba.io import load_tensors, save_tensors
 from cba.ssl.base import SSLMethod
@@ -184,9 +185,17 @@ def train(
     checkpointer: Checkpointer | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `method` on uint8 images (N, H, W, 3); return the loss log and curves."""
+    """Train `method` on uint8 images (N, H, W, 3); return the loss log and curves.
+
+    Under torchrun each rank trains on its shard of every global batch (see
+    cba.distributed); every rank keeps the whole loss log, and only rank 0
+    evaluates, checkpoints and shows progress."""
     n = len(images)
+    ranks = distributed.ranks()
+    if min(config.batch_size, n) % ranks.world_size:
+        raise ConfigError("pretrain.batch_size", config.batch_size, f"a multiple of the {ranks.world_size} processes")
     method.to(device).to(memory_format=torch.channels_last)
+    distributed.synchronise_batchnorm(method, device)
     augment.to(device)
     data = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 stays compact
     targets = torch.as_tensor(labels).long().to(device)
@@ -195,16 +204,18 @@ def train(
     losses = np.full((config.epochs, n), np.nan, dtype=np.float32)
     checkpointer = checkpointer or Checkpointer(None, "")
     start_epoch, curves = checkpointer.load_latest(method, opt, losses)
-    if start_epoch:
+    runner = distributed.wrap(method, device)  # after loading: DDP copies rank 0's weights to every rank
+    if start_epoch and ranks.is_main:
         print(f"resuming from the checkpoint of epoch {start_epoch} of {config.epochs}", file=sys.stderr, flush=True)
     steps_per_epoch = math.ceil(n / min(config.batch_size, n))
     total_steps = steps_per_epoch * config.epochs
     use_amp = device.type == "cuda"
 
-    bar = tqdm(range(start_epoch, config.epochs), desc="pretrain", unit="epoch", disable=not progress,
+    bar = tqdm(range(start_epoch, config.epochs), desc="pretrain", unit="epoch", disable=not (progress and ranks.is_main),
                initial=start_epoch, total=config.epochs)
     for epoch in bar:
-        seed_everything(config.seed * 100_003 + epoch)
+        # Each rank draws its own augmentations; rank 0 draws what a single process would.
+        seed_everything(config.seed * 100_003 + epoch + 7_919 * ranks.rank)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         method.train()
         seen = torch.zeros(n, dtype=torch.bool)
@@ -213,28 +224,31 @@ def train(
         for step, idx in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, config.warmup_epochs * steps_per_epoch, config.lr)
-            x = data[idx.to(device)].float().div_(255)
+            local = distributed.shard(idx).to(device)
+            x = data[local].float().div_(255)
             views = [augment(x).contiguous(memory_format=torch.channels_last) for _ in range(method.num_views)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, per_sample = method.loss(views, targets[idx.to(device)])
+                loss, per_sample = runner(views, targets[local])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             method.after_step((epoch * steps_per_epoch + step + 1) / total_steps)
             # Log each sample once per epoch (top-up duplicates are skipped).
             fresh = ~seen[idx]
-            losses[epoch, idx[fresh].numpy()] = per_sample.float().cpu()[fresh].numpy()
+            per_sample = distributed.gather_detached(per_sample.float()).cpu()  # back in global batch order
+            losses[epoch, idx[fresh].numpy()] = per_sample[fresh].numpy()
             seen[idx] = True
-            value = float(loss.detach())
+            value = distributed.mean_over_ranks(float(loss.detach()))
             if not math.isfinite(value):
                 # Stop before a NaN checkpoint is written: NaN weights later read as ASR 1.0.
                 raise ConfigError("lr", config.lr, f"a smaller rate: the loss became {value} at epoch {epoch + 1}, "
                                   f"step {step + 1} of {len(batches)}; lower the learning rate or add warm-up epochs")
             epoch_loss += value
         row = {"epoch": epoch + 1, "loss": epoch_loss / len(batches), "lr": opt.param_groups[0]["lr"]}
-        if evaluate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        if evaluate is not None and ranks.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             row.update(evaluate(method.encoder, epoch + 1))
         curves.append(row)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
-        checkpointer.save(epoch + 1, method, opt, losses, curves)
+        if ranks.is_main:
+            checkpointer.save(epoch + 1, method, opt, losses, curves)
     return TrainResult(losses, curves)

@@ -66,8 +66,9 @@ def data_source(params: Params) -> tuple[str, str | None, dict[str, Any]]:
     name = params.text("data.name", "synthetic")
     root = params.text("data.root", None)
     options = params.section("data.options")
-    if root is not None and not Path(root).expanduser().exists():
-        raise ConfigError("data.root", root, "an existing folder holding the data set's files")
+    # A download creates the folder; otherwise it must hold the files already.
+    if root is not None and not Path(root).expanduser().exists() and options.get("download") is not True:
+        raise ConfigError("data.root", root, "an existing folder holding the data set's files (or data.options.download: true)")
     del section
     return name, root, options
 

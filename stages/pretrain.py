@@ -16,7 +16,8 @@ import cba
 from cba.augment import KINDS, build_augment
 from cba.env import environment
 from cba.errors import ConfigError, is_number
-from cba.evaluate import knn_backdoor_metrics, pick_device
+from cba import distributed
+from cba.evaluate import knn_backdoor_metrics
 from cba.io import write_csv, write_parquet
 from cba.models import BACKBONES, build_backbone
 from cba.models.io import save_encoder
@@ -25,6 +26,7 @@ from cba.ssl import METHODS, build_method
 from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
+from cba.triggers.base import JSON_FILE as TRIGGER_JSON, TENSORS_FILE as TRIGGER_TENSORS
 from stages.common import (PROGRESS_OPTION, DETAILS_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
                            TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
@@ -87,7 +89,7 @@ def learning_rate(params: Params, method: str) -> float:
 
 # The code that shapes the weights (dvc.yaml's pretrain deps inside the package): a checkpoint
 # written by other code must never be resumed as this code's result.
-TRAINING_CODE = ("train.py", "augment.py", "ssl", "models")
+TRAINING_CODE = ("train.py", "distributed.py", "augment.py", "ssl", "models")
 
 
 def code_digest(root: Path | None = None) -> str:
@@ -100,21 +102,42 @@ def code_digest(root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(params: Params, config: TrainConfig, extra: dict) -> str:
-    """Identifies a run for resuming: its settings, the training code and the exact training data."""
-    digest = hashlib.sha256(json.dumps([config.__dict__, extra, code_digest()], sort_keys=True, default=str).encode())
-    with open(POISON_DIR / "train.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def _fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
+    """Identifies a run for resuming: its settings (the process count among them), the training code and the exact training data."""
+    return hashlib.sha256(json.dumps([config.__dict__, extra, code_digest(), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_inputs_agree(ranks: distributed.Ranks) -> str:
+    """Every rank must train on the same poisoned set and score the same trigger; returns the set's digest."""
+    data_digest = sha256_file(POISON_DIR / "train.safetensors")
+    if ranks.distributed:
+        distributed.check_same_everywhere(str(POISON_DIR / "train.safetensors"), data_digest)
+        trigger_digest = sha256_file(TRIGGER_DIR / TRIGGER_JSON) + sha256_file(TRIGGER_DIR / TRIGGER_TENSORS)
+        distributed.check_same_everywhere(str(TRIGGER_DIR), hashlib.sha256(trigger_digest.encode()).hexdigest())
+    return data_digest
 
 
 @one_line_errors
 def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION) -> None:
-    """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match."""
+    """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match.
+
+    Under `torchrun --no-python --nproc_per_node N cba pretrain` it trains on N processes (NCCL on GPUs, gloo on CPUs)."""
     params = Params.load(params_path)
     check_outputs(PRETRAIN_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     config, extra = read_config(params)
+    ranks, device = distributed.start(extra["device"])
+    try:
+        _pretrain(config, extra, ranks, device, progress)
+    finally:
+        distributed.finish()
+
+
+def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device: torch.device, progress: bool) -> None:
     # Loading the stored sets is quick; it comes first because the head size depends on the classes.
     train_set, clean, test = load_stage_set("train"), load_stage_set("clean_train"), load_stage_set("test")
     check_target(extra["target_class"], train_set)
@@ -125,19 +148,22 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION
                           num_classes=train_set.num_classes, **extra["hparams"])
     kind = method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), extra["target_class"], config.seed)
-    device = pick_device(extra["device"])
     bank = np.random.default_rng(config.seed).permutation(len(clean))[: extra["eval_bank_size"]]
 
     def monitor(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
         return knn_backdoor_metrics(encoder, clean.images[bank], clean.labels[bank], test.images, test.labels,
                                     triggered.images, extra["target_class"], clean.num_classes)
 
-    random_init = monitor(method.encoder.to(device), 0)
+    data_digest = check_inputs_agree(ranks)
+    random_init = monitor(method.encoder.to(device), 0) if ranks.is_main else {}
     started = time.perf_counter()
+    fingerprint = _fingerprint(config, {**extra, "processes": ranks.world_size}, data_digest)
     result = train(method, train_set.images, train_set.labels, build_augment(kind, train_set.images.shape[1], extra["per_batch"], extra["min_scale"]),
                    config, device, evaluate=monitor,
-                   checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", _fingerprint(params, config, extra)), progress=progress)
+                   checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", fingerprint), progress=progress)
     seconds = time.perf_counter() - started
+    if not ranks.is_main:
+        return  # rank 0 writes every artifact
 
     meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
     save_encoder(PRETRAIN_DIR / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
@@ -155,7 +181,7 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION
         "epochs": config.epochs, "seconds": seconds, "method": extra["method"], "backbone": extra["backbone"],
         "width": extra["width"], "augmentation": kind,
         "augmentation_protocol": "per_batch" if extra["per_batch"] else "per_sample",
-        "env": environment(device),
+        "env": {**environment(device), "processes": ranks.world_size},
     })
     print(f"pretrain {extra['method']}: kNN ACC {last.get('knn_acc', float('nan')):.3f}, ASR {last.get('knn_asr', float('nan')):.3f} "
           f"(random init ACC {random_init['knn_acc']:.3f}) in {seconds:.0f}s")

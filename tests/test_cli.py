@@ -118,3 +118,34 @@ def test_roc_points_and_defense_plot_tables():
     assert tables["entropy_histogram"]["entropy"].tolist() == [0.5, 1.5]
     assert tables["before_after"]["asr"].tolist() == [0.9, 0.2]
     assert defense_plot_tables({"auroc": 0.5}) == {}
+
+
+def test_the_readmes_paper_scale_preset_passes_the_params_check(tmp_path):
+    """The documented `dvc exp run -n paper-cifar10 -S ...` command names real keys with valid values."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from test_stage_errors import REPO, cba
+
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"dvc exp run -n paper-cifar10 (.*?)\n```", readme, re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(command)
+    overrides = [args[i + 1] for i, arg in enumerate(args) if arg == "-S"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in overrides:
+        dotted, value = item.split("=", 1)
+        *parents, last = dotted.split(".")
+        node = params
+        for part in parents:
+            assert part in node, dotted  # -S on a missing key would add a typo silently
+            node = node[part]
+        assert last in node, dotted
+        node[last] = yaml.safe_load(value)
+    assert (params["pretrain"]["backbone"], params["pretrain"]["width"], params["pretrain"]["epochs"]) == ("resnet18", 64, 800)
+    assert params["data"]["name"] == "cifar10" and params["trigger"]["name"] == "ctrl"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = cba(["validate"], Path(tmp_path))
+    assert result.exit_code == 0, result.output

@@ -7,12 +7,13 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cba.compare import flatten
+from cba.compare import flatten, runs_from_exp_show
 
 REPO = Path(__file__).resolve().parents[1]
 DEFENSES = ["spectral", "strip"]
@@ -176,3 +177,23 @@ def test_a_bad_defense_fails_the_repro_in_seconds_with_cbas_line(project):
             assert ran_stages(done.stdout + done.stderr) == {"validate"}
     finally:
         (project / "params.yaml").write_text(original)
+
+
+def test_a_queued_sweep_runs_every_point_and_compare_groups_them(project):
+    """A grid queued with `dvc exp run --queue` and run by `dvc queue start -j 2` lands in `dvc exp show` and `cba compare`."""
+    run(["dvc", "exp", "run", "--queue", "-S", "poison_rate=0.02,0.1", "-S", "defenses=[]"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    status = ""
+    for _ in range(300):
+        status = run(["dvc", "queue", "status"], project)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    assert "Failed" not in status and status.count("Success") >= 2, status
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
+    points = {row["params"]["poison_rate"]: row["metrics"] for row in runs_from_exp_show(shown)
+              if row["params"].get("poison_rate") in (0.02, 0.1)}
+    assert set(points) == {0.02, 0.1}
+    assert all(0 <= m["ASR"] <= 1 and 0 <= m["ACC"] <= 1 for m in points.values())
+    table = run(["cba", "compare", "--by", "poison_rate", "--metrics", "ACC,ASR"], project)
+    assert "| 0.02 | 1 |" in table and "| 0.1 | 1 |" in table

@@ -58,6 +58,10 @@ class SSLMethod(nn.Module):
     def encoder(self) -> nn.Module:
         return self.backbone
 
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss: what DistributedDataParallel calls when the method trains on several processes."""
+        return self.loss(views, labels)
+
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (scalar batch loss, per-sample loss of shape (B,), detached)."""
         raise NotImplementedError

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cba import distributed
 from cba.errors import ConfigError
 from cba.ssl.base import METHODS, SSLMethod
 from cba.ssl.byol import check_momentum, ema_update, frozen_copy
@@ -110,7 +111,7 @@ class MoCoV2(SSLMethod):
         per_sample = (infonce_per_sample(q1, k2, negatives, self.temperature)
                       + infonce_per_sample(q2, k1, negatives, self.temperature)) / 2
         if self.training:  # evaluation calls (e.g. defenses scoring samples) leave the queue alone
-            self.enqueue(torch.cat([k1, k2]))
+            self.enqueue(torch.cat([distributed.gather_detached(k1), distributed.gather_detached(k2)]))  # every rank's keys
         return per_sample.mean(), per_sample.detach()
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cba import distributed
 from cba.errors import ConfigError
 from cba.ssl.base import METHODS, SSLMethod, mlp
 
@@ -37,6 +38,7 @@ class SimCLR(SSLMethod):
         self.projector = mlp([backbone.feature_dim, proj_hidden_dim, proj_dim])
 
     def loss(self, views, labels):
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        per_sample = nt_xent_per_sample(z1, z2, self.temperature)
+        z1, z2 = (distributed.gather(self.projector(self.backbone(v))) for v in views)
+        # Every rank scores the global batch (the negatives of all ranks) and keeps its own anchors.
+        per_sample = distributed.shard(nt_xent_per_sample(z1, z2, self.temperature))
         return per_sample.mean(), per_sample.detach()
