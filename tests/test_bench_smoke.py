@@ -71,3 +71,40 @@ def test_defense_matrix_fills_every_cell(tmp_path):
             assert "error" not in cells[attack] and 0 <= cells[attack]["auroc"] <= 1
     assert result["nc_timing"]["batched"] > 0 and result["nc_timing"]["per_class"] > 0
     assert "BadNets (supervised)" in out.read_text()
+
+
+def test_throughput_times_both_pipelines_and_breaks_down_cba_step(tmp_path):
+    bench = load("throughput")
+    # The baseline's per-image augmentation: a valid image always; the identity with every probability at 0 and scale 1.
+    import torch
+
+    x = torch.rand(3, 32, 32)
+    views = torch.stack([bench.PerImageAugment()(x) for _ in range(20)])
+    assert views.shape == (20, 3, 32, 32) and views.dtype == torch.float32 and 0 <= views.min() and views.max() <= 1
+    assert not torch.equal(views[0], views[1])
+    identity = bench.PerImageAugment(scale=(1.0, 1.0), p_flip=0, p_jitter=0, p_gray=0)
+    assert all(torch.equal(identity(x), x) for _ in range(5))
+    assert torch.allclose(bench._hsv_to_rgb(bench._rgb_to_hsv(x)), x, atol=1e-5)
+
+    out = tmp_path / "tp.md"
+    argv = ["--images", "32", "--batch-size", "16", "--epochs", "1", "--steps", "2", "--width", "4", "--workers", "0",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    result = bench.main(argv)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    cba, base = saved["rows"]
+    assert (cba["pipeline"], base["pipeline"]) == ("cba", "baseline")
+    for row in (cba, base):
+        assert 0 < row["images_per_s"] < float("inf") and 0 < row["s_per_epoch"] < float("inf")
+        assert row["images_per_s"] == pytest.approx(row["images_per_epoch"] / row["s_per_epoch"])
+        assert row["images_per_epoch"] == 32 and row["steps_per_epoch"] == 2
+    parts = cba["breakdown"]
+    assert parts["aug_ms"] > 0 and parts["fwd_bwd_ms"] > 0 and parts["optimizer_ms"] > 0 and parts["steps"] == 2
+    # The three parts are most of the instrumented step, never more; that step is the size of train()'s (loose: shared CPUs).
+    assert 0.5 * parts["step_ms"] <= parts["aug_ms"] + parts["fwd_bwd_ms"] + parts["optimizer_ms"] <= parts["step_ms"]
+    assert 1 / 20 < parts["step_ms"] / cba["step_ms"] < 20
+    assert 0 <= base["breakdown"]["aug_ms"] <= base["step_ms"]
+    assert saved["ratio"] == pytest.approx(cba["images_per_s"] / base["images_per_s"]) == result["ratio"]
+    assert saved["env"]["device"] == "cpu" and saved["env"]["device_name"] and saved["env"]["torch"]
+    assert saved["argv"][1:] == argv and saved["env"]["torch_threads"] >= 1
+    text = out.read_text()
+    assert "| cba | " in text and "| baseline | " in text and "Ratio cba / baseline" in text and "--images 32" in text
