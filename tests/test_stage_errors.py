@@ -214,8 +214,9 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
     import sys
     import time
 
-    write_params(workdir, **{"pretrain.epochs": 200, "pretrain.width": 4, "pretrain.batch_size": 64,
-                             "pretrain.eval_every": 1000, "pretrain.eval_bank_size": 50})
+    # Far more epochs than the test waits for, so that even a starved test process interrupts a running loop.
+    write_params(workdir, **{"pretrain.epochs": 5000, "pretrain.width": 4, "pretrain.batch_size": 64,
+                             "pretrain.eval_every": 5000, "pretrain.eval_bank_size": 50})
     for stage in ("trigger", "poison"):
         assert cba([stage], workdir).exit_code == 0
     command = [sys.executable, "-c", "from stages.cli import main; main()", "pretrain", "--no-progress"]
@@ -227,8 +228,8 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and lines[-1].startswith("interrupted:") and "resume" in lines[-1], err
     rerun = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
