@@ -214,14 +214,19 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
     import sys
     import time
 
-    # Far more epochs than the test waits for, so that even a starved test process interrupts a running loop.
-    write_params(workdir, **{"pretrain.epochs": 5000, "pretrain.width": 4, "pretrain.batch_size": 64,
-                             "pretrain.eval_every": 5000, "pretrain.eval_bank_size": 50})
+    write_params(workdir, **{"pretrain.epochs": 200, "pretrain.width": 4, "pretrain.batch_size": 64,
+                             "pretrain.eval_every": 1000, "pretrain.eval_bank_size": 50})
     for stage in ("trigger", "poison"):
         assert cba([stage], workdir).exit_code == 0
     command = [sys.executable, "-c", "from stages.cli import main; main()", "pretrain", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell (CI's, say) starts with SIGINT ignored, and children inherit
+    # that: restore the default, so the child's Python turns SIGINT into KeyboardInterrupt as a terminal's would.
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     checkpoints = workdir / "data/pretrain/checkpoints"
     deadline = time.monotonic() + 300
     while not list(checkpoints.glob("*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
@@ -232,7 +237,8 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
     assert proc.returncode == 130, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and lines[-1].startswith("interrupted:") and "resume" in lines[-1], err
-    rerun = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rerun = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=default_sigint)
     said = [rerun.stderr.readline() for _ in range(1)]
     while not said[-1].startswith("resuming") and said[-1] and len(said) < 50:  # said before its first epoch
         said.append(rerun.stderr.readline())
