@@ -7,8 +7,18 @@ import os
 import pytest
 import torch
 
-# Two cores shared by everything: avoid OpenMP oversubscription stalls.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The cores are shared by every test worker (pytest-xdist): one worker's torch gets its share of them,
+# so OpenMP threads never outnumber the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+LONGEST_FIRST = ("test_pipeline_e2e.py",)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Start the longest file first, so that under xdist it runs beside the others instead of after them."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

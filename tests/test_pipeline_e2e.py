@@ -132,28 +132,49 @@ def test_editing_one_defense_module_reruns_only_that_defense(project):
     assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
 
 
-def test_experiment_retrains_without_the_trigger_and_metrics_diff(project):
-    """An experiment on a pretraining param reruns pretraining and what follows, never the trigger or the poison."""
+def wait_for_queue(project: Path, seconds: float = 600) -> str:
+    """`dvc queue status` once no experiment is queued or running."""
+    deadline = time.monotonic() + seconds
+    status = run(["dvc", "queue", "status"], project)
+    while re.search(r"\b(Queued|Running)\b", status) and time.monotonic() < deadline:
+        time.sleep(2)
+        status = run(["dvc", "queue", "status"], project)
+    return status
+
+
+def test_queued_experiments_rerun_only_what_changed_and_read_back(project):
+    """Two experiments queued on a pretraining param run two at a time (`dvc queue start -j 2`). Each reruns
+    pretraining and what follows, never the trigger or the poison; `dvc exp show`, `cba compare`, `dvc exp apply`,
+    `dvc metrics diff` and `dvc plots show` read them; and returning to the baseline leaves nothing to run."""
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     pattern = (project / "data/trigger/trigger.safetensors").read_bytes()
-    ran = ran_stages(run(["dvc", "exp", "run", "-S", "pretrain.epochs=3"], project))
-    assert "trigger" not in ran and "poison" not in ran and "pretrain" in ran and "validate" in ran
+    run(["dvc", "exp", "run", "--queue", "-S", "pretrain.epochs=3,4"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    status = wait_for_queue(project)
+    assert "Failed" not in status and status.count("Success") == 2, status
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
+    runs = {row["params"]["pretrain.epochs"]: row for row in runs_from_exp_show(shown)}
+    assert set(runs) == {2, 3, 4}  # the baseline commit and the two experiments
+    for epochs in (3, 4):
+        ran = ran_stages(run(["dvc", "queue", "logs", runs[epochs]["name"]], project))
+        assert "pretrain" in ran and "validate" in ran and "trigger" not in ran and "poison" not in ran, ran
+        assert all(0 <= runs[epochs]["metrics"][key] <= 1 for key in ("ACC", "ASR", "kNN_ACC", "kNN_ASR"))
+    table = run(["cba", "compare", "--by", "pretrain.epochs", "--metrics", "ASR,kNN_ASR"], project)
+    assert all(f"| {epochs} | 1 | 0 |" in table for epochs in (2, 3, 4)), table
+    assert (project / "experiments/compare.png").stat().st_size > 0
+
+    run(["dvc", "exp", "apply", runs[3]["name"]], project)
     assert (project / "data/trigger/trigger.safetensors").read_bytes() == pattern
+    assert json.loads((project / "metrics/pretrain.json").read_text())["epochs"] == 3
     trigger = json.loads((project / "metrics/trigger.json").read_text())
     assert 0 < trigger["linf"] <= 16 and trigger["psnr"] > 20 and 0 < trigger["ssim"] <= 1
-    text = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout
-    assert '"epochs": 3' in text and '"ACC"' in text and '"ASR"' in text
     # The experiment's metrics differ from the committed baseline's.
     diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=project, capture_output=True, text=True).stdout)
     assert "metrics/pretrain.json" in diff
     plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
     rendered = json.dumps(plots)
     assert "kNN ACC (clean test) and ASR (triggered) during pretraining" in rendered and '"domain": [0, 1]' in rendered
-    # The baseline (2 epochs) and the experiment (3) are two groups of one run each.
-    table = run(["cba", "compare", "--by", "pretrain.epochs", "--metrics", "ASR,kNN_ASR"], project)
-    assert "| 2 | 1 | 0 |" in table and "| 3 | 1 | 0 |" in table
-    assert (project / "experiments/compare.png").stat().st_size > 0
     # Returning to the committed baseline (git for the small files, DVC for the cached data) leaves nothing to run:
     # resume checkpoints are no DVC output, so the experiment's training left no hash behind.
     run(["git", "checkout", "--", "."], project)
@@ -177,24 +198,3 @@ def test_a_bad_defense_fails_the_repro_in_seconds_with_cbas_line(project):
             assert ran_stages(done.stdout + done.stderr) == {"validate"}
     finally:
         (project / "params.yaml").write_text(original)
-
-
-def test_a_queued_sweep_runs_every_point_and_compare_groups_them(project):
-    """A grid queued with `dvc exp run --queue` and run by `dvc queue start -j 2` lands in `dvc exp show` and `cba compare`."""
-    run(["dvc", "exp", "run", "--queue", "-S", "poison_rate=0.02,0.1", "-S", "defenses=[]"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project)
-    status = ""
-    for _ in range(300):
-        status = run(["dvc", "queue", "status"], project)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(2)
-    assert "Failed" not in status and status.count("Success") >= 2, status
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
-    points = {row["params"]["poison_rate"]: row["metrics"] for row in runs_from_exp_show(shown)
-              if row["params"].get("poison_rate") in (0.02, 0.1)}
-    assert set(points) == {0.02, 0.1}
-    assert all(0 <= m["ASR"] <= 1 and 0 <= m["ACC"] <= 1 for m in points.values())
-    table = run(["cba", "compare", "--by", "poison_rate", "--metrics", "ACC,ASR"], project)
-    rows = [line for line in table.splitlines() if line.startswith("| [] |")]  # the sweep's runs: no defenses
-    assert sorted(line.split(" | ")[1] for line in rows) == ["0.02", "0.1"], table
