@@ -131,9 +131,8 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if active() else x
 
 
-@torch.no_grad()
 def gather_detached(x: torch.Tensor) -> torch.Tensor:
-    return _GatherWithGrad.apply(x.detach()) if active() else x
+    return gather(x.detach())
 
 
 def mean_over_ranks(value: float) -> float:

@@ -14,6 +14,7 @@ import torch
 import cba
 
 from cba.augment import KINDS, build_augment
+from cba.data.checksum import file_digest
 from cba.env import environment
 from cba.errors import ConfigError, is_number
 from cba import distributed
@@ -107,17 +108,12 @@ def _fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
     return hashlib.sha256(json.dumps([config.__dict__, extra, code_digest(), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def check_inputs_agree(ranks: distributed.Ranks) -> str:
     """Every rank must train on the same poisoned set and score the same trigger; returns the set's digest."""
-    data_digest = sha256_file(POISON_DIR / "train.safetensors")
+    data_digest = file_digest(POISON_DIR / "train.safetensors", "sha256")
     if ranks.distributed:
         distributed.check_same_everywhere(str(POISON_DIR / "train.safetensors"), data_digest)
-        trigger_digest = sha256_file(TRIGGER_DIR / TRIGGER_JSON) + sha256_file(TRIGGER_DIR / TRIGGER_TENSORS)
+        trigger_digest = file_digest(TRIGGER_DIR / TRIGGER_JSON, "sha256") + file_digest(TRIGGER_DIR / TRIGGER_TENSORS, "sha256")
         distributed.check_same_everywhere(str(TRIGGER_DIR), hashlib.sha256(trigger_digest.encode()).hexdigest())
     return data_digest
 
