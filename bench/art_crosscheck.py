@@ -31,7 +31,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cba.defenses.activation_clustering import cluster_classes
-from cba.defenses.base import AttackRecord
+from cba.record import AttackRecord
 from cba.defenses.features import class_groups, training_features
 from cba.defenses.spectral import spectral_scores
 

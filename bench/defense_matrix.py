@@ -41,7 +41,8 @@ import yaml
 
 from cba.attack import run_attack
 from cba.data import load_dataset
-from cba.defenses import DEFENSES, build_defense, classifier_acc_asr
+from cba.defenses import DEFENSES, build_defense
+from cba.record import classifier_acc_asr
 from cba.defenses.neural_cleanse import reverse_engineer
 from cba.env import environment
 from cba.evaluate import pick_device, to_float

@@ -54,7 +54,7 @@ from cba.analysis import entanglement_metrics, summarize_dynamics
 from cba.data import load_dataset
 from cba.env import environment
 from cba.attack import run_attack
-from cba.defenses import classifier_acc_asr
+from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
@@ -169,7 +169,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     if name == "supervised":  # its own (poisoned) head, beside the clean-label probe
         head = classifier_acc_asr(record.classifier, record)
         row.update(head_acc=head["acc"], head_asr=head["asr"])
-    dynamics = summarize_dynamics(record.losses, record.extra["curves"])
+    dynamics = summarize_dynamics(record.losses, record.curves)
     row.update({k: dynamics[k] for k in ("max_loss_auroc", "max_loss_auroc_epoch", "final_loss_auroc",
                                          "backdoor_epoch", "clean_epoch")})
 
@@ -181,7 +181,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     features = extract_features(record.encoder, record.train.images[rows]).numpy()
     row.update(entanglement_metrics(features, mask[rows], train_set.labels[rows], target, seed=seed))
     row["seconds"] = time.perf_counter() - started
-    row["curves"] = record.extra["curves"]
+    row["curves"] = record.curves
     print(f"== {name} done in {row['seconds']:.0f}s: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}, "
           f"max loss AUROC {_fmt(row['max_loss_auroc'])}, feature sep. AUROC {_fmt(row['separability_auroc'])}", flush=True)
     return row

@@ -14,23 +14,13 @@ import torch
 
 from cba.augment import build_augment
 from cba.data.base import ImageSet
-from cba.defenses.base import AttackRecord, Classifier, classifier_acc_asr
-from cba.evaluate import extract_features, fit_linear_probe, knn_backdoor_metrics
+from cba.evaluate import knn_backdoor_metrics
 from cba.models import build_backbone
 from cba.poison import poison_dataset, triggered_test_set
+from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers import Trigger
-
-
-def downstream_classifier(method: Any, clean: ImageSet, seed: int = 0) -> Classifier:
-    """The supervised method keeps its own head; SSL encoders get the converged linear probe on clean labels."""
-    encoder = method.encoder.eval()
-    if hasattr(method, "head") and getattr(method, "uses_labels", False):
-        return Classifier(encoder, method.head).eval()
-    feats = extract_features(encoder, clean.images)
-    probe = fit_linear_probe(feats, torch.as_tensor(clean.labels), clean.num_classes, seed=seed).probe
-    return Classifier(encoder, probe).eval()
 
 
 def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -63,9 +53,7 @@ def run_attack(
     """Poison `train_set`, train `method` on it, and fit the downstream classifier.
 
     `evaluate(encoder, epoch)` runs every `eval_every` epochs (default: only the
-    last); its rows land in `record.extra["curves"]`. `extra` also keeps what
-    the pipeline's attack record holds for defenses that rebuild the method
-    (backbone, width, hparams), and the training time in seconds."""
+    last); its rows land in `record.curves`."""
     device = device or torch.device("cpu")
     poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
     torch.manual_seed(seed)
@@ -77,16 +65,12 @@ def run_attack(
                    build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device,
                    evaluate=evaluate, progress=progress)
     seconds = time.perf_counter() - started
-    model.to("cpu").eval()
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True
-    return AttackRecord(
-        encoder=model.encoder, classifier=downstream_classifier(model, train_set, seed),
-        train=poisoned.train, clean_train=train_set, test=test,
-        triggered=triggered_test_set(test, trigger, target_class, seed), poisoned=mask, target_class=target_class,
-        trigger=trigger, method=method, losses=result.loss_frame(mask), model_state=model.state_dict(), seed=seed,
-        extra={"backbone": backbone, "width": width, "hparams": dict(hparams or {}), "curves": result.curves, "seconds": seconds, "lr": config.lr},
-    )
+    return build_record(model, method=method, backbone=backbone, width=width, hparams=dict(hparams or {}),
+                        train=poisoned.train, clean_train=train_set, test=test, trigger=trigger, poisoned=mask,
+                        target_class=target_class, seed=seed, losses=result.loss_frame(mask), curves=result.curves,
+                        train_seconds=seconds)
 
 
 def trigger_scores(record: AttackRecord, trigger: Trigger, bank_size: int = 5000) -> dict[str, float]:

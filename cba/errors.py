@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -28,3 +29,11 @@ def is_number(value: Any) -> bool:
     """A finite int or float, but not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and bool(np.isfinite(value))
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def is_device(value: object) -> bool:
+    """Whether `value` names a device every `device` option takes: auto, cpu, cuda or cuda:N."""
+    return isinstance(value, str) and (value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value) is not None)

@@ -19,13 +19,17 @@ trigger's stand-in for the victim's probe.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cba.errors import ConfigError
+from cba.fit import fit
+from cba.io import load_tensors, save_tensors
 
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
 VAL_FRACTION = 0.2
@@ -44,6 +48,20 @@ class LinearProbe(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear((features - self.mean) / self.std)
+
+
+def save_probe(path: str | os.PathLike, probe: LinearProbe) -> None:
+    save_tensors(path, probe.state_dict())
+
+
+def load_probe(path: str | os.PathLike) -> LinearProbe:
+    """A probe `save_probe` wrote (safetensors: never unpickled)."""
+    state = load_tensors(path)
+    if not {"mean", "std", "linear.weight", "linear.bias"} <= set(state):
+        raise ConfigError("path", str(path), "a linear-probe file written by cba finetune")
+    probe = LinearProbe(state["mean"], state["std"], state["linear.weight"].shape[0])
+    probe.load_state_dict(state)
+    return probe.eval()
 
 
 @dataclass
@@ -134,23 +152,20 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 def train_linear_probe(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
     weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, desc: str | None = None,
+    progress: bool = False,
 ) -> LinearProbe:
-    """Mini-batch SGD with a cosine schedule on CPU-resident features (seconds); stops after `epochs`, converged or not."""
+    """Mini-batch SGD of a probe on CPU-resident features (seconds), the rate on a cosine; stops after
+    `epochs`, converged or not. `loss(logits, labels)` is the batch's mean loss (cross-entropy by default)."""
     features = features.float()
     labels = torch.as_tensor(labels).long()
     with torch.random.fork_rng():  # the initialisation, too, comes from `seed`
         torch.manual_seed(seed)
         probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(features), generator=gen).split(batch_size):
-            loss = F.cross_entropy(probe(features[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+    fit(probe.parameters(), lambda _: torch.randperm(len(features), generator=gen).split(batch_size),
+        lambda idx: loss(probe(features[idx]), labels[idx]), epochs=epochs, lr=lr, weight_decay=weight_decay,
+        desc=desc, progress=progress)
     return probe.eval()
 
 

@@ -29,6 +29,7 @@ from cba.progress import tqdm
 
 from cba import distributed
 from cba.errors import ConfigError
+from cba.fit import lr_at  # noqa: F401  (the schedule, shared with every small fit)
 from cba.io import load_tensors, save_tensors
 from cba.ssl.base import SSLMethod
 
@@ -62,13 +63,6 @@ class TrainResult:
             "poisoned": np.tile(poisoned, epochs),
             "loss": self.losses.reshape(-1).astype(np.float32),
         })
-
-
-def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:

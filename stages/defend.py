@@ -8,16 +8,15 @@ from pathlib import Path
 
 import typer
 
-from cba.attack import downstream_classifier
-from cba.defenses import DEFENSES, AttackRecord, Classifier, build_defense
+from cba.defenses import DEFENSES, build_defense
 from cba.env import environment
-from cba.evaluate import LinearProbe
 from cba.defenses.plots import defense_plot_tables
-from cba.io import load_tensors, write_csv
-from cba.poison import triggered_test_set
+from cba.io import write_csv
+from cba.probe import load_probe
+from cba.record import AttackRecord, build_record, own_head
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
-from stages.common import (PROGRESS_OPTION, DETAILS_DIR, PLOTS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, PLOTS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR,
                            TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
@@ -32,19 +31,12 @@ def load_attack_record(params: Params) -> AttackRecord:
     check_target(target, clean)
     trigger = load_trigger(TRIGGER_DIR)
     manifest = read_manifest(len(train))
-    if getattr(method, "uses_labels", False):
-        classifier = downstream_classifier(method, clean)
-    else:
-        state = load_tensors(FINETUNE_DIR / "probe.safetensors")
-        probe = LinearProbe(state["mean"], state["std"], state["linear.weight"].shape[0])
-        probe.load_state_dict(state)
-        classifier = Classifier(method.encoder, probe.eval()).eval()
-    return AttackRecord(
-        encoder=method.encoder, classifier=classifier, train=train, clean_train=clean, test=test,
-        triggered=triggered_test_set(test, trigger, target, seed), poisoned=manifest["poisoned"].to_numpy(),
-        target_class=target, trigger=trigger, method=meta["method"],
-        losses=read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss")), model_state=method.state_dict(), seed=seed,
-        extra={"backbone": meta["backbone"], "width": int(meta["width"]), "hparams": json.loads(meta["hparams"])},
+    probe = None if own_head(method) is not None else load_probe(FINETUNE_DIR / "probe.safetensors")
+    return build_record(
+        method, method=meta["method"], backbone=meta["backbone"], width=int(meta["width"]), hparams=json.loads(meta["hparams"]),
+        train=train, clean_train=clean, test=test, trigger=trigger, poisoned=manifest["poisoned"].to_numpy(),
+        target_class=target, seed=seed, probe=probe,
+        losses=read_table(PRETRAIN_DIR / "losses.parquet", ("epoch", "index", "poisoned", "loss")),
     )
 
 

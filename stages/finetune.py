@@ -11,14 +11,13 @@ from cba.analysis.readout import trigger_readout
 from cba.data.base import ImageSet
 from cba.errors import ConfigError
 from cba.evaluate import evaluate_encoder, extract_features
-from cba.probe import MAX_ITER, VAL_FRACTION, WEIGHT_DECAYS, LinearProbe, check_probe_options
-from cba.io import save_tensors
+from cba.probe import MAX_ITER, VAL_FRACTION, WEIGHT_DECAYS, LinearProbe, check_probe_options, save_probe
 from cba.models.io import encoder_metadata, load_encoder
 from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
-from cba.defenses.base import Classifier, classifier_acc_asr
+from cba.record import Classifier, classifier_acc_asr, own_head
 from cba.triggers import load_trigger
-from stages.common import (DETAILS_DIR, FINETUNE_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PRETRAIN_DIR,
+from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR,
                            TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
@@ -71,15 +70,15 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
     metrics, fit = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
                                     target, clean.num_classes, triggered_labels=triggered.labels, **config)
-    save_tensors(FINETUNE_DIR / "probe.safetensors", fit.probe.state_dict())
+    save_probe(FINETUNE_DIR / "probe.safetensors", fit.probe)
     metrics["linear"]["probe"] = fit.summary()
     metrics["readout"] = readout(encoder, fit.probe, test, triggered, target, manifest)
     meta = encoder_metadata(PRETRAIN_DIR / "encoder.safetensors")
     # Top-level acc/asr are those of the downstream classifier the defenses attack:
     # the linear probe for SSL, the model's own (poisoned-label) head for the supervised attack.
     primary = "linear"
-    if getattr(method, "uses_labels", False) and hasattr(method, "head"):
-        metrics["head"] = classifier_acc_asr(Classifier(method.encoder, method.head), test, triggered, target)
+    if own_head(method) is not None:
+        metrics["head"] = classifier_acc_asr(Classifier(method.encoder, own_head(method)), test, triggered, target)
         primary = "head"
     write_metrics("finetune", {
         "acc": metrics[primary]["acc"], "asr": metrics[primary]["asr"], "primary": primary, **metrics,

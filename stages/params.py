@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from cba.errors import ConfigError
+from cba.errors import DEVICE_CHOICES, ConfigError, is_device
 
 _MISSING = object()
 # The sections and scalars params.yaml may hold at its top level.
@@ -93,9 +93,9 @@ class Params:
     def device(self, key: str, default: str = "auto") -> str:
         """auto, cpu, cuda or cuda:N, and a requested GPU must exist here: checked before any work."""
         value = self.raw(key, default)
-        match = re.fullmatch(r"cuda(?::(\d+))?", value) if isinstance(value, str) else None
-        if value not in ("auto", "cpu") and not match:
-            raise ConfigError(key, value, "auto, cpu, cuda or cuda:N")
+        if not is_device(value):
+            raise ConfigError(key, value, DEVICE_CHOICES)
+        match = re.fullmatch(r"cuda(?::(\d+))?", value)
         if match:
             import torch  # only when a GPU is asked for
 

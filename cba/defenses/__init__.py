@@ -1,14 +1,10 @@
-"""Defense registry: one module per defense, one small interface (see base.py)."""
+"""Defense registry: one module per defense, one small interface (see base.py).
 
-import importlib
+Each module registers itself when imported; importing them here is what makes
+a defense available by name."""
 
-from cba.defenses.base import (DEFENSES, KINDS, AttackRecord, Classifier, Defense, build_defense,
-                               classifier_acc_asr, detection_metrics, repair_metrics)
+from cba.defenses import (abl, activation_clustering, dbd, downstream_ft, fine_pruning, neural_cleanse,  # noqa: F401
+                          scan, spectral, strip)
+from cba.defenses.base import DEFENSES, KINDS, Defense, build_defense, detection_metrics, repair_metrics
 
-# Each module registers itself on import.
-for _module in ("activation_clustering", "scan", "spectral", "abl", "fine_pruning", "neural_cleanse", "strip", "dbd",
-                "downstream_ft"):
-    importlib.import_module(f"cba.defenses.{_module}")
-
-__all__ = ["DEFENSES", "KINDS", "AttackRecord", "Classifier", "Defense", "build_defense", "classifier_acc_asr",
-           "detection_metrics", "repair_metrics"]
+__all__ = ["DEFENSES", "KINDS", "Defense", "build_defense", "detection_metrics", "repair_metrics"]

@@ -25,7 +25,6 @@ for contrastive attacks, whose poisoned and clean losses fall alike.
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from typing import Any
 
@@ -33,15 +32,17 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
                                detection_metrics, repair_metrics)
 from cba.defenses.downstream_ft import probe_acc_asr, record_probe
-from cba.errors import ConfigError, is_int, is_number
+from cba.errors import DEVICE_CHOICES, ConfigError, is_int, is_number, is_device
 from cba.evaluate import pick_device
-from cba.ssl import METHODS, SSLMethod, build_method
+from cba.fit import fit
+from cba.record import own_head
+from cba.models import build_backbone
+from cba.ssl import SSLMethod, build_method
 from cba.train import TrainConfig, epoch_batches, train
 
 EPOCH_MODES = ("mean", "last")
@@ -72,25 +73,9 @@ def isolate(loss: np.ndarray, rate: float) -> np.ndarray:
     return flagged
 
 
-def rebuild_method(record: AttackRecord) -> SSLMethod:
-    """The pretrained method (encoder and heads) from `record.model_state`, on a copy of the encoder.
-
-    Head sizes absent from `record.extra["hparams"]` are read off the state's shapes."""
-    if record.model_state is None:
-        raise ValueError("the attack record carries no model_state: the pretrained method cannot be rebuilt")
-    state, hparams = record.model_state, dict(record.extra.get("hparams", {}))
-    linears = [k for k in state if k.startswith("projector.") and k.endswith(".weight") and state[k].ndim == 2]
-    shapes = {"proj_hidden_dim": state.get("projector.0.weight"), "pred_hidden_dim": state.get("predictor.0.weight"),
-              "queue_size": state.get("queue"),
-              "proj_dim": state[max(linears, key=lambda k: int(k.split(".")[1]))] if linears else None}
-    for name, tensor in shapes.items():
-        if tensor is not None:
-            hparams.setdefault(name, int(tensor.shape[0]))
-    accepted = inspect.signature(METHODS.get(record.method).__init__).parameters
-    hparams = {k: v for k, v in hparams.items() if k in accepted}
-    method = build_method(record.method, copy.deepcopy(record.encoder), num_classes=record.num_classes, **hparams)
-    method.load_state_dict(state)
-    return method
+def copy_method(record: AttackRecord) -> SSLMethod:
+    """A copy of the attacked method (encoder, heads, momentum state) that ABL may train without touching the record."""
+    return copy.deepcopy(record.model)
 
 
 def _batch_loss(method: SSLMethod, augment: nn.Module, data: torch.Tensor, labels: torch.Tensor,
@@ -151,10 +136,10 @@ class ABL(Defense):
     kind = "data_detection"
 
     def __init__(self, *, isolation_rate: float = 0.05, isolation_epochs: int = 5, epoch_mode: str = "mean",
-                 loss_source: str = "retrain_lga", lga_gamma: float = 0.5, lga_lr: float = 0.1,
+                 loss_source: str = "log", lga_gamma: float = 0.5, lga_lr: float = 0.1,
                  lga_batch_size: int = 64, unlearn_epochs: int = 5, unlearn_lr: float = 5e-4,
                  unlearn_batch_size: int = 64, bounded_ascent: bool = True, clean_finetune: bool = False,
-                 device: str = "cpu"):
+                 device: str = "auto"):
         key = "defense.abl."
         check(is_number(isolation_rate) and 0 < isolation_rate < 1, key + "isolation_rate", isolation_rate,
               "a number in (0, 1)")
@@ -170,7 +155,7 @@ class ABL(Defense):
         check(is_number(lga_lr) and lga_lr > 0, key + "lga_lr", lga_lr, "a positive number")
         for name, value in (("bounded_ascent", bounded_ascent), ("clean_finetune", clean_finetune)):
             check(isinstance(value, bool), key + name, value, "true or false")
-        check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")
+        check(is_device(device), key + "device", device, DEVICE_CHOICES)
         self.isolation_rate, self.isolation_epochs, self.epoch_mode = float(isolation_rate), isolation_epochs, epoch_mode
         self.loss_source, self.lga_gamma, self.lga_lr, self.lga_batch_size = loss_source, lga_gamma, lga_lr, lga_batch_size
         self.unlearn_epochs, self.unlearn_lr, self.unlearn_batch_size = unlearn_epochs, unlearn_lr, unlearn_batch_size
@@ -188,13 +173,11 @@ class ABL(Defense):
         return isolation_loss(matrix, self.isolation_epochs, self.epoch_mode), min(self.isolation_epochs, len(matrix))
 
     def _lga_losses(self, record: AttackRecord, progress: bool) -> np.ndarray:
-        """ABL's isolation run: a freshly initialised copy of the method trained with LGA for
-        `isolation_epochs`, then each sample's loss under it (eval mode, as ABL scores)."""
+        """ABL's isolation run: a freshly initialised method of the attacked one's architecture, trained
+        with LGA for `isolation_epochs`, then each sample's loss under it (eval mode, as ABL scores)."""
         torch.manual_seed(record.seed)
-        method = rebuild_method(record)
-        for module in method.modules():  # fresh initialisation, same architecture
-            if module is not method and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        method = build_method(record.method, build_backbone(record.backbone, width=record.width),
+                              num_classes=record.num_classes, **record.hparams)
         config = TrainConfig(epochs=self.isolation_epochs, batch_size=self.lga_batch_size, lr=self.lga_lr, warmup_epochs=0,
                              seed=record.seed, eval_every=self.isolation_epochs)
         size = record.train.images.shape[1]
@@ -222,32 +205,33 @@ class ABL(Defense):
             sample = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(record.seed))[:2048]].numpy()
             ceiling = float(per_sample_losses(method, augment, record.train.images[sample], record.train.labels[sample],
                                               record.seed, batch_size=self.unlearn_batch_size).mean())
-        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=self.unlearn_lr,
-                              momentum=0.9, weight_decay=1e-4)
         torch.manual_seed(record.seed)
         gen = torch.Generator().manual_seed(record.seed)
-        ascent_steps = 0
-        for _ in tqdm(range(self.unlearn_epochs), desc="abl unlearn", unit="epoch", disable=not progress):
-            for idx in epoch_batches(len(bad), self.unlearn_batch_size, gen):
-                terms = []
-                bad_loss = _batch_loss(method, augment, data, labels, bad[idx].to(device))
-                if float(bad_loss.detach()) < ceiling:
-                    terms.append(-bad_loss)
-                    ascent_steps += 1
-                if self.clean_finetune and len(rest):
-                    pick = rest[torch.randint(len(rest), (self.unlearn_batch_size,), generator=gen)]
-                    terms.append(_batch_loss(method, augment, data, labels, pick.to(device)))
-                if terms:
-                    opt.zero_grad(set_to_none=True)
-                    sum(terms).backward()
-                    opt.step()
+        counts = {"ascent": 0}
+
+        def loss(idx: torch.Tensor) -> torch.Tensor | None:
+            terms = []
+            bad_loss = _batch_loss(method, augment, data, labels, bad[idx].to(device))
+            if float(bad_loss.detach()) < ceiling:
+                terms.append(-bad_loss)
+                counts["ascent"] += 1
+            if self.clean_finetune and len(rest):
+                pick = rest[torch.randint(len(rest), (self.unlearn_batch_size,), generator=gen)]
+                terms.append(_batch_loss(method, augment, data, labels, pick.to(device)))
+            return sum(terms) if terms else None
+
+        # A constant rate, as ABL unlearns.
+        fit(method.parameters(), lambda _: epoch_batches(len(bad), self.unlearn_batch_size, gen), loss,
+            epochs=self.unlearn_epochs, lr=self.unlearn_lr, weight_decay=1e-4, cosine=False, desc="abl unlearn",
+            progress=progress)
+        ascent_steps = counts["ascent"]
         stats = {"unlearn_ascent_steps": ascent_steps, "unlearn_ceiling": ceiling if np.isfinite(ceiling) else None}
         return method.to("cpu").eval(), stats
 
     def acc_asr(self, method: SSLMethod, record: AttackRecord, probe: Any = None) -> dict[str, Any]:
         """Supervised: the model's own head. SSL: linear probe refitted on clean labels (plus kNN), or `probe`."""
-        if method.uses_labels and hasattr(method, "head"):
-            return classifier_acc_asr(Classifier(method.encoder, method.head), record)
+        if own_head(method) is not None:
+            return classifier_acc_asr(Classifier(method.encoder, own_head(method)), record)
         return probe_acc_asr(method.encoder, record, probe)
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
@@ -259,11 +243,11 @@ class ABL(Defense):
         finite = np.isfinite(loss)
         out["mean_loss_poisoned"] = float(loss[poisoned & finite].mean()) if (poisoned & finite).any() else float("nan")
         out["mean_loss_clean"] = float(loss[~poisoned & finite].mean()) if (~poisoned & finite).any() else float("nan")
-        method = rebuild_method(record)
-        before = self.acc_asr(method, record, record_probe(record))  # the rebuilt method is the record's encoder
+        method = copy_method(record)
+        before = self.acc_asr(method, record, record_probe(record))  # the copy is the record's encoder
         method, stats = self.unlearn(method, record, isolated, progress)
         after = self.acc_asr(method, record)
-        out.update(repair_metrics(before, after))
+        out.update(repair_metrics(record.baseline, after))
         out.update({f"{k}_{tag}": v for tag, m in (("before", before), ("after", after)) for k, v in m.items()
                     if k not in ("acc", "asr")})
         out["isolation_epochs_used"] = int(epochs_used)

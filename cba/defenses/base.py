@@ -1,7 +1,7 @@
 """One small interface for every defense, and the metric schema of each kind.
 
-An attack leaves one record (`AttackRecord`) that every defense reads, as in
-BackdoorBench; in the pipeline it is assembled from the DVC artifacts.
+An attack leaves one record (`cba.record.AttackRecord`) that every defense
+reads, as in BackdoorBench; `cba.record.build_record` assembles it.
 
 Kinds and the schema of what `Defense.run` returns:
 - data_detection: flags suspicious training samples.
@@ -10,66 +10,24 @@ Kinds and the schema of what `Defense.run` returns:
 - model_detection: flags the model and suspected target classes; returns
   anomaly_index (per class), flagged_classes, target_flagged.
 - repair: returns a cleaned encoder or classifier; returns
-  `repair_metrics(before, after)`: acc and asr before and after.
+  `repair_metrics(record.baseline, after)`: acc and asr before and after; every
+  repair starts from the record's one baseline, the deployed classifier's.
 A defense may add its own extra keys (curves, isolation precision, ...).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
-import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
-from torch import nn
 
-from cba.data.base import ImageSet
 from cba.errors import ConfigError, is_int, is_number
+from cba.record import AttackRecord, Classifier, classifier_acc_asr, logits_of, predict  # noqa: F401  (the defenses' imports)
 from cba.registry import Registry
-from cba.triggers import Trigger
 
 KINDS = ("data_detection", "input_detection", "model_detection", "repair")
-
-
-class Classifier(nn.Module):
-    """The downstream classifier: encoder + head, on [0, 1] images (N, 3, H, W).
-
-    For SSL attacks the head is the linear probe fitted on clean labels; for
-    the supervised attack it is the model's own (poisoned) head."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-@dataclass
-class AttackRecord:
-    """Everything an attack leaves behind for the defenses to inspect."""
-
-    encoder: nn.Module  # pretrained on the poisoned set
-    classifier: Classifier  # encoder + downstream head
-    train: ImageSet  # the poisoned training set, labels as the victim saw them
-    clean_train: ImageSet  # the same images without triggers, true labels (the defender never sees this for data detection)
-    test: ImageSet  # clean test set
-    triggered: ImageSet  # triggered test images whose true class is not the target
-    poisoned: np.ndarray  # bool mask over `train`: ground truth, for scoring only
-    target_class: int
-    trigger: Trigger
-    method: str  # simclr, byol, ..., supervised
-    losses: pd.DataFrame | None = None  # per-sample loss log: epoch, index, poisoned, loss
-    model_state: dict[str, torch.Tensor] | None = None  # the full method state (heads, EMA), for defenses that retrain
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return self.test.num_classes
 
 
 class Defense:
@@ -152,37 +110,3 @@ def repair_metrics(before: dict[str, float], after: dict[str, float]) -> dict[st
     """`before`/`after` hold acc and asr of the downstream classifier; `der` rates the repair (BackdoorBench)."""
     return {"acc_before": before["acc"], "asr_before": before["asr"], "acc_after": after["acc"], "asr_after": after["asr"],
             "der": defense_effectiveness(before, after)}
-
-
-@torch.no_grad()
-def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    """Class predictions of uint8 images, in eval mode."""
-    return logits_of(model, images, batch_size).argmax(1)
-
-
-@torch.no_grad()
-def logits_of(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    from cba.evaluate import to_float
-
-    if isinstance(model, nn.Module):
-        model.eval()
-    outs = [model(to_float(images[i : i + batch_size])).float() for i in range(0, len(images), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def classifier_acc_asr(model: Callable[[torch.Tensor], torch.Tensor], record_or_test: "AttackRecord | ImageSet",
-                       triggered: ImageSet | None = None, target_class: int | None = None) -> dict[str, float]:
-    """ACC on the clean test set and ASR on the triggered non-target test images.
-
-    Pass an AttackRecord, or the test set, the triggered set and the target class."""
-    from cba.evaluate import accuracy, attack_success_rate
-
-    if isinstance(record_or_test, AttackRecord):
-        test, triggered, target_class = record_or_test.test, record_or_test.triggered, record_or_test.target_class
-    else:
-        test = record_or_test
-    assert triggered is not None and target_class is not None
-    return {
-        "acc": accuracy(predict(model, test.images), test.labels),
-        "asr": attack_success_rate(predict(model, triggered.images), target_class),
-    }

@@ -45,14 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
                                detection_metrics, repair_metrics)
 from cba.defenses.dbd_semi import semi_supervised_finetune
-from cba.errors import is_int, is_number
-from cba.evaluate import LinearProbe, extract_features, pick_device
+from cba.errors import DEVICE_CHOICES, is_int, is_number, is_device
+from cba.evaluate import LinearProbe, extract_features, pick_device, train_linear_probe
 from cba.models import BACKBONES, build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
@@ -84,21 +83,10 @@ def split_by_loss(losses: np.ndarray, epsilon: float) -> np.ndarray:
 
 def train_sce_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
                    alpha: float, beta: float, batch_size: int, seed: int, progress: bool = False) -> LinearProbe:
-    """A linear head on standardised frozen features, trained with SCE by SGD with a cosine schedule."""
-    features, labels = features.float(), torch.as_tensor(labels).long()
-    torch.manual_seed(seed)  # the head's initialisation
-    head = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="dbd head", unit="epoch", disable=not progress):
-        for idx in torch.randperm(len(features), generator=gen).split(batch_size):
-            loss = sce_loss(head(features[idx]), labels[idx], alpha, beta).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    return head.eval()
+    """A linear head on standardised frozen features, trained with SCE (a linear probe with another loss)."""
+    return train_linear_probe(features, labels, num_classes, epochs=epochs, lr=lr, weight_decay=5e-4,
+                              batch_size=batch_size, seed=seed, desc="dbd head", progress=progress,
+                              loss=lambda logits, y: sce_loss(logits, y, alpha, beta).mean())
 
 
 @DEFENSES.register("dbd")
@@ -126,7 +114,7 @@ class DBD(Defense):
         check(is_number(ssl_min_scale) and 0 < ssl_min_scale <= 1, key + "ssl_min_scale", ssl_min_scale, "a fraction in (0, 1]")
         check(is_number(epsilon) and 0 < epsilon <= 1, key + "epsilon", epsilon, "a fraction in (0, 1]")
         check(is_number(confidence) and 0 <= confidence <= 1, key + "confidence", confidence, "a number in [0, 1]")
-        check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")
+        check(is_device(device), key + "device", device, DEVICE_CHOICES)
         self.backbone_source, self.ssl_backbone, self.ssl_width = backbone_source, ssl_backbone, ssl_width
         self.ssl_temperature, self.ssl_min_scale = ssl_temperature, ssl_min_scale
         self.ssl_epochs, self.ssl_lr, self.head_epochs, self.head_lr = ssl_epochs, ssl_lr, head_epochs, head_lr
@@ -187,7 +175,7 @@ class DBD(Defense):
         poisoned = np.asarray(record.poisoned, dtype=bool)
         out: dict[str, Any] = {
             **detection_metrics(losses, poisoned, ~labelled),
-            **repair_metrics(classifier_acc_asr(record.classifier, record), classifier_acc_asr(model, record)),
+            **repair_metrics(record.baseline, classifier_acc_asr(model, record)),
             "adaptation": adaptation,
             "backbone_source": source,
             "labelled": int(labelled.sum()),

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from cba.progress import tqdm
 
 from cba.augment import build_augment
-from cba.train import lr_at
+from cba.fit import fit
 
 
 def semi_supervised_finetune(
@@ -51,34 +50,31 @@ def semi_supervised_finetune(
     size = images.shape[1]
     weak, strong = build_augment("weak", size).to(device), build_augment("ssl", size).to(device)
     model.to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
-                          weight_decay=weight_decay, nesterov=True)
     bs = min(batch_size, len(lab_idx))
     steps = math.ceil(len(lab_idx) / bs)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # kornia draws its augmentation parameters from the global generator
-    passed = seen = 0
-    for epoch in tqdm(range(epochs), desc="dbd semi", unit="epoch", disable=not progress):
-        model.train()
-        passed = seen = 0
-        for step, batch in enumerate(lab_idx[torch.randperm(len(lab_idx), generator=gen)].split(bs)):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, epochs * steps, min(steps, epochs * steps // 4), lr)
-            x_l = weak(data[batch.to(device)].float().div_(255))
-            y_l = targets[batch.to(device)]
-            if len(unl_idx) == 0:
-                loss = F.cross_entropy(model(x_l.contiguous(memory_format=torch.channels_last)).float(), y_l)
-            else:
-                x_u = data[unl_idx[torch.randint(len(unl_idx), (len(batch),), generator=gen)].to(device)].float().div_(255)
-                views = torch.cat([x_l, weak(x_u), strong(x_u)]).contiguous(memory_format=torch.channels_last)
-                logits_l, logits_weak, logits_strong = model(views).float().split([len(batch), len(x_u), len(x_u)])
-                conf, pseudo = F.softmax(logits_weak.detach(), 1).max(1)
-                mask = (conf >= confidence).float()
-                passed, seen = passed + int(mask.sum()), seen + len(x_u)
-                loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
-                loss = F.cross_entropy(logits_l, y_l) + unlabelled_weight * loss_u
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    counts = {"passed": 0, "seen": 0}  # pseudo-labels that passed the threshold, in the last epoch
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        x_l = weak(data[batch.to(device)].float().div_(255))
+        y_l = targets[batch.to(device)]
+        if len(unl_idx) == 0:
+            return F.cross_entropy(model(x_l.contiguous(memory_format=torch.channels_last)).float(), y_l)
+        x_u = data[unl_idx[torch.randint(len(unl_idx), (len(batch),), generator=gen)].to(device)].float().div_(255)
+        views = torch.cat([x_l, weak(x_u), strong(x_u)]).contiguous(memory_format=torch.channels_last)
+        logits_l, logits_weak, logits_strong = model(views).float().split([len(batch), len(x_u), len(x_u)])
+        conf, pseudo = F.softmax(logits_weak.detach(), 1).max(1)
+        mask = (conf >= confidence).float()
+        counts["passed"] += int(mask.sum())
+        counts["seen"] += len(x_u)
+        loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
+        return F.cross_entropy(logits_l, y_l) + unlabelled_weight * loss_u
+
+    model.train()
+    fit(model.parameters(), lambda _: lab_idx[torch.randperm(len(lab_idx), generator=gen)].split(bs), loss,
+        epochs=epochs, lr=lr, weight_decay=weight_decay, nesterov=True, warmup_steps=min(steps, epochs * steps // 4),
+        on_epoch=lambda _: counts.update(passed=0, seen=0), desc="dbd semi", progress=progress)
+    passed, seen = counts["passed"], counts["seen"]
     model.eval()
     return {"pseudo_label_rate": passed / seen if seen else float("nan")}

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from cba.progress import tqdm
 
 from cba.augment import build_augment
 from cba.data import DATASETS, ImageSet, load_dataset
 from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, predict, repair_metrics
-from cba.errors import is_int, is_number
+from cba.errors import DEVICE_CHOICES, is_int, is_number, is_device
 from cba.evaluate import LinearProbe, accuracy, evaluate_encoder, extract_features, fit_linear_probe, pick_device
-from cba.train import epoch_batches, lr_at
+from cba.fit import fit
+from cba.train import epoch_batches
 
 HEAD_INITS = ("probe", "random")
 
@@ -92,7 +92,7 @@ class DownstreamFineTune(Defense):
             check(is_number(value) and value >= 0, key + name, value,
                   "a non-negative number")
         check(head_init in HEAD_INITS, key + "head_init", head_init, f"choose one of {', '.join(HEAD_INITS)}")
-        check(device in ("auto", "cpu", "cuda"), key + "device", device, "choose one of auto, cpu, cuda")
+        check(is_device(device), key + "device", device, DEVICE_CHOICES)
         self.dataset, self.train_size, self.test_size = dataset, train_size, test_size
         self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
         self.head_init, self.device = head_init, device
@@ -113,21 +113,15 @@ class DownstreamFineTune(Defense):
         augment = build_augment("weak", data.images.shape[1]).to(device)
         images = torch.as_tensor(data.images).permute(0, 3, 1, 2).contiguous().to(device)
         labels = torch.as_tensor(data.labels).long().to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(seed)
-        steps = len(epoch_batches(len(data), self.batch_size, gen)) * self.epochs
-        step = 0
-        for _ in tqdm(range(self.epochs), desc="downstream fine-tune", unit="epoch", disable=not progress):
-            for idx in epoch_batches(len(data), self.batch_size, gen):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, steps, 0, self.lr)
-                idx = idx.to(device)
-                x = augment(images[idx].float().div_(255)).contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(model(x), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
+
+        def loss(idx: torch.Tensor) -> torch.Tensor:
+            idx = idx.to(device)
+            x = augment(images[idx].float().div_(255)).contiguous(memory_format=torch.channels_last)
+            return F.cross_entropy(model(x), labels[idx])
+
+        fit(model.parameters(), lambda _: epoch_batches(len(data), self.batch_size, gen), loss, epochs=self.epochs,
+            lr=self.lr, weight_decay=self.weight_decay, desc="downstream fine-tune", progress=progress)
         return model.to("cpu").eval()
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
@@ -143,7 +137,7 @@ class DownstreamFineTune(Defense):
         down_after = downstream_metrics(tuned, test, triggered)
         before = probe_acc_asr(record.encoder, record, record_probe(record))
         after = probe_acc_asr(tuned.encoder, record)
-        out: dict[str, Any] = repair_metrics(before, after)
+        out: dict[str, Any] = repair_metrics(record.baseline, after)
         out.update({f"{k}_{tag}": v for tag, m in (("before", before), ("after", after)) for k, v in m.items()
                     if k not in ("acc", "asr")})
         out.update({f"downstream_{k}_{tag}": v for tag, m in (("before", down_before), ("after", down_after))
