@@ -90,7 +90,7 @@ def learning_rate(params: Params, method: str) -> float:
 
 # The code that shapes the weights (dvc.yaml's pretrain deps inside the package): a checkpoint
 # written by other code must never be resumed as this code's result.
-TRAINING_CODE = ("train.py", "distributed.py", "augment.py", "ssl", "models")
+TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "models")
 
 
 def code_digest(root: Path | None = None) -> str:

@@ -76,7 +76,10 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     bench = [(title, (BENCH_DIR / f"{name}.md").read_text()) for name, title in BENCHES if (BENCH_DIR / f"{name}.md").exists()]
     if bench:
         parts += ["## Benchmarks across methods and attacks",
-                  f"The last committed runs of the bench scripts (`{BENCH_DIR}/`), beside this pipeline run.",
+                  f"**Not from this pipeline run.** These are the last committed outputs of the bench scripts "
+                  f"(`{BENCH_DIR}/`): each bench trains its own victims, through the same attack record "
+                  "(`cba.record.build_record`) as this run, at the settings its section names, and `dvc repro` "
+                  "does not rerun them. Rerun a bench with the command in its section.",
                   *(bench_section(title, text) for title, text in bench)]
     parts += ["## Parameters", params_block(params.data)]
     with atomic_path(REPORT_DIR / "report.md") as tmp:

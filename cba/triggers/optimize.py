@@ -69,7 +69,6 @@ class OptimizeConfig:
     head: str = "centroid"  # centroid: nearest centroid by cosine | probe: a linear probe fitted on the pseudo-labels
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
     per_batch: bool = False
-    anchor: str = "clean"  # the target centroid: the clean target-class images | the poisoned ones (carrying the pattern)
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -218,12 +217,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             for p in encoder.parameters():
                 p.requires_grad_(False)
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0}
-            anchored = data
-            if config.anchor == "poisoned":
-                # Pull triggered images towards where the poisons themselves sit, trigger included.
-                anchored = data.clone()
-                anchored[torch.as_tensor(target_mask)] = (data[torch.as_tensor(target_mask)] + delta).clamp(0, 1)
-            head = target_head(encoder, anchored, target_mask, config.clusters, config.head, gen)
+            head = target_head(encoder, data, target_mask, config.clusters, config.head, gen)
             for _ in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]

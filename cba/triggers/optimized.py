@@ -43,7 +43,6 @@ class OptimizedTrigger(Trigger):
         "clusters": 10,             # the target centroid competes with k-means centroids of the other images
         "resolution": 32,           # side of the learned grid, upsampled to the image (lower: smoother)
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
-        "anchor": "clean",          # target centroid: clean target-class images | poisoned ones
     }
 
     def _validate(self) -> None:
@@ -71,8 +70,6 @@ class OptimizedTrigger(Trigger):
                 self._fail(key, "must be true or false")
         if p["surrogate_backbone"] not in BACKBONE_CHOICES:
             self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
-        if p["anchor"] not in ("clean", "poisoned"):
-            self._fail("anchor", "choose one of clean, poisoned")
         if p["head"] not in HEAD_CHOICES:
             self._fail("head", f"choose one of {', '.join(HEAD_CHOICES)}")
 
