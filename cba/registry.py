@@ -15,10 +15,14 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register `obj` under `name`; a class also gets `name` as its `name` attribute, so
+        the name is spelled once, here."""
         def decorate(obj: T) -> T:
             if name in self._entries:
                 raise KeyError(f"{self.kind} '{name}' is registered twice")
             self._entries[name] = obj
+            if isinstance(obj, type):
+                obj.name = name
             return obj
 
         return decorate

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import typer
 
 from cba.data import ImageSet, load_dataset
-from cba.data.store import load_imageset
+from cba.data.io import load_imageset
 from cba.errors import ConfigError
 from cba.io import read_json, write_json
 from stages.params import Params

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from cba.defenses import DEFENSES, build_defense
+from cba.defenses.registry import in_section
 from cba.env import environment
 from cba.defenses.plots import defense_plot_tables
 from cba.io import write_csv
@@ -81,7 +82,8 @@ def defend(
     defense = build_defense(name, **params.section(f"defense.{name}"))
     record = load_attack_record(params)
     started = time.perf_counter()
-    result = defense.run(record, progress=progress)
+    with in_section(name):  # an option that fails only at run time is still named where params.yaml has it
+        result = defense.run(record, progress=progress)
     write_metrics(f"defense/{name}", {
         "defense": name, "kind": defense.kind, **result, "seconds": time.perf_counter() - started,
         "attack": {"method": record.method, "trigger": record.trigger.name, "poisoned": int(record.poisoned.sum()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cba.data.store import save_imageset
+from cba.data.io import save_imageset
 from cba.io import write_parquet
 from cba.poison import MODES, poison_dataset, validate_poison
 from cba.triggers import load_trigger

@@ -46,14 +46,3 @@ def load_dataset(name: str, split: str, *, root: str | None = None, seed: int = 
         raise ConfigError(f"data.options.{split}_size", size, f"at most {len(data)}, the size of {name}'s {split} split")
     rng = np.random.default_rng([seed, 0x5B5E7, SPLITS.index(split)])
     return data.subset(np.sort(rng.permutation(len(data))[:size]))
-
-
-def _register_builtin() -> None:
-    # Imported for their registration side effect.
-    import importlib
-
-    for module in ("synthetic", "synthetic_alt", "cifar", "idx", "imagefolder"):
-        importlib.import_module(f"cba.data.{module}")
-
-
-_register_builtin()

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from cba.augment import build_augment
-from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
-                               detection_metrics, repair_metrics)
+from cba.defenses.base import AttackRecord, Classifier, Defense, check, classifier_acc_asr, detection_metrics, repair_metrics
+from cba.defenses.registry import DEFENSES
 from cba.defenses.downstream_ft import probe_acc_asr, record_probe
 from cba.errors import DEVICE_CHOICES, ConfigError, is_int, is_number, is_device
 from cba.evaluate import pick_device
@@ -132,7 +132,6 @@ class _LGA(SSLMethod):
 
 @DEFENSES.register("abl")
 class ABL(Defense):
-    name = "abl"
     kind = "data_detection"
 
     def __init__(self, *, isolation_rate: float = 0.05, isolation_epochs: int = 5, epoch_mode: str = "mean",
@@ -140,22 +139,21 @@ class ABL(Defense):
                  lga_batch_size: int = 64, unlearn_epochs: int = 5, unlearn_lr: float = 5e-4,
                  unlearn_batch_size: int = 64, bounded_ascent: bool = True, clean_finetune: bool = False,
                  device: str = "auto"):
-        key = "defense.abl."
-        check(is_number(isolation_rate) and 0 < isolation_rate < 1, key + "isolation_rate", isolation_rate,
+        check(is_number(isolation_rate) and 0 < isolation_rate < 1, "isolation_rate", isolation_rate,
               "a number in (0, 1)")
         for name, value in (("isolation_epochs", isolation_epochs), ("lga_batch_size", lga_batch_size),
                             ("unlearn_batch_size", unlearn_batch_size)):
-            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
-        check(is_int(unlearn_epochs) and unlearn_epochs >= 0, key + "unlearn_epochs", unlearn_epochs,
+            check(is_int(value) and value >= 1, name, value, "a positive integer")
+        check(is_int(unlearn_epochs) and unlearn_epochs >= 0, "unlearn_epochs", unlearn_epochs,
               "a non-negative integer (0 skips unlearning)")
-        check(epoch_mode in EPOCH_MODES, key + "epoch_mode", epoch_mode, f"choose one of {', '.join(EPOCH_MODES)}")
-        check(loss_source in LOSS_SOURCES, key + "loss_source", loss_source, f"choose one of {', '.join(LOSS_SOURCES)}")
+        check(epoch_mode in EPOCH_MODES, "epoch_mode", epoch_mode, f"choose one of {', '.join(EPOCH_MODES)}")
+        check(loss_source in LOSS_SOURCES, "loss_source", loss_source, f"choose one of {', '.join(LOSS_SOURCES)}")
         for name, value in (("lga_gamma", lga_gamma), ("unlearn_lr", unlearn_lr)):
-            check(is_number(value) and value >= 0, key + name, value, "a non-negative number")
-        check(is_number(lga_lr) and lga_lr > 0, key + "lga_lr", lga_lr, "a positive number")
+            check(is_number(value) and value >= 0, name, value, "a non-negative number")
+        check(is_number(lga_lr) and lga_lr > 0, "lga_lr", lga_lr, "a positive number")
         for name, value in (("bounded_ascent", bounded_ascent), ("clean_finetune", clean_finetune)):
-            check(isinstance(value, bool), key + name, value, "true or false")
-        check(is_device(device), key + "device", device, DEVICE_CHOICES)
+            check(isinstance(value, bool), name, value, "true or false")
+        check(is_device(device), "device", device, DEVICE_CHOICES)
         self.isolation_rate, self.isolation_epochs, self.epoch_mode = float(isolation_rate), isolation_epochs, epoch_mode
         self.loss_source, self.lga_gamma, self.lga_lr, self.lga_batch_size = loss_source, lga_gamma, lga_lr, lga_batch_size
         self.unlearn_epochs, self.unlearn_lr, self.unlearn_batch_size = unlearn_epochs, unlearn_lr, unlearn_batch_size
@@ -167,7 +165,7 @@ class ABL(Defense):
         if self.loss_source == "retrain_lga":
             return self._lga_losses(record, progress), self.isolation_epochs
         if record.losses is None:
-            raise ConfigError("defense.abl.loss_source", "log",
+            raise ConfigError("loss_source", "log",
                               "the attack record has no per-sample loss log; use retrain_lga")
         matrix = loss_matrix(record.losses, len(record.train))
         return isolation_loss(matrix, self.isolation_epochs, self.epoch_mode), min(self.isolation_epochs, len(matrix))

@@ -33,7 +33,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 from cba.progress import tqdm
 
-from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
+from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
+from cba.defenses.registry import DEFENSES
 from cba.defenses.features import check_labels_source, class_groups, poison_group, training_features
 
 ADAPTATION = ("Activations are the contrastive encoder's features; per-class clustering over k-means "
@@ -84,18 +85,16 @@ def cluster_classes(features: np.ndarray, groups: dict[int, np.ndarray], *, redu
 
 @DEFENSES.register("activation_clustering")
 class ActivationClustering(Defense):
-    name = "activation_clustering"
     kind = "data_detection"
 
     def __init__(self, *, labels: str = "kmeans", reduce: str = "ica", components: int = 10, criterion: str = "size",
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.15):
-        key = f"defense.{self.name}"
-        check_labels_source(self.name, labels)
-        check(reduce in REDUCTIONS, f"{key}.reduce", reduce, f"choose one of {', '.join(REDUCTIONS)}")
-        check(isinstance(components, int) and components >= 1, f"{key}.components", components, "an integer >= 1")
-        check(criterion in CRITERIA, f"{key}.criterion", criterion, f"choose one of {', '.join(CRITERIA)}")
-        check(0 < size_threshold <= 0.5, f"{key}.size_threshold", size_threshold, "a fraction in (0, 0.5]")
-        check(-1 <= silhouette_threshold <= 1, f"{key}.silhouette_threshold", silhouette_threshold,
+        check_labels_source(labels)
+        check(reduce in REDUCTIONS, "reduce", reduce, f"choose one of {', '.join(REDUCTIONS)}")
+        check(isinstance(components, int) and components >= 1, "components", components, "an integer >= 1")
+        check(criterion in CRITERIA, "criterion", criterion, f"choose one of {', '.join(CRITERIA)}")
+        check(0 < size_threshold <= 0.5, "size_threshold", size_threshold, "a fraction in (0, 0.5]")
+        check(-1 <= silhouette_threshold <= 1, "silhouette_threshold", silhouette_threshold,
               "a value in [-1, 1]")
         self.labels, self.reduce, self.components, self.criterion = labels, reduce, components, criterion
         self.size_threshold, self.silhouette_threshold = size_threshold, silhouette_threshold

@@ -17,57 +17,28 @@ A defense may add its own extra keys (curves, isolation precision, ...).
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from cba.errors import ConfigError, is_int, is_number
+from cba.errors import ConfigError
 from cba.record import AttackRecord, Classifier, classifier_acc_asr, logits_of, predict  # noqa: F401  (the defenses' imports)
-from cba.registry import Registry
 
 KINDS = ("data_detection", "input_detection", "model_detection", "repair")
 
 
 class Defense:
-    """Base class. Subclasses set `name`, `kind` and implement `run`.
+    """Base class. Subclasses set `kind` and implement `run`; registering one names it.
 
     Constructor keyword arguments are the defense's parameters (from
-    `defense.<name>` in params.yaml); `build_defense` validates their names."""
+    `defense.<name>` in params.yaml); `cba.defenses.registry.build_defense` checks them."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
         raise NotImplementedError
-
-
-DEFENSES: Registry[type[Defense]] = Registry("defenses")
-
-
-# What each annotation of a defense option accepts, checked before the constructor sees the value.
-_OPTION_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "int": (is_int, "an integer"),
-    "float": (is_number, "a number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "float | str": (lambda v: is_number(v) or isinstance(v, str), "a number or a word"),
-    "bool | str": (lambda v: isinstance(v, (bool, str)), "true, false or a word"),
-    "list[float]": (lambda v: isinstance(v, list) and all(is_number(x) for x in v), "a list of numbers"),
-}
-
-
-def build_defense(name: str, **params: Any) -> Defense:
-    cls = DEFENSES.get(name, key="defense")
-    signature = {p.name: p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"}
-    for key, value in params.items():
-        if key not in signature:
-            raise ConfigError(f"defense.{name}.{key}", value, f"{name} takes {', '.join(signature) or 'no options'}")
-        accepts, allowed = _OPTION_TYPES.get(str(signature[key].annotation), (lambda v: True, ""))
-        if not accepts(value):  # a wrong type would otherwise reach the constructor's comparisons as a traceback
-            raise ConfigError(f"defense.{name}.{key}", value, allowed)
-    return cls(**params)
 
 
 def check(condition: bool, key: str, value: Any, allowed: str) -> None:

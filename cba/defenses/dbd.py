@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.augment import build_augment
-from cba.defenses.base import (DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr,
-                               detection_metrics, repair_metrics)
+from cba.defenses.base import AttackRecord, Classifier, Defense, check, classifier_acc_asr, detection_metrics, repair_metrics
+from cba.defenses.registry import DEFENSES
 from cba.defenses.dbd_semi import semi_supervised_finetune
 from cba.errors import DEVICE_CHOICES, is_int, is_number, is_device
 from cba.evaluate import LinearProbe, extract_features, pick_device, train_linear_probe
@@ -91,7 +91,6 @@ def train_sce_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 @DEFENSES.register("dbd")
 class DBD(Defense):
-    name = "dbd"
     kind = "repair"
 
     def __init__(self, *, backbone_source: str = "auto", ssl_backbone: str = "convnet", ssl_width: int = 16,
@@ -100,21 +99,20 @@ class DBD(Defense):
                  epsilon: float = 0.5, semi_epochs: int = 5,
                  lr: float = 0.01, batch_size: int = 128, confidence: float = 0.95, unlabelled_weight: float = 1.0,
                  device: str = "auto"):
-        key = "defense.dbd."
-        check(backbone_source in SOURCES, key + "backbone_source", backbone_source, f"choose one of {', '.join(SOURCES)}")
-        check(ssl_backbone in BACKBONES, key + "ssl_backbone", ssl_backbone, f"choose one of {', '.join(BACKBONES.names())}")
+        check(backbone_source in SOURCES, "backbone_source", backbone_source, f"choose one of {', '.join(SOURCES)}")
+        check(ssl_backbone in BACKBONES, "ssl_backbone", ssl_backbone, f"choose one of {', '.join(BACKBONES.names())}")
         for name, value, low in (("ssl_width", ssl_width, 1), ("ssl_epochs", ssl_epochs, 1), ("head_epochs", head_epochs, 1),
                                  ("semi_epochs", semi_epochs, 0), ("batch_size", batch_size, 2)):
-            check(is_int(value) and value >= low, key + name, value, f"an integer >= {low}")
+            check(is_int(value) and value >= low, name, value, f"an integer >= {low}")
         for name, value in (("ssl_lr", ssl_lr), ("ssl_temperature", ssl_temperature), ("head_lr", head_lr), ("lr", lr)):
-            check(is_number(value) and value > 0, key + name, value, "a positive number")
+            check(is_number(value) and value > 0, name, value, "a positive number")
         for name, value in (("sce_alpha", sce_alpha), ("sce_beta", sce_beta), ("unlabelled_weight", unlabelled_weight)):
-            check(is_number(value) and value >= 0, key + name, value, "a number >= 0")
-        check(sce_alpha + sce_beta > 0, key + "sce_beta", sce_beta, "sce_alpha + sce_beta must be positive")
-        check(is_number(ssl_min_scale) and 0 < ssl_min_scale <= 1, key + "ssl_min_scale", ssl_min_scale, "a fraction in (0, 1]")
-        check(is_number(epsilon) and 0 < epsilon <= 1, key + "epsilon", epsilon, "a fraction in (0, 1]")
-        check(is_number(confidence) and 0 <= confidence <= 1, key + "confidence", confidence, "a number in [0, 1]")
-        check(is_device(device), key + "device", device, DEVICE_CHOICES)
+            check(is_number(value) and value >= 0, name, value, "a number >= 0")
+        check(sce_alpha + sce_beta > 0, "sce_beta", sce_beta, "sce_alpha + sce_beta must be positive")
+        check(is_number(ssl_min_scale) and 0 < ssl_min_scale <= 1, "ssl_min_scale", ssl_min_scale, "a fraction in (0, 1]")
+        check(is_number(epsilon) and 0 < epsilon <= 1, "epsilon", epsilon, "a fraction in (0, 1]")
+        check(is_number(confidence) and 0 <= confidence <= 1, "confidence", confidence, "a number in [0, 1]")
+        check(is_device(device), "device", device, DEVICE_CHOICES)
         self.backbone_source, self.ssl_backbone, self.ssl_width = backbone_source, ssl_backbone, ssl_width
         self.ssl_temperature, self.ssl_min_scale = ssl_temperature, ssl_min_scale
         self.ssl_epochs, self.ssl_lr, self.head_epochs, self.head_lr = ssl_epochs, ssl_lr, head_epochs, head_lr

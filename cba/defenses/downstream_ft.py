@@ -34,7 +34,8 @@ from torch import nn
 
 from cba.augment import build_augment
 from cba.data import DATASETS, ImageSet, load_dataset
-from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, predict, repair_metrics
+from cba.defenses.base import AttackRecord, Classifier, Defense, check, predict, repair_metrics
+from cba.defenses.registry import DEFENSES
 from cba.errors import DEVICE_CHOICES, is_int, is_number, is_device
 from cba.evaluate import LinearProbe, accuracy, evaluate_encoder, extract_features, fit_linear_probe, pick_device
 from cba.fit import fit
@@ -76,23 +77,21 @@ def downstream_metrics(model: nn.Module, test: ImageSet, triggered: np.ndarray) 
 
 @DEFENSES.register("downstream_ft")
 class DownstreamFineTune(Defense):
-    name = "downstream_ft"
     kind = "repair"
 
     def __init__(self, *, dataset: str = "synthetic_textures", train_size: int = 2000, test_size: int = 500,
                  epochs: int = 5, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
                  head_init: str = "probe", device: str = "cpu"):
-        key = "defense.downstream_ft."
-        check(dataset in DATASETS, key + "dataset", dataset, f"choose one of {', '.join(DATASETS.names())}")
+        check(dataset in DATASETS, "dataset", dataset, f"choose one of {', '.join(DATASETS.names())}")
         for name, value in (("train_size", train_size), ("test_size", test_size), ("epochs", epochs),
                             ("batch_size", batch_size)):
-            check(is_int(value) and value >= 1, key + name, value,
+            check(is_int(value) and value >= 1, name, value,
                   "a positive integer")
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            check(is_number(value) and value >= 0, key + name, value,
+            check(is_number(value) and value >= 0, name, value,
                   "a non-negative number")
-        check(head_init in HEAD_INITS, key + "head_init", head_init, f"choose one of {', '.join(HEAD_INITS)}")
-        check(is_device(device), key + "device", device, DEVICE_CHOICES)
+        check(head_init in HEAD_INITS, "head_init", head_init, f"choose one of {', '.join(HEAD_INITS)}")
+        check(is_device(device), "device", device, DEVICE_CHOICES)
         self.dataset, self.train_size, self.test_size = dataset, train_size, test_size
         self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
         self.head_init, self.device = head_init, device

@@ -22,8 +22,8 @@ from cba.evaluate import extract_features
 LABEL_SOURCES = ("kmeans", "given")
 
 
-def check_labels_source(defense: str, labels: str) -> None:
-    check(labels in LABEL_SOURCES, f"defense.{defense}.labels", labels, f"choose one of {', '.join(LABEL_SOURCES)}")
+def check_labels_source(labels: str) -> None:
+    check(labels in LABEL_SOURCES, "labels", labels, f"choose one of {', '.join(LABEL_SOURCES)}")
 
 
 def training_features(record: AttackRecord) -> np.ndarray:

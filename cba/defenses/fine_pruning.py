@@ -32,7 +32,8 @@ from torch import nn
 from cba.progress import tqdm
 
 from cba.augment import build_augment
-from cba.defenses.base import DEFENSES, AttackRecord, Classifier, Defense, check, classifier_acc_asr, predict, repair_metrics
+from cba.defenses.base import AttackRecord, Classifier, Defense, check, classifier_acc_asr, predict, repair_metrics
+from cba.defenses.registry import DEFENSES
 from cba.errors import is_int, is_number
 from cba.evaluate import accuracy, to_float
 from cba.fit import fit
@@ -93,25 +94,23 @@ def finetune(model: Classifier, images: np.ndarray, labels: np.ndarray, epochs: 
 
 @DEFENSES.register("fine_pruning")
 class FinePruning(Defense):
-    name = "fine_pruning"
     kind = "repair"
 
     def __init__(self, *, prune_ratios: list[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9), prune_ratio: float | str = 0.8,
                  max_acc_drop: float = 0.1, clean_images: int = 1000, finetune_epochs: int = 5, lr: float = 0.01,
                  batch_size: int = 64, augment: str = "weak"):
-        key = "defense.fine_pruning."
         ratio_ok = lambda r: is_number(r) and 0 <= r < 1  # noqa: E731
         check(isinstance(prune_ratios, (list, tuple)) and len(prune_ratios) > 0 and all(map(ratio_ok, prune_ratios)),
-              key + "prune_ratios", prune_ratios, "a non-empty list of numbers in [0, 1)")
-        check(prune_ratio == "auto" or ratio_ok(prune_ratio), key + "prune_ratio", prune_ratio, '"auto" or a number in [0, 1)')
-        check(isinstance(max_acc_drop, (int, float)) and 0 <= max_acc_drop <= 1, key + "max_acc_drop", max_acc_drop,
+              "prune_ratios", prune_ratios, "a non-empty list of numbers in [0, 1)")
+        check(prune_ratio == "auto" or ratio_ok(prune_ratio), "prune_ratio", prune_ratio, '"auto" or a number in [0, 1)')
+        check(isinstance(max_acc_drop, (int, float)) and 0 <= max_acc_drop <= 1, "max_acc_drop", max_acc_drop,
               "a number in [0, 1]")
         for name, value in (("clean_images", clean_images), ("batch_size", batch_size)):
-            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
+            check(is_int(value) and value >= 1, name, value, "a positive integer")
         check(is_int(finetune_epochs) and finetune_epochs >= 0,
-              key + "finetune_epochs", finetune_epochs, "a non-negative integer")
-        check(isinstance(lr, (int, float)) and lr > 0, key + "lr", lr, "a positive number")
-        check(augment in ("weak", "none"), key + "augment", augment, "weak or none")
+              "finetune_epochs", finetune_epochs, "a non-negative integer")
+        check(isinstance(lr, (int, float)) and lr > 0, "lr", lr, "a positive number")
+        check(augment in ("weak", "none"), "augment", augment, "weak or none")
         self.prune_ratios = sorted({0.0, *map(float, prune_ratios)})  # 0 is the unpruned baseline
         self.prune_ratio, self.max_acc_drop = prune_ratio, float(max_acc_drop)
         self.clean_images, self.finetune_epochs, self.lr = clean_images, finetune_epochs, float(lr)

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from cba.progress import tqdm
 
-from cba.defenses.base import DEFENSES, AttackRecord, Defense, check
+from cba.defenses.base import AttackRecord, Defense, check
+from cba.defenses.registry import DEFENSES
 from cba.errors import is_int, is_number
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's std
@@ -146,22 +147,20 @@ def reverse_engineer(classifier: nn.Module, images: torch.Tensor, num_classes: i
 
 @DEFENSES.register("neural_cleanse")
 class NeuralCleanse(Defense):
-    name = "neural_cleanse"
     kind = "model_detection"
 
     def __init__(self, *, steps: int = 300, lr: float = 0.1, batch_size: int = 64, init_cost: float = 1e-3,
                  target_success: float = 0.99, patience: int = 10, threshold: float = 2.0, clean_images: int = 500,
                  batched: bool | str = "auto", norm_scale: str = "log"):
-        key = "defense.neural_cleanse."
         for name, value in (("steps", steps), ("batch_size", batch_size), ("patience", patience), ("clean_images", clean_images)):
-            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
+            check(is_int(value) and value >= 1, name, value, "a positive integer")
         for name, value in (("lr", lr), ("init_cost", init_cost), ("threshold", threshold)):
-            check(is_number(value) and value > 0, key + name, value,
+            check(is_number(value) and value > 0, name, value,
                   "a positive number")
-        check(isinstance(target_success, (int, float)) and 0 < target_success <= 1, key + "target_success", target_success,
+        check(isinstance(target_success, (int, float)) and 0 < target_success <= 1, "target_success", target_success,
               "a number in (0, 1]")
-        check(isinstance(batched, bool) or batched == "auto", key + "batched", batched, "auto, true or false")
-        check(norm_scale in NORM_SCALES, key + "norm_scale", norm_scale, f"choose one of {', '.join(NORM_SCALES)}")
+        check(isinstance(batched, bool) or batched == "auto", "batched", batched, "auto, true or false")
+        check(norm_scale in NORM_SCALES, "norm_scale", norm_scale, f"choose one of {', '.join(NORM_SCALES)}")
         self.steps, self.lr, self.batch_size, self.init_cost = steps, float(lr), batch_size, float(init_cost)
         self.target_success, self.patience, self.threshold = float(target_success), patience, float(threshold)
         self.clean_images, self.batched, self.norm_scale = clean_images, batched, norm_scale

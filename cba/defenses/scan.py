@@ -41,7 +41,8 @@ from scipy.special import expit
 from sklearn.cluster import KMeans
 from cba.progress import tqdm
 
-from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
+from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
+from cba.defenses.registry import DEFENSES
 from cba.defenses.features import check_labels_source, class_groups, poison_group, robust_z, training_features
 from cba.evaluate import extract_features
 
@@ -140,17 +141,15 @@ def scan_scores(features: np.ndarray, groups: dict[int, np.ndarray], model: Glob
 
 @DEFENSES.register("scan")
 class SCAn(Defense):
-    name = "scan"
     kind = "data_detection"
 
     def __init__(self, *, labels: str = "kmeans", clean_set_size: int = 200, threshold: float = float(np.exp(2)),
                  ridge: float = 0.01):
-        key = f"defense.{self.name}"
-        check_labels_source(self.name, labels)
-        check(isinstance(clean_set_size, int) and clean_set_size >= 20, f"{key}.clean_set_size", clean_set_size,
+        check_labels_source(labels)
+        check(isinstance(clean_set_size, int) and clean_set_size >= 20, "clean_set_size", clean_set_size,
               "an integer >= 20")
-        check(threshold > 0, f"{key}.threshold", threshold, "a positive anomaly index (the paper uses e^2 = 7.389)")
-        check(ridge >= 0, f"{key}.ridge", ridge, "a non-negative fraction of the mean eigenvalue")
+        check(threshold > 0, "threshold", threshold, "a positive anomaly index (the paper uses e^2 = 7.389)")
+        check(ridge >= 0, "ridge", ridge, "a non-negative fraction of the mean eigenvalue")
         self.labels, self.clean_set_size, self.threshold, self.ridge = labels, clean_set_size, threshold, ridge
 
     def clean_set(self, record: AttackRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from cba.progress import tqdm
 
-from cba.defenses.base import AttackRecord, Defense, DEFENSES, check, detection_metrics
+from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
+from cba.defenses.registry import DEFENSES
 from cba.defenses.features import check_labels_source, class_groups, poison_group, robust_z, training_features
 
 ADAPTATION = ("Features from the contrastive encoder; per-class statistics over k-means pseudo-labels of the "
@@ -59,13 +60,12 @@ def spectral_scores(features: np.ndarray, groups: dict[int, np.ndarray], remove_
 
 @DEFENSES.register("spectral")
 class SpectralSignatures(Defense):
-    name = "spectral"
     kind = "data_detection"
 
     def __init__(self, *, labels: str = "kmeans", expected_rate: float = 0.05, removal_factor: float = 1.5):
-        check_labels_source(self.name, labels)
-        check(0 < expected_rate < 1, "defense.spectral.expected_rate", expected_rate, "a fraction in (0, 1)")
-        check(removal_factor > 0 and expected_rate * removal_factor <= 1, "defense.spectral.removal_factor",
+        check_labels_source(labels)
+        check(0 < expected_rate < 1, "expected_rate", expected_rate, "a fraction in (0, 1)")
+        check(removal_factor > 0 and expected_rate * removal_factor <= 1, "removal_factor",
               removal_factor, "a positive factor with expected_rate * removal_factor <= 1")
         self.labels, self.expected_rate, self.removal_factor = labels, expected_rate, removal_factor
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from cba.progress import tqdm
 
-from cba.defenses.base import DEFENSES, AttackRecord, Defense, check, detection_metrics
+from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
+from cba.defenses.registry import DEFENSES
 from cba.errors import is_int, is_number
 from cba.evaluate import to_float
 
@@ -62,16 +63,14 @@ def _histogram(clean: np.ndarray, triggered: np.ndarray, bins: int = 20) -> dict
 
 @DEFENSES.register("strip")
 class Strip(Defense):
-    name = "strip"
     kind = "input_detection"
 
     def __init__(self, *, n_overlays: int = 20, alpha: float = 0.5, frr: float = 0.05, holdout: float = 0.5,
                  max_inputs: int = 500):
-        key = "defense.strip."
         for name, value in (("n_overlays", n_overlays), ("max_inputs", max_inputs)):
-            check(is_int(value) and value >= 1, key + name, value, "a positive integer")
+            check(is_int(value) and value >= 1, name, value, "a positive integer")
         for name, value in (("alpha", alpha), ("frr", frr), ("holdout", holdout)):
-            check(is_number(value) and 0 < value < 1, key + name, value,
+            check(is_number(value) and 0 < value < 1, name, value,
                   "a number strictly between 0 and 1")
         self.n_overlays, self.alpha, self.frr = n_overlays, float(alpha), float(frr)
         self.holdout, self.max_inputs = float(holdout), max_inputs
@@ -80,7 +79,7 @@ class Strip(Defense):
         rng = np.random.default_rng([record.seed, 0x5781])
         order = rng.permutation(len(record.test))
         n_pool = int(round(self.holdout * len(order)))
-        check(2 <= n_pool < len(order), "defense.strip.holdout", self.holdout,
+        check(2 <= n_pool < len(order), "holdout", self.holdout,
               f"leave at least 2 held-out and 1 scored image of the {len(order)} test images")
         pool = to_float(record.test.images[order[:n_pool]])
         scored_clean = order[n_pool:][: self.max_inputs]

@@ -1,4 +1,4 @@
-"""The base class every pretraining method derives from, and its registry.
+"""The base class every pretraining method derives from (the registry is in registry.py).
 
 A method owns the backbone and its heads. The training loop calls
 `loss(views, labels)` and gets the batch loss plus one loss per sample (for the
@@ -9,17 +9,8 @@ so one state_dict checkpoints and resumes it.
 
 from __future__ import annotations
 
-import inspect
-import math
-from typing import Any
-
 import torch
 from torch import nn
-
-from cba.errors import ConfigError, is_int, is_number
-from cba.registry import Registry
-
-METHODS: Registry[type["SSLMethod"]] = Registry("pretrain.method")
 
 
 def mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
@@ -69,37 +60,3 @@ class SSLMethod(nn.Module):
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
         """Called after each optimizer step; `progress` runs from 0 to 1 over training."""
-
-
-def build_method(name: str, backbone: nn.Module, num_classes: int = 10, **hparams: Any) -> SSLMethod:
-    cls = METHODS.get(name, key="pretrain.method")
-    signature = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in signature if p not in ("self", "backbone", "num_classes")]
-    for key, value in hparams.items():
-        if key not in allowed:
-            raise ConfigError(f"pretrain.{name}.{key}", value, f"{name} takes {', '.join(allowed) or 'no options'}")
-        _check_option(f"pretrain.{name}.{key}", value, signature[key].default)
-    return cls(backbone, num_classes=num_classes, **hparams)
-
-
-# Sizes cap what a typo can make us allocate: a 10^9-wide projector would take the machine down.
-MAX_OPTION_SIZE = 1 << 20
-
-
-def _check_option(key: str, value: Any, default: Any) -> None:
-    """A method option has its default's type: integer options are sizes (>= 1), float options are
-    rates, momenta or temperatures (finite, >= 0; momenta and smoothing at most 1, temperatures > 0)."""
-    name = key.rsplit(".", 1)[-1]
-    if isinstance(default, bool):
-        ok, allowed = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, allowed = is_int(value) and 1 <= value <= MAX_OPTION_SIZE, f"an integer in [1, {MAX_OPTION_SIZE}]"
-    elif isinstance(default, float):
-        high = 1.0 if ("momentum" in name or "smoothing" in name) else math.inf
-        low_ok = (lambda v: v > 0) if "temperature" in name else (lambda v: v >= 0)
-        ok = is_number(value) and low_ok(value) and value <= high
-        allowed = "a number " + ("> 0" if "temperature" in name else ">= 0") + (" and <= 1" if high == 1.0 else "")
-    else:
-        return
-    if not ok:
-        raise ConfigError(key, value, allowed)

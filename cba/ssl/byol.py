@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.errors import ConfigError
-from cba.ssl.base import METHODS, SSLMethod, mlp
+from cba.ssl.registry import METHODS
+from cba.ssl.base import SSLMethod, mlp
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -11,7 +11,8 @@ from cba.errors import ConfigError
 from cba.io import load_tensors, save_tensors
 from cba.models import build_backbone
 from cba.models.io import MAX_WIDTH, load_weights, metadata_size
-from cba.ssl.base import SSLMethod, build_method
+from cba.ssl.base import SSLMethod
+from cba.ssl.registry import build_method
 
 
 def save_method(path: str | os.PathLike, method: SSLMethod, name: str, backbone: str, width: int, hparams: dict, **extra: str) -> None:

@@ -16,7 +16,8 @@ from torch import nn
 
 from cba import distributed
 from cba.errors import ConfigError
-from cba.ssl.base import METHODS, SSLMethod
+from cba.ssl.registry import METHODS
+from cba.ssl.base import SSLMethod
 from cba.ssl.byol import check_momentum, ema_update, frozen_copy
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from cba import distributed
 from cba.errors import ConfigError
-from cba.ssl.base import METHODS, SSLMethod, mlp
+from cba.ssl.registry import METHODS
+from cba.ssl.base import SSLMethod, mlp
 
 
 def nt_xent_per_sample(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

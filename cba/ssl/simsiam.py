@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cba.ssl.base import METHODS, SSLMethod, mlp
+from cba.ssl.registry import METHODS
+from cba.ssl.base import SSLMethod, mlp
 
 
 def simsiam_per_sample(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.errors import ConfigError
-from cba.ssl.base import METHODS, SSLMethod
+from cba.ssl.registry import METHODS
+from cba.ssl.base import SSLMethod
 
 
 @METHODS.register("supervised")

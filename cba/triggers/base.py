@@ -9,16 +9,13 @@ hand-edited or optimised pattern survives a round trip.
 from __future__ import annotations
 
 import copy
-import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from cba.errors import ConfigError, is_int
-from cba.io import load_tensors, read_json, save_tensors, write_json
 
 TENSORS_FILE = "trigger.safetensors"
 JSON_FILE = "trigger.json"
@@ -29,7 +26,8 @@ CHUNK = 2048
 class Trigger(ABC):
     """Stamps a backdoor trigger onto uint8 (N, H, W, 3) images.
 
-    Subclasses set `name` and `defaults` (every parameter they accept, with its
+    Subclasses are registered with `@TRIGGERS.register(name)`, which sets `name`.
+    They set `defaults` (every parameter they accept, with its
     default), check `self.params` in `_validate`, build their arrays from the
     seeded generator in `_build`, and implement `_apply`.
     """
@@ -136,26 +134,3 @@ def map_in_chunks(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) ->
     for start in range(0, len(images), CHUNK):
         out[start:start + CHUNK] = fn(images[start:start + CHUNK])
     return out
-
-
-def save_trigger(trigger: Trigger, folder: str | os.PathLike) -> None:
-    """Write `trigger.safetensors` (the data) and `trigger.json` (how to rebuild it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / TENSORS_FILE, trigger.tensors(), metadata={"trigger": trigger.name})
-    write_json(folder / JSON_FILE, trigger.config())
-
-
-def load_trigger(folder: str | os.PathLike) -> Trigger:
-    """Rebuild a trigger from its json, then adopt the saved tensors as its data."""
-    from cba.triggers.registry import build_trigger  # the registry imports this module
-
-    folder = Path(folder)
-    config = read_json(folder / JSON_FILE)
-    missing = [k for k in ("name", "params", "seed", "image_size") if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise ConfigError("path", str(folder / JSON_FILE), f"not a trigger file: missing {', '.join(missing)}")
-    trigger = build_trigger(config["name"], config["params"], seed=config["seed"], image_size=config["image_size"])
-    tensors_path = folder / TENSORS_FILE
-    trigger.set_tensors(load_tensors(tensors_path), source=str(tensors_path))
-    return trigger

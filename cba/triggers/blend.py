@@ -6,10 +6,10 @@ import numpy as np
 
 from cba.errors import is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
-from cba.triggers.registry import register_trigger
+from cba.triggers.registry import TRIGGERS
 
 
-@register_trigger
+@TRIGGERS.register("blend")
 class BlendTrigger(Trigger):
     """x' = (1 - alpha) * x + alpha * pattern, rounded to uint8.
 
@@ -17,7 +17,6 @@ class BlendTrigger(Trigger):
     opposite of a patch, so both ends of the locality spectrum are covered.
     """
 
-    name = "blend"
     defaults = {"alpha": 0.1}
 
     def _validate(self) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from cba.errors import is_int, is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
-from cba.triggers.registry import register_trigger
+from cba.triggers.registry import TRIGGERS
 
 CHANNELS = ("Y", "U", "V")
 # BT.601 analogue YUV, rows give Y, U, V from R, G, B on any scale (here 0-255).
@@ -76,11 +76,10 @@ def spectrum_to_images(spectrum: np.ndarray, window: int) -> np.ndarray:
     return yuv_to_rgb(np.moveaxis(idct2_windows(spectrum, window), -3, -1))
 
 
-@register_trigger
+@TRIGGERS.register("ctrl")
 class CtrlTrigger(Trigger):
     """Defaults are the official CTRL CIFAR-10 settings."""
 
-    name = "ctrl"
     defaults = {"magnitude": 100.0, "window_size": 32, "positions": [[15, 15], [31, 31]], "channels": ["U", "V"]}
 
     def _validate(self) -> None:

@@ -13,17 +13,16 @@ import torch
 
 from cba.errors import is_int, is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
-from cba.triggers.registry import register_trigger
+from cba.triggers.registry import TRIGGERS
 
 BACKBONE_CHOICES = ("convnet", "resnet18")
 HEAD_CHOICES = ("centroid", "probe")
 
 
-@register_trigger
+@TRIGGERS.register("optimized")
 class OptimizedTrigger(Trigger):
     """x' = clip(x + pattern), |pattern| <= linf on the 0-255 scale."""
 
-    name = "optimized"
     learns_from_data = True
     defaults = {
         "linf": 16,               # L-inf budget on the 0-255 scale

@@ -6,7 +6,7 @@ import numpy as np
 
 from cba.errors import is_int
 from cba.triggers.base import Trigger
-from cba.triggers.registry import register_trigger
+from cba.triggers.registry import TRIGGERS
 
 CORNERS = ("bottom_right", "top_left", "top_right", "bottom_left")
 PATTERNS = ("checkerboard", "random", "white")
@@ -23,11 +23,10 @@ def square_pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray
     return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
 
 
-@register_trigger
+@TRIGGERS.register("patch")
 class PatchTrigger(Trigger):
     """Pixels under the square are replaced; all others stay untouched."""
 
-    name = "patch"
     defaults = {"size": 3, "location": "bottom_right", "pattern": "checkerboard"}
 
     def _validate(self) -> None:

@@ -11,11 +11,6 @@ from cba.triggers.base import Trigger
 TRIGGERS: Registry[type[Trigger]] = Registry("trigger.name")
 
 
-def register_trigger(cls: type[Trigger]) -> type[Trigger]:
-    """Class decorator: register under the class's own `name`, so it is spelled once."""
-    return TRIGGERS.register(cls.name)(cls)
-
-
 def build_trigger(name: str, params: Mapping[str, Any] | None, seed: int, image_size: int = 32) -> Trigger:
     """Build trigger `name`; unknown or invalid params raise ConfigError."""
     cls = TRIGGERS.get(name, key="trigger.name")

@@ -10,15 +10,14 @@ import numpy as np
 
 from cba.triggers.base import Trigger
 from cba.triggers.patch import square_pattern
-from cba.triggers.registry import register_trigger
+from cba.triggers.registry import TRIGGERS
 
 # Placement gets its own stream so it does not replay the pattern's draws.
 PLACEMENT_STREAM = 1
 
 
-@register_trigger
+@TRIGGERS.register("ssl_patch")
 class SSLPatchTrigger(Trigger):
-    name = "ssl_patch"
     defaults = {"size": 8}
 
     def _validate(self) -> None:
