@@ -17,14 +17,17 @@ LONGEST_FIRST = ("test_pipeline_e2e.py",)
 # The slow tier: whole pipelines, several processes, bench scripts and trained fixtures. `pytest -m "not slow"`
 # runs the rest (the fast tier) in under a minute; plain `pytest`, as CI runs it, runs both.
 SLOW_FILES = {"test_pipeline_e2e.py", "test_distributed.py", "test_bench_smoke.py", "test_analyze_stage.py",
-              "test_art_oracle.py"}
-SLOW_FIXTURES = {"supervised_badnets", "given_results", "badnets_runs", "fitted"}
+              "test_art_oracle.py", "test_defense_dbd.py", "test_defenses_detection.py", "test_defenses_model.py",
+              "test_trigger_optimized.py"}
+SLOW_FIXTURES = {"supervised_badnets"}
+SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder"}
 
 
 def pytest_collection_modifyitems(items: list) -> None:
     """Mark the slow tier; start the longest file first, so that under xdist it runs beside the others."""
     for item in items:
-        if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
 
