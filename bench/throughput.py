@@ -34,7 +34,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -315,15 +314,6 @@ def time_baseline(args, images, labels, device, batch: int, workers: int) -> dic
 
 
 # ---------------------------------------------------------------- report
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-              if line.startswith("model name")]
-    return models[0] if models else platform.processor() or platform.machine()
-
-
 def markdown_table(rows: list[dict]) -> str:
     """One row per pipeline; each part of a step in ms and in % of the step it was timed in."""
     def part(b: dict, key: str) -> str:
@@ -387,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows[0]["breakdown"] = parts
     rows[1]["breakdown"] = {"aug_ms": sum(base["wait_s"]) / len(base["wait_s"]) * 1000 / steps, "step_ms": rows[1]["step_ms"],
                             "note": "aug_ms: the time a step waits for the DataLoader"}
-    env = environment(device) | {"device_name": device_name(device), "load_avg_start": load, "thread_env": threads_env}
+    env = environment(device) | {"load_avg_start": load, "thread_env": threads_env}
     header = (f"GPU, {env['device_name']}" if device.type == "cuda" else
               f"CPU, {os.cpu_count()} cores{', shared' if load > 1 else ''}: rough figures")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -5,10 +5,22 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
 import cba
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's model name (what a throughput figure was measured on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    return models[0] if models else platform.processor() or platform.machine()
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, object]:
@@ -21,6 +33,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "device_name": device_name(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
