@@ -34,4 +34,4 @@ def build_augment(kind: str, image_size: int = 32, per_batch: bool = False, min_
         )
     if kind == "none":
         return nn.Identity()
-    raise ConfigError("pretrain.augmentation", kind, f"choose one of {', '.join(KINDS)}")
+    raise ConfigError("kind", kind, f"choose one of {', '.join(KINDS)}")

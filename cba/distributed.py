@@ -93,7 +93,7 @@ def shard(batch: torch.Tensor) -> torch.Tensor:
     if not r.distributed:
         return batch
     if len(batch) % r.world_size:
-        raise ConfigError("pretrain.batch_size", len(batch), f"a multiple of the {r.world_size} processes")
+        raise ConfigError("batch_size", len(batch), f"a multiple of the {r.world_size} processes")
     size = len(batch) // r.world_size
     return batch[r.rank * size:(r.rank + 1) * size]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -18,6 +19,24 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: object, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not valid: {allowed}")
+
+
+@contextmanager
+def in_section(section: str, keys: Iterable[str]) -> Iterator[None]:
+    """Put `section.` in front of the key of a ConfigError raised inside, if the key is one of `keys`.
+
+    The library names a parameter as its own function does (`linf`, `root`,
+    `temperature`); only the caller knows where that parameter lives in a
+    config file, so the caller (a stage) says so here. A key outside `keys`
+    (a path, or a key already placed) passes through unchanged.
+    """
+    keys = frozenset(keys)
+    try:
+        yield
+    except ConfigError as err:
+        if err.key.split(".", 1)[0] in keys:
+            raise ConfigError(f"{section}.{err.key}", err.value, err.allowed) from None
+        raise
 
 
 def is_int(value: Any) -> bool:

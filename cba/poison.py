@@ -32,7 +32,7 @@ def validate_poison(labels: np.ndarray, num_classes: int, poison_rate: float, ta
     if isinstance(target_class, bool) or not isinstance(target_class, int) or not 0 <= target_class < num_classes:
         raise ConfigError("target_class", target_class, f"an integer in [0, {num_classes - 1}]")
     if mode not in MODES:
-        raise ConfigError("poison.mode", mode, f"choose one of {', '.join(MODES)}")
+        raise ConfigError("mode", mode, f"choose one of {', '.join(MODES)}")
     count = int(round(poison_rate * len(labels)))
     pool = int((labels == target_class).sum()) if mode == "clean_label" else int((labels != target_class).sum())
     if count > pool:

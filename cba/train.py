@@ -187,7 +187,7 @@ def train(
     n = len(images)
     ranks = distributed.ranks()
     if min(config.batch_size, n) % ranks.world_size:
-        raise ConfigError("pretrain.batch_size", config.batch_size, f"a multiple of the {ranks.world_size} processes")
+        raise ConfigError("batch_size", config.batch_size, f"a multiple of the {ranks.world_size} processes")
     method.to(device).to(memory_format=torch.channels_last)
     distributed.synchronise_batchnorm(method, device)
     augment.to(device)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 
 from cba.data import ImageSet, load_dataset
+from cba.defenses import Defense, build_defense
+from cba.defenses.registry import options as defense_options
 from cba.data.io import load_imageset
-from cba.errors import ConfigError
+from cba.errors import ConfigError, in_section
 from cba.io import read_json, write_json
+from cba.triggers import TRIGGERS, Trigger, build_trigger
 from stages.params import Params
 
 TRIGGER_DIR = Path("data/trigger")
@@ -75,7 +79,35 @@ def data_source(params: Params) -> tuple[str, str | None, dict[str, Any]]:
 
 def load_split(params: Params, split: str) -> ImageSet:
     name, root, options = data_source(params)
-    return load_dataset(name, split, root=root, seed=params.integer("seed", 0, low=0, high=2**32 - 1), **options)
+    seed = params.integer("seed", 0, low=0, high=2**32 - 1)
+    with in_section("data.options", options), in_section("data", ["name", "root"]):
+        return load_dataset(name, split, root=root, seed=seed, **options)
+
+
+# The library names a parameter as its own function does; these put the params.yaml section in front.
+@contextlib.contextmanager
+def trigger_section(params: Params) -> Iterator[None]:
+    """Errors of the trigger named in params.yaml, keyed where params.yaml has them."""
+    options = params.section("trigger.params")
+    known = set(options) | set(TRIGGERS.get(params.raw("trigger.name"), key="trigger.name").defaults)
+    with in_section("trigger", ["name", "params"]), in_section("trigger.params", known):
+        yield
+
+
+def defense_section(name: str) -> contextlib.AbstractContextManager[None]:
+    """Errors of defense `name`, keyed `defense.<name>.<option>` for its own options."""
+    return in_section(f"defense.{name}", defense_options(name))
+
+
+def trigger_from_params(params: Params, seed: int, image_size: int = 32) -> Trigger:
+    name = params.choice("trigger.name", TRIGGERS.names())
+    with trigger_section(params):
+        return build_trigger(name, params.section("trigger.params"), seed=seed, image_size=image_size)
+
+
+def defense_from_params(params: Params, name: str) -> Defense:
+    with defense_section(name):
+        return build_defense(name, **params.section(f"defense.{name}"))
 
 
 def check_target(target: int, data: ImageSet) -> None:

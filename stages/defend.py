@@ -8,8 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cba.defenses import DEFENSES, build_defense
-from cba.defenses.registry import in_section
+from cba.defenses import DEFENSES
 from cba.env import environment
 from cba.defenses.plots import defense_plot_tables
 from cba.io import write_csv
@@ -18,7 +17,8 @@ from cba.record import AttackRecord, build_record, own_head
 from cba.ssl.io import load_method
 from cba.triggers import load_trigger
 from stages.common import (PROGRESS_OPTION, DETAILS_DIR, PLOTS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
+                           TRIGGER_DIR, check_outputs, check_target, defense_from_params, defense_section, load_stage_set, one_line_errors,
+                           read_table, write_metrics, read_manifest)
 from stages.params import Params
 
 DEFENSE_DIR = METRICS_DIR / "defense"
@@ -79,10 +79,10 @@ def defend(
     params = Params.load(params_path)
     check_outputs(METRICS_DIR / "defense", DETAILS_DIR / "defense", PLOTS_DIR / "defense" / name)
     DEFENSES.get(name, key="defense")
-    defense = build_defense(name, **params.section(f"defense.{name}"))
+    defense = defense_from_params(params, name)
     record = load_attack_record(params)
     started = time.perf_counter()
-    with in_section(name):  # an option that fails only at run time is still named where params.yaml has it
+    with defense_section(name):  # an option that fails only at run time is still named where params.yaml has it
         result = defense.run(record, progress=progress)
     write_metrics(f"defense/{name}", {
         "defense": name, "kind": defense.kind, **result, "seconds": time.perf_counter() - started,

@@ -9,7 +9,7 @@ import torch
 from cba.env import environment
 from cba.analysis.readout import trigger_readout
 from cba.data.base import ImageSet
-from cba.errors import ConfigError
+from cba.errors import in_section
 from cba.evaluate import evaluate_encoder, extract_features
 from cba.probe import MAX_ITER, VAL_FRACTION, WEIGHT_DECAYS, LinearProbe, check_probe_options, save_probe
 from cba.models.io import encoder_metadata, load_encoder
@@ -28,10 +28,8 @@ def read_config(params: Params) -> dict:
     linear = params.section("finetune.linear", ["weight_decays", "val_fraction", "max_iter"])
     options = {"weight_decays": linear.get("weight_decays", list(WEIGHT_DECAYS)),
                "val_fraction": linear.get("val_fraction", VAL_FRACTION), "max_iter": linear.get("max_iter", MAX_ITER)}
-    try:
+    with in_section("finetune.linear", options):
         check_probe_options(**options)
-    except ConfigError as err:
-        raise ConfigError(f"finetune.linear.{err.key}", err.value, err.allowed) from None
     return {
         "k": params.integer("finetune.knn.k", 200, low=1),
         "temperature": params.number("finetune.knn.temperature", 0.1, low=0.0, open_low=True),

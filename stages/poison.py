@@ -8,6 +8,7 @@ from cba.data.io import save_imageset
 from cba.io import write_parquet
 from cba.poison import MODES, poison_dataset, validate_poison
 from cba.triggers import load_trigger
+from cba.errors import in_section
 from stages.common import (DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, TRIGGER_DIR, check_outputs, load_split,
                            one_line_errors, write_metrics)
 from stages.params import Params
@@ -27,7 +28,8 @@ def poison(params_path: Path = PARAMS_OPTION) -> None:
         mode = "dirty_label" if params.raw("pretrain.method", "simclr") == "supervised" else "clean_label"
     trig = load_trigger(TRIGGER_DIR)
     train, test = load_split(params, "train"), load_split(params, "test")
-    count = validate_poison(train.labels, train.num_classes, rate, target, mode)
+    with in_section("poison", ["mode"]):
+        count = validate_poison(train.labels, train.num_classes, rate, target, mode)
     poisoned = poison_dataset(train, trig, rate, target, mode, seed)
     save_imageset(POISON_DIR / "train.safetensors", poisoned.train)
     save_imageset(POISON_DIR / "clean_train.safetensors", train)

@@ -16,7 +16,7 @@ import cba
 from cba.augment import KINDS, build_augment
 from cba.data.checksum import file_digest
 from cba.env import environment
-from cba.errors import ConfigError, is_number
+from cba.errors import ConfigError, in_section, is_number
 from cba import distributed
 from cba.evaluate import knn_backdoor_metrics
 from cba.io import write_csv, write_parquet
@@ -64,7 +64,8 @@ def read_config(params: Params) -> tuple[TrainConfig, dict]:
     }
     extra["hparams"] = params.section(f"pretrain.{extra['method']}")
     # Check the method's options now, on a throwaway one-channel backbone, before any data is read.
-    build_method(extra["method"], build_backbone("convnet", width=1), num_classes=2, **extra["hparams"])
+    with in_section(f"pretrain.{method}", extra["hparams"]):
+        build_method(method, build_backbone("convnet", width=1), num_classes=2, **extra["hparams"])
     return config, extra
 
 
@@ -128,7 +129,8 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION
     config, extra = read_config(params)
     ranks, device = distributed.start(extra["device"])
     try:
-        _pretrain(config, extra, ranks, device, progress)
+        with in_section("pretrain.augmentation", ["kind"]), in_section("pretrain", ["method", "backbone", "width", "batch_size"]):
+            _pretrain(config, extra, ranks, device, progress)
     finally:
         distributed.finish()
 

@@ -12,11 +12,12 @@ from cba.data import DATASETS
 from cba.errors import ConfigError
 from cba.evaluate import pick_device
 from cba.io import write_csv
-from cba.triggers import TRIGGERS, build_trigger, save_trigger
+from cba.triggers import save_trigger
 from cba.triggers.fitting import fit_trigger
 from cba.triggers.preview import save_preview
 from cba.triggers.stealth import stealth_metrics
 from stages.common import (PROGRESS_OPTION, DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, TRIGGER_DIR, check_outputs, load_split,
+                           trigger_from_params, trigger_section,
                            one_line_errors, write_metrics)
 from stages.params import Params
 
@@ -30,20 +31,21 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION)
     check_outputs(TRIGGER_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     params.section("trigger", ["name", "params"])
     params.choice("data.name", DATASETS.names(), "synthetic")
-    name = params.choice("trigger.name", TRIGGERS.names())
     seed = params.integer("seed", 0, low=0, high=2**32 - 1)
     target = params.integer("target_class", low=0)
-    trig = build_trigger(name, params.section("trigger.params"), seed=seed)
+    trig = trigger_from_params(params, seed)
+    name = trig.name
     test = load_split(params, "test")
     if test.images.shape[1] != trig.image_size:
-        trig = build_trigger(name, params.section("trigger.params"), seed=seed, image_size=test.images.shape[1])
+        trig = trigger_from_params(params, seed, image_size=test.images.shape[1])
     metrics: dict = {}
     if trig.learns_from_data:
         train = load_split(params, "train")
         if target >= train.num_classes:
             raise ConfigError("target_class", target, f"an integer in [0, {train.num_classes - 1}]")
         started = time.perf_counter()
-        fitted = fit_trigger(trig, train.images, train.labels, target, seed, device=pick_device("auto"), progress=progress)
+        with trigger_section(params):
+            fitted = fit_trigger(trig, train.images, train.labels, target, seed, device=pick_device("auto"), progress=progress)
         history = pd.DataFrame(fitted["history"])
         # hit rate: the share of triggered images the attacker's own surrogate sends to the target (a proxy of ASR).
         metrics.update(final_objective=fitted["final_objective"], surrogate_hit_rate=fitted["history"][-1]["hit_rate"],

@@ -12,13 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from cba.data import DATASETS
-from cba.defenses import DEFENSES, build_defense
+from cba.defenses import DEFENSES
 from cba.errors import ConfigError
 from cba.io import write_json
 from cba.poison import MODES
-from cba.triggers import TRIGGERS, build_trigger
 from stages import analyze, finetune, pretrain
-from stages.common import PARAMS_OPTION, check_outputs, one_line_errors
+from stages.common import PARAMS_OPTION, check_outputs, defense_from_params, one_line_errors, trigger_from_params
 from stages.params import Params
 
 CHECKED = Path("data/params_checked.json")
@@ -30,7 +29,7 @@ def check_defenses(params: Params) -> list[str]:
         raise ConfigError("defenses", listed, f"a list of defense names, from {', '.join(DEFENSES.names())}")
     for name in listed:
         DEFENSES.get(name, key="defenses")
-        build_defense(name, **params.section(f"defense.{name}"))
+        defense_from_params(params, name)
     return listed
 
 
@@ -45,7 +44,7 @@ def validate(params_path: Path = PARAMS_OPTION) -> None:
     params.choice("poison.mode", ("auto", *MODES), "auto")
     params.choice("data.name", DATASETS.names(), "synthetic")
     params.section("trigger", ["name", "params"])
-    build_trigger(params.choice("trigger.name", TRIGGERS.names()), params.section("trigger.params"), seed=0)
+    trigger_from_params(params, seed=0)
     pretrain.read_config(params)
     finetune.read_config(params)
     analyze.read_config(params)

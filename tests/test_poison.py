@@ -74,7 +74,7 @@ def test_bad_target(target):
 
 
 def test_bad_mode():
-    with pytest.raises(ConfigError, match="poison.mode"):
+    with pytest.raises(ConfigError, match="^mode='label_flip'"):
         choose_poison_indices(_data().labels, 0.01, 0, "label_flip", 0)
 
 

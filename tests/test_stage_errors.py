@@ -60,6 +60,10 @@ def workdir(tmp_path):
     ("trigger", "trigger.params.surrogate_size", 100000, ["trigger.params.surrogate_size=100000", "at most 200"]),
     ("trigger", "trigger.params.linf", 300, ["trigger.params.linf=300", "(0, 255]"]),
     ("trigger", "data.root", "/no/such/folder", ["data.root='/no/such/folder'"]),
+    ("trigger", "data.options.train_size", 0, ["data.options.train_size=0", "an integer of at least 10"]),
+    ("trigger", "data.options.colour", True, ["data.options.colour=True", "synthetic takes"]),
+    ("trigger", "trigger.params.head", "knn", ["trigger.params.head='knn'", "centroid"]),
+    ("pretrain", "pretrain.simclr.temperature", 0, ["pretrain.simclr.temperature=0", "a number > 0"]),
     ("poison", "poison.mode", "flip", ["poison.mode='flip'", "clean_label"]),
     ("pretrain", "pretrain.method", "simclrr", ["pretrain.method='simclrr'", "simclr"]),
     ("pretrain", "pretrain.backbone", "vit", ["pretrain.backbone='vit'", "convnet"]),
@@ -265,9 +269,13 @@ def _wrong_typed_defense_options() -> list:
 def test_every_defense_option_of_the_wrong_type_is_one_line(name, option, value):
     from cba.defenses import build_defense
     from cba.errors import ConfigError
+    from stages.common import defense_section
 
-    with pytest.raises(ConfigError, match=rf"^defense\.{name}\.{option}="):
+    with pytest.raises(ConfigError, match=rf"^{option}="):  # the library names the option plainly
         build_defense(name, **{option: value})
+    with pytest.raises(ConfigError, match=rf"^defense\.{name}\.{option}=") as err, defense_section(name):
+        build_defense(name, **{option: value})
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("key, value, fragment", [

@@ -167,23 +167,23 @@ def test_saved_tensors_are_the_source_of_truth(tmp_path, images):
 
 
 @pytest.mark.parametrize("name,params,image_size,key", [
-    ("nope", {}, 32, "trigger.name"),
-    ("blend", {"alpha": 1.5}, 32, "trigger.params.alpha"),
-    ("blend", {"alpha": 0}, 32, "trigger.params.alpha"),
-    ("blend", {"alpha": "0.1"}, 32, "trigger.params.alpha"),
-    ("patch", {"size": 33}, 32, "trigger.params.size"),
-    ("patch", {"size": 9}, 8, "trigger.params.size"),
-    ("patch", {"location": "middle"}, 32, "trigger.params.location"),
-    ("patch", {"location": [30, 0]}, 32, "trigger.params.location"),
-    ("patch", {"pattern": "stripes"}, 32, "trigger.params.pattern"),
-    ("ssl_patch", {"size": 40}, 32, "trigger.params.size"),
-    ("ctrl", {"window_size": 12}, 32, "trigger.params.window_size"),
-    ("ctrl", {}, 48, "trigger.params.window_size"),
-    ("ctrl", {"window_size": 8}, 32, "trigger.params.positions"),
-    ("ctrl", {"channels": ["W"]}, 32, "trigger.params.channels"),
-    ("ctrl", {"magnitude": 0}, 32, "trigger.params.magnitude"),
-    ("ctrl", {"colour": "red"}, 32, "trigger.params.colour"),
-    ("blend", {"seed": 3}, 32, "trigger.params.seed"),
+    ("nope", {}, 32, "name"),
+    ("blend", {"alpha": 1.5}, 32, "alpha"),
+    ("blend", {"alpha": 0}, 32, "alpha"),
+    ("blend", {"alpha": "0.1"}, 32, "alpha"),
+    ("patch", {"size": 33}, 32, "size"),
+    ("patch", {"size": 9}, 8, "size"),
+    ("patch", {"location": "middle"}, 32, "location"),
+    ("patch", {"location": [30, 0]}, 32, "location"),
+    ("patch", {"pattern": "stripes"}, 32, "pattern"),
+    ("ssl_patch", {"size": 40}, 32, "size"),
+    ("ctrl", {"window_size": 12}, 32, "window_size"),
+    ("ctrl", {}, 48, "window_size"),
+    ("ctrl", {"window_size": 8}, 32, "positions"),
+    ("ctrl", {"channels": ["W"]}, 32, "channels"),
+    ("ctrl", {"magnitude": 0}, 32, "magnitude"),
+    ("ctrl", {"colour": "red"}, 32, "colour"),
+    ("blend", {"seed": 3}, 32, "seed"),
 ])
 def test_bad_params_raise_config_error(name, params, image_size, key):
     with pytest.raises(ConfigError) as caught:
@@ -197,7 +197,7 @@ def test_unknown_param_lists_allowed_names():
 
 
 def test_image_size_mismatch_is_reported(images):
-    with pytest.raises(ConfigError, match="trigger.image_size"):
+    with pytest.raises(ConfigError, match="^image_size=64"):
         build_trigger("patch", {}, seed=0, image_size=64).apply(images)
 
 

@@ -128,9 +128,9 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # any failure to parse means the file is unusable
-        raise ConfigError("data.root", str(path), f"not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
+        raise ConfigError("root", str(path), f"not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
-        raise ConfigError("data.root", str(path), f"a CIFAR pickle must hold a dict, got {type(obj).__name__}")
+        raise ConfigError("root", str(path), f"a CIFAR pickle must hold a dict, got {type(obj).__name__}")
     return obj
 
 
@@ -140,20 +140,20 @@ def _read_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     data, labels = batch.get(b"data"), batch.get(spec.label_key)
     if data is None or labels is None:
         need = f"b'data' and {spec.label_key!r}"
-        raise ConfigError("data.root", str(path), f"a {spec.name} pickle must have keys {need}")
+        raise ConfigError("root", str(path), f"a {spec.name} pickle must have keys {need}")
     if not isinstance(data, np.ndarray):
-        raise ConfigError("data.root", str(path), f"b'data' must be a uint8 array, got {type(data).__name__}")
+        raise ConfigError("root", str(path), f"b'data' must be a uint8 array, got {type(data).__name__}")
     if isinstance(labels, list) and not all(type(label) is int for label in labels):
         # also catches a list that contains itself, which numpy would recurse into
-        raise ConfigError("data.root", str(path), f"{spec.label_key!r} must be a list of integers")
+        raise ConfigError("root", str(path), f"{spec.label_key!r} must be a list of integers")
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ConfigError("data.root", str(path), f"b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        raise ConfigError("root", str(path), f"b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
     labels = np.asarray(labels)
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError("data.root", str(path), f"{spec.label_key!r} must be {len(data)} integers")
+        raise ConfigError("root", str(path), f"{spec.label_key!r} must be {len(data)} integers")
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise ConfigError("data.root", str(path), f"labels must lie in [0, {spec.num_classes})")
+        raise ConfigError("root", str(path), f"labels must lie in [0, {spec.num_classes})")
     # Rows are channel-major: 1024 R, then 1024 G, then 1024 B, each row-major 32x32.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels.astype(np.int64)
@@ -165,7 +165,7 @@ def _class_names(folder: Path, spec: CifarSpec) -> list[str]:
         return list(CIFAR10_CLASSES) if spec is CIFAR10 else [str(i) for i in range(spec.num_classes)]
     names = _unpickle(meta_path).get(spec.names_key)
     if not isinstance(names, list) or len(names) != spec.num_classes:
-        raise ConfigError("data.root", str(meta_path), f"{spec.names_key!r} must list {spec.num_classes} names")
+        raise ConfigError("root", str(meta_path), f"{spec.names_key!r} must list {spec.num_classes} names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -197,9 +197,9 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         for member in members:
             parts = Path(member.name).parts
             if member.name.startswith(("/", "\\")) or Path(member.name).is_absolute() or ".." in parts:
-                raise ConfigError("data.download", member.name, f"{archive} holds an unsafe path; extract it by hand")
+                raise ConfigError("download", member.name, f"{archive} holds an unsafe path; extract it by hand")
             if not (member.isfile() or member.isdir()):
-                raise ConfigError("data.download", member.name, f"{archive} holds a link or device; extract it by hand")
+                raise ConfigError("download", member.name, f"{archive} holds a link or device; extract it by hand")
         if hasattr(tarfile, "data_filter"):
             tar.extractall(dest, members=members, filter="data")
         else:  # pragma: no cover - Python without extraction filters; members were checked above
@@ -215,39 +215,39 @@ def _download(root: Path, spec: CifarSpec) -> None:
             _fetch(spec.url, archive)
     except (urllib.error.URLError, OSError) as exc:
         archive.unlink(missing_ok=True)
-        raise ConfigError("data.download", True, f"download failed ({exc}); {_expected(root, spec)}") from None
+        raise ConfigError("download", True, f"download failed ({exc}); {_expected(root, spec)}") from None
     got = md5sum(archive)
     if got != spec.md5:
         archive.unlink(missing_ok=True)
         raise ConfigError(
-            "data.download", True,
+            "download", True,
             f"{spec.archive} has md5 {got}, expected {spec.md5}; the file was deleted, retry or {_expected(root, spec)}",
         )
     try:
         _safe_extract(archive, root)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ConfigError("data.download", True, f"cannot extract {archive} ({exc}); {_expected(root, spec)}") from None
+        raise ConfigError("download", True, f"cannot extract {archive} ({exc}); {_expected(root, spec)}") from None
 
 
 def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = False) -> ImageSet:
     """Load one split of CIFAR-10/100 from `root`, downloading first if asked."""
     if root is None:
         raise ConfigError(
-            "data.root", None,
-            f"data.root must be set for {spec.name}: the folder that contains {spec.folder}/",
+            "root", None,
+            f"root must be set for {spec.name}: the folder that contains {spec.folder}/",
         )
     if not isinstance(download, bool):
-        raise ConfigError("data.download", download, "true or false")
+        raise ConfigError("download", download, "true or false")
     base = Path(root).expanduser()
     if base.exists() and not base.is_dir():
-        raise ConfigError("data.root", str(base), f"must be a folder; {_expected(base, spec)}")
+        raise ConfigError("root", str(base), f"must be a folder; {_expected(base, spec)}")
     files = spec.train_files if split == "train" else spec.test_files
     folder = _find_folder(base, spec, files)
     if folder is None and download:
         _download(base, spec)
         folder = _find_folder(base, spec, files)
     if folder is None:
-        raise ConfigError("data.root", str(base), _expected(base, spec))
+        raise ConfigError("root", str(base), _expected(base, spec))
     classes = _class_names(folder, spec)
     batches = [_read_batch(folder / name, spec) for name in files]
     images = np.concatenate([b[0] for b in batches])

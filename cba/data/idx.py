@@ -58,26 +58,26 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             head = f.read(header)
             if len(head) < header:
-                raise ConfigError("data.root", str(path), f"idx file too short for its {header}-byte header")
+                raise ConfigError("root", str(path), f"idx file too short for its {header}-byte header")
             magic = int.from_bytes(head[:4], "big")
             expected_magic = (IDX_UBYTE << 8) | ndim
             if magic != expected_magic:
-                raise ConfigError("data.root", str(path),
+                raise ConfigError("root", str(path),
                                   f"idx magic must be 0x{expected_magic:08x} (ubyte, {ndim}-d), got 0x{magic:08x}")
             dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
             size = 1
             for dim in dims:
                 size *= dim
             if size > MAX_IDX_BYTES:
-                raise ConfigError("data.root", str(path), f"header declares {dims} = {size} bytes, more than "
+                raise ConfigError("root", str(path), f"header declares {dims} = {size} bytes, more than "
                                   f"{MAX_IDX_BYTES} (a million {SIDE}x{SIDE} images); not an MNIST-style file")
             raw = f.read(size)
             extra = f.read(1)
     except (OSError, EOFError, zlib.error) as exc:
-        raise ConfigError("data.root", str(path), f"not a readable idx file ({exc})") from None
+        raise ConfigError("root", str(path), f"not a readable idx file ({exc})") from None
     if len(raw) != size or extra:
         held = f"{len(raw)}" if not extra else f"more than {size}"
-        raise ConfigError("data.root", str(path), f"header says {dims} = {size} bytes of data, file holds {held}")
+        raise ConfigError("root", str(path), f"header says {dims} = {size} bytes of data, file holds {held}")
     return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
@@ -100,7 +100,7 @@ def load_idx(spec: IdxSpec, split: str, root: str | None) -> ImageSet:
     root = root if root is not None else spec.default_root
     if root is None:
         raise ConfigError(
-            "data.root", None, f"data.root must be set for {spec.name}: the folder holding its idx files ({spec.source})"
+            "root", None, f"root must be set for {spec.name}: the folder holding its idx files ({spec.source})"
         )
     folder = Path(root).expanduser()
     prefix = _PREFIX[split]
@@ -108,20 +108,20 @@ def load_idx(spec: IdxSpec, split: str, root: str | None) -> ImageSet:
     paths = [_find(folder, name) for name in names]
     if None in paths:
         raise ConfigError(
-            "data.root", str(folder),
+            "root", str(folder),
             f"expected {folder}/{names[0]} and {names[1]} (optionally .gz; get them via {spec.source})",
         )
     images_path, labels_path = paths
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1)
     if images.shape[1:] != (SIDE, SIDE):
-        raise ConfigError("data.root", str(images_path), f"images must be {SIDE}x{SIDE}, got {images.shape[1:]}")
+        raise ConfigError("root", str(images_path), f"images must be {SIDE}x{SIDE}, got {images.shape[1:]}")
     if len(labels) != len(images):
         raise ConfigError(
-            "data.root", str(labels_path), f"{len(labels)} labels for {len(images)} images in {images_path.name}"
+            "root", str(labels_path), f"{len(labels)} labels for {len(images)} images in {images_path.name}"
         )
     if len(labels) and labels.max() >= len(spec.classes):
-        raise ConfigError("data.root", str(labels_path), f"labels must lie in [0, {len(spec.classes)})")
+        raise ConfigError("root", str(labels_path), f"labels must lie in [0, {len(spec.classes)})")
     return ImageSet(to_rgb32(images), labels.astype(np.int64), list(spec.classes))
 
 

@@ -42,7 +42,7 @@ def _read_image(path: Path, size: int) -> np.ndarray:
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ConfigError("data.root", str(path), f"an image PIL can read ({type(exc).__name__}: {exc})") from None
+        raise ConfigError("root", str(path), f"an image PIL can read ({type(exc).__name__}: {exc})") from None
 
 
 def _split_files(root: Path, split: str, seed: int) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -50,7 +50,7 @@ def _split_files(root: Path, split: str, seed: int) -> tuple[list[str], list[tup
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs:
         if not (root / split).is_dir():
-            raise ConfigError("data.root", str(root), f"missing {root / split}/ (layout: {LAYOUT})")
+            raise ConfigError("root", str(root), f"missing {root / split}/ (layout: {LAYOUT})")
         classes = sorted(set().union(*(_class_dirs(d) for d in split_dirs)))
         present = _class_dirs(root / split)
         items = [(f, label) for label, name in enumerate(classes) if name in present
@@ -74,17 +74,17 @@ def _split_files(root: Path, split: str, seed: int) -> tuple[list[str], list[tup
 def load_imagefolder(split: str, *, root: str | None, seed: int = 0, image_size: int = 32) -> ImageSet:
     """Images from class folders under `root`, resized to `image_size` square."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 4096:
-        raise ConfigError("data.image_size", image_size, "an integer from 1 to 4096 (pixels per side)")
+        raise ConfigError("image_size", image_size, "an integer from 1 to 4096 (pixels per side)")
     if root is None:
-        raise ConfigError("data.root", None, f"data.root must be set for imagefolder (layout: {LAYOUT})")
+        raise ConfigError("root", None, f"root must be set for imagefolder (layout: {LAYOUT})")
     folder = Path(root).expanduser()
     if not folder.is_dir():
-        raise ConfigError("data.root", str(folder), f"an existing folder (layout: {LAYOUT})")
+        raise ConfigError("root", str(folder), f"an existing folder (layout: {LAYOUT})")
     classes, items = _split_files(folder, split, seed)
     if not classes:
-        raise ConfigError("data.root", str(folder), f"no class folders found (layout: {LAYOUT})")
+        raise ConfigError("root", str(folder), f"no class folders found (layout: {LAYOUT})")
     if not items:
-        raise ConfigError("data.root", str(folder), f"no images for split {split!r} (layout: {LAYOUT})")
+        raise ConfigError("root", str(folder), f"no images for split {split!r} (layout: {LAYOUT})")
     images = np.stack([_read_image(path, image_size) for path, _ in items])
     labels = np.array([label for _, label in items], dtype=np.int64)
     return ImageSet(images, labels, classes)

@@ -99,7 +99,7 @@ def split_size(split: str, train_size: int, test_size: int, num_classes: int) ->
     """The requested size of `split`, checked: an integer with room for every class."""
     n = train_size if split == "train" else test_size
     if not is_int(n) or n < num_classes:
-        raise ConfigError(f"data.options.{split}_size", n, f"an integer of at least {num_classes}")
+        raise ConfigError(f"{split}_size", n, f"an integer of at least {num_classes}")
     return n
 
 
@@ -109,5 +109,5 @@ def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int 
     """`root` is ignored: the data are generated, never read."""
     n = split_size(split, train_size, test_size, len(CLASSES))
     if image_size not in (32, 64, 96):
-        raise ConfigError("data.options.image_size", image_size, "one of 32, 64, 96")
+        raise ConfigError("image_size", image_size, "one of 32, 64, 96")
     return generate(n, seed + SPLIT_OFFSET[split], image_size)

@@ -122,5 +122,5 @@ def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int 
     """`root` is ignored: the data are generated, never read."""
     n = split_size(split, train_size, test_size, len(CLASSES))
     if not is_int(image_size) or image_size < 8:
-        raise ConfigError("data.options.image_size", image_size, "an integer of at least 8")
+        raise ConfigError("image_size", image_size, "an integer of at least 8")
     return generate(n, seed + SPLIT_OFFSET[split], image_size)

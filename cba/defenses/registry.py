@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from cba.defenses.base import Defense
 from cba.errors import ConfigError, is_int, is_number
@@ -31,25 +30,12 @@ def options(name: str) -> dict[str, inspect.Parameter]:
     return {p.name: p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"}
 
 
-@contextmanager
-def in_section(name: str) -> Iterator[None]:
-    """Defenses name their options plainly in errors; this puts `defense.<name>.` in front, where params.yaml has it."""
-    known = options(name)
-    try:
-        yield
-    except ConfigError as err:
-        if err.key in known:
-            raise ConfigError(f"defense.{name}.{err.key}", err.value, err.allowed) from None
-        raise
-
-
 def build_defense(name: str, **params: Any) -> Defense:
     cls, signature = DEFENSES.get(name, key="defense"), options(name)
-    with in_section(name):
-        for key, value in params.items():
-            if key not in signature:
-                raise ConfigError(f"defense.{name}.{key}", value, f"{name} takes {', '.join(signature) or 'no options'}")
-            accepts, allowed = _OPTION_TYPES.get(str(signature[key].annotation), (lambda v: True, ""))
-            if not accepts(value):  # a wrong type would otherwise reach the constructor's comparisons as a traceback
-                raise ConfigError(key, value, allowed)
-        return cls(**params)
+    for key, value in params.items():
+        if key not in signature:
+            raise ConfigError(key, value, f"{name} takes {', '.join(signature) or 'no options'}")
+        accepts, allowed = _OPTION_TYPES.get(str(signature[key].annotation), (lambda v: True, ""))
+        if not accepts(value):  # a wrong type would otherwise reach the constructor's comparisons as a traceback
+            raise ConfigError(key, value, allowed)
+    return cls(**params)

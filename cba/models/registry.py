@@ -10,7 +10,7 @@ from torch import nn
 from cba.errors import ConfigError
 from cba.registry import Registry
 
-BACKBONES: Registry[Callable[..., nn.Module]] = Registry("pretrain.backbone")
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
 
 class Normalize(nn.Module):
@@ -47,9 +47,9 @@ class StagedBackbone(nn.Module):
 
 
 def build_backbone(name: str, width: int = 32, **options: Any) -> nn.Module:
-    factory = BACKBONES.get(name, key="pretrain.backbone")
+    factory = BACKBONES.get(name, key="backbone")
     if not isinstance(width, int) or width < 1:
-        raise ConfigError("pretrain.width", width, "a positive integer")
+        raise ConfigError("width", width, "a positive integer")
     model = factory(width=width, **options)
     assert hasattr(model, "feature_dim"), "backbones expose feature_dim"
     return model

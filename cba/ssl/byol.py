@@ -48,7 +48,7 @@ def byol_tau(progress: float, base_tau: float) -> float:
 
 def check_momentum(name: str, value: float) -> None:
     if not 0 <= value <= 1:
-        raise ConfigError(f"pretrain.{name}.ema_momentum", value, "a number in [0, 1]")
+        raise ConfigError("ema_momentum", value, "a number in [0, 1]")
 
 
 def regression_per_sample(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

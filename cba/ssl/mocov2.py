@@ -50,11 +50,11 @@ class MoCoV2(SSLMethod):
         super().__init__(backbone, num_classes)
         check_momentum("mocov2", ema_momentum)
         if not temperature > 0:
-            raise ConfigError("pretrain.mocov2.temperature", temperature, "a positive number")
+            raise ConfigError("temperature", temperature, "a positive number")
         if not (isinstance(queue_size, int) and queue_size >= 1):
-            raise ConfigError("pretrain.mocov2.queue_size", queue_size, "a positive integer")
+            raise ConfigError("queue_size", queue_size, "a positive integer")
         if not (isinstance(shuffle_bn_splits, int) and shuffle_bn_splits >= 1):
-            raise ConfigError("pretrain.mocov2.shuffle_bn_splits", shuffle_bn_splits, "a positive integer")
+            raise ConfigError("shuffle_bn_splits", shuffle_bn_splits, "a positive integer")
         self.temperature, self.momentum, self.splits = temperature, ema_momentum, shuffle_bn_splits
         # MoCo v2's head: a plain 2-layer MLP, no BN (BN would add another batch-statistics leak).
         self.projector = nn.Sequential(

@@ -12,17 +12,17 @@ from cba.errors import ConfigError, is_int, is_number
 from cba.registry import Registry
 from cba.ssl.base import SSLMethod
 
-METHODS: Registry[type[SSLMethod]] = Registry("pretrain.method")
+METHODS: Registry[type[SSLMethod]] = Registry("method")
 
 
 def build_method(name: str, backbone: nn.Module, num_classes: int = 10, **hparams: Any) -> SSLMethod:
-    cls = METHODS.get(name, key="pretrain.method")
+    cls = METHODS.get(name, key="method")
     signature = inspect.signature(cls.__init__).parameters
     allowed = [p for p in signature if p not in ("self", "backbone", "num_classes")]
     for key, value in hparams.items():
         if key not in allowed:
-            raise ConfigError(f"pretrain.{name}.{key}", value, f"{name} takes {', '.join(allowed) or 'no options'}")
-        _check_option(f"pretrain.{name}.{key}", value, signature[key].default)
+            raise ConfigError(key, value, f"{name} takes {', '.join(allowed) or 'no options'}")
+        _check_option(key, value, signature[key].default)
     return cls(backbone, num_classes=num_classes, **hparams)
 
 

@@ -34,7 +34,7 @@ class SimCLR(SSLMethod):
     def __init__(self, backbone: nn.Module, num_classes: int = 10, proj_hidden_dim: int = 512, proj_dim: int = 128, temperature: float = 0.5):
         super().__init__(backbone, num_classes)
         if not temperature > 0:
-            raise ConfigError("pretrain.simclr.temperature", temperature, "a positive number")
+            raise ConfigError("temperature", temperature, "a positive number")
         self.temperature = temperature
         self.projector = mlp([backbone.feature_dim, proj_hidden_dim, proj_dim])
 

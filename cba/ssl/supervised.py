@@ -25,7 +25,7 @@ class Supervised(SSLMethod):
     def __init__(self, backbone: nn.Module, num_classes: int = 10, label_smoothing: float = 0.0):
         super().__init__(backbone, num_classes)
         if not 0 <= label_smoothing < 1:
-            raise ConfigError("pretrain.supervised.label_smoothing", label_smoothing, "a number in [0, 1)")
+            raise ConfigError("label_smoothing", label_smoothing, "a number in [0, 1)")
         self.label_smoothing = label_smoothing
         self.head = nn.Linear(backbone.feature_dim, num_classes)
 

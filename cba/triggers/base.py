@@ -42,7 +42,7 @@ class Trigger(ABC):
         if not is_int(seed) or seed < 0:
             raise ConfigError("seed", seed, "must be a non-negative integer")
         if not is_int(image_size) or image_size < 1:
-            raise ConfigError("trigger.image_size", image_size, "must be a positive integer")
+            raise ConfigError("image_size", image_size, "must be a positive integer")
         self.seed, self.image_size = int(seed), int(image_size)
         self.params: dict[str, Any] = {**copy.deepcopy(self.defaults), **copy.deepcopy(params)}
         self._validate()
@@ -53,7 +53,7 @@ class Trigger(ABC):
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             allowed = ", ".join(sorted(cls.defaults)) or "none"
-            raise ConfigError(f"trigger.params.{unknown[0]}", params[unknown[0]],
+            raise ConfigError(unknown[0], params[unknown[0]],
                               f"not a parameter of trigger '{cls.name}'; allowed: {allowed}")
 
     # --- subclass hooks -------------------------------------------------
@@ -104,7 +104,7 @@ class Trigger(ABC):
 
     # --- helpers for subclasses ------------------------------------------
     def _fail(self, param: str, allowed: str) -> None:
-        raise ConfigError(f"trigger.params.{param}", self.params[param], allowed)
+        raise ConfigError(param, self.params[param], allowed)
 
     def _check_size(self, param: str = "size") -> int:
         """A square side length that fits inside the image."""
@@ -118,7 +118,7 @@ class Trigger(ABC):
             got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
             raise TypeError(f"trigger images must be a uint8 (N, H, W, 3) array, got {got}")
         if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ConfigError("trigger.image_size", self.image_size,
+            raise ConfigError("image_size", self.image_size,
                               f"must match the images, which are {images.shape[1]}x{images.shape[2]}")
         return images
 

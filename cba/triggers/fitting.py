@@ -18,7 +18,7 @@ from cba.triggers.base import Trigger
 def attacker_pool(n_images: int, size: int, seed: int) -> np.ndarray:
     """The attacker's own images: a seeded random subset of the training split, sorted."""
     if size > n_images:
-        raise ConfigError("trigger.params.surrogate_size", size, f"at most {n_images}, the training-set size")
+        raise ConfigError("surrogate_size", size, f"at most {n_images}, the training-set size")
     return np.sort(np.random.default_rng([seed, 0xA77AC]).permutation(n_images)[:size])
 
 
@@ -36,6 +36,6 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
         raise ConfigError("target_class", target_class, "a class present in the training data")
     pool = attacker_pool(len(labels), trigger.params["surrogate_size"], seed)
     if not (labels[pool] == target_class).any():
-        raise ConfigError("trigger.params.surrogate_size", trigger.params["surrogate_size"],
+        raise ConfigError("surrogate_size", trigger.params["surrogate_size"],
                           f"large enough to hold target-class images (class {target_class})")
     return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress)
