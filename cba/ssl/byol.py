@@ -46,7 +46,7 @@ def byol_tau(progress: float, base_tau: float) -> float:
     return 1 - (1 - base_tau) * (math.cos(math.pi * progress) + 1) / 2
 
 
-def check_momentum(name: str, value: float) -> None:
+def check_momentum(value: float) -> None:
     if not 0 <= value <= 1:
         raise ConfigError("ema_momentum", value, "a number in [0, 1]")
 
@@ -76,7 +76,7 @@ class BYOL(SSLMethod):
         ema_momentum: float = 0.99,
     ):
         super().__init__(backbone, num_classes)
-        check_momentum("byol", ema_momentum)
+        check_momentum(ema_momentum)
         self.base_tau = ema_momentum
         self.projector = mlp([backbone.feature_dim, proj_hidden_dim, proj_dim])
         self.predictor = mlp([proj_dim, pred_hidden_dim, proj_dim])

@@ -48,7 +48,7 @@ class MoCoV2(SSLMethod):
         shuffle_bn_splits: int = 4,
     ):
         super().__init__(backbone, num_classes)
-        check_momentum("mocov2", ema_momentum)
+        check_momentum(ema_momentum)
         if not temperature > 0:
             raise ConfigError("temperature", temperature, "a positive number")
         if not (isinstance(queue_size, int) and queue_size >= 1):
