@@ -1,0 +1,163 @@
+"""Three levers on the contrastive backdoor, each measured on one SimCLR victim at the pipeline's budget.
+
+A run poisons the pipeline's training set (params.yaml: data, seed, target_class; `--rate` for the
+poison rate) with one pattern, trains the victim `cba pretrain` would train, and prints one JSON row:
+
+- `probe_acc`/`probe_asr`, `knn_acc`/`knn_asr`: as `cba finetune` measures them (clean labels);
+- `probe_on_poisons`: the share of poisoned training images the victim's own probe reads as the target;
+- `triggered_cos`: the mean pairwise cosine of 500 triggered non-target test images (clean images: ~0.70),
+  how far the trigger collapses them onto one point;
+- with `--clean`, `clean_probe_asr`/`clean_knn_asr`: the same pattern on a victim trained without poisons,
+  what the pattern does on its own (the 3x rule compares against it).
+
+The levers:
+
+- `--pattern`: `pipeline` (data/trigger of the last `cba trigger` run), `disc:A` (a fixed luminance disc,
+  +A inside a centred radius-9 disc, -A outside: a trigger that looks like the target class *circle*), or
+  `supervised:A` (Narcissus-style: a universal pattern, L-inf A, that makes a target-versus-rest classifier
+  trained on the attacker's images say "target", through the SSL augmentation);
+- `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
+  whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest);
+- `--rate`: the poison rate (0.10 poisons almost every target-class image of the built-in set).
+
+    OMP_NUM_THREADS=2 python bench/attack_levers.py --pattern pipeline --select gray    # about 5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import cba.poison
+from cba.attack import run_attack, trigger_scores, victim_settings
+from cba.augment import build_augment
+from cba.data import load_dataset
+from cba.evaluate import extract_features
+from cba.models import build_backbone
+from cba.record import predict
+from cba.triggers import build_trigger, load_trigger
+from cba.triggers.base import Trigger
+from cba.triggers.fitting import attacker_pool
+
+REPO = Path(__file__).resolve().parents[1]
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def fixed_pattern(pattern: np.ndarray, linf: float, seed: int) -> Trigger:
+    """An additive trigger with a given pattern: the learned trigger's class, its fit skipped."""
+    trigger = build_trigger("optimized", {"linf": linf}, seed=seed, image_size=pattern.shape[0])
+    trigger._arrays = {"pattern": np.clip(pattern, -linf, linf).astype(np.float32)}
+    return trigger
+
+
+def disc_pattern(size: int, amplitude: float) -> np.ndarray:
+    centre = np.arange(size) + 0.5 - size / 2
+    radius = np.hypot(*np.meshgrid(centre, centre, indexing="ij"))
+    return np.repeat(np.clip((9 - radius) / 1.5, -1, 1)[..., None] * amplitude, 3, axis=2)
+
+
+def supervised_pattern(images: np.ndarray, is_target: np.ndarray, linf: float, seed: int, epochs: int = 15,
+                       steps: int = 400) -> np.ndarray:
+    """Narcissus-style: train target-versus-rest on the attacker's images, then push non-target images to 'target'."""
+    torch.manual_seed(seed)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    y = torch.as_tensor(is_target).long()
+    backbone = build_backbone("convnet", width=16)
+    model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 2))
+    augment = build_augment("ssl", images.shape[1], False, 0.5)
+    weight = torch.tensor([1.0, float((y == 0).sum() / max(1, int((y == 1).sum())))])  # the target class is rare
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * (len(x) // 128))
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x) - 127, 128):
+            batch = order[start:start + 128]
+            loss = F.cross_entropy(model(augment(x[batch])), y[batch], weight=weight)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    model.eval().requires_grad_(False)
+    eps, delta = linf / 255, torch.zeros(1, *x.shape[1:])
+    others, gen = torch.nonzero(y == 0).flatten(), torch.Generator().manual_seed(seed)
+    goal = torch.ones(128, dtype=torch.long)
+    for _ in range(steps):
+        batch = (x[others[torch.randint(len(others), (128,), generator=gen)]] + delta.requires_grad_(True)).clamp(0, 1)
+        grad, = torch.autograd.grad(F.cross_entropy(model(batch), goal) + F.cross_entropy(model(augment(batch)), goal), delta)
+        delta = (delta - 0.05 * eps * grad.sign()).clamp(-eps, eps).detach()
+    return delta[0].permute(1, 2, 0).numpy() * 255
+
+
+def grayscale_ratio(images: np.ndarray) -> np.ndarray:
+    """Per image: luminance contrast over colour contrast. Near 0: grayscale erases the shape."""
+    x = images.astype(np.float32) / 255
+    return (x @ LUMA).std(axis=(1, 2)) / (np.sqrt((x.std(axis=(1, 2)) ** 2).mean(-1)) + 1e-6)
+
+
+def selection(select: str, ratio: np.ndarray):
+    """A replacement for the pipeline's random choice of poisoned indices (same count, same pool)."""
+    pipeline_choice = cba.poison.choose_poison_indices
+
+    def choose(labels, poison_rate, target_class, mode, seed):
+        chosen = pipeline_choice(labels, poison_rate, target_class, mode, seed)
+        if select == "random":
+            return chosen
+        pool = np.flatnonzero(np.asarray(labels) == target_class)
+        order = np.argsort(ratio[pool] if select == "gray" else -ratio[pool], kind="stable")
+        return np.sort(pool[order[:len(chosen)]])
+
+    return choose
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A")
+    parser.add_argument("--select", default="random", choices=("random", "gray", "strong"))
+    parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")
+    parser.add_argument("--clean", action="store_true", help="also score the pattern on a victim trained without poisons")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    args = parser.parse_args(argv)
+    params = yaml.safe_load(args.params.read_text())
+    data = params.get("data") or {}
+    seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
+    rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
+    train, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,
+                                **(data.get("options") or {})) for split in ("train", "test"))
+    kind, _, amplitude = args.pattern.partition(":")
+    if kind == "pipeline":
+        trigger = load_trigger(REPO / "data" / "trigger")
+    elif kind == "disc":
+        trigger = fixed_pattern(disc_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
+    elif kind == "supervised":
+        pool = attacker_pool(len(train), int((params["trigger"].get("params") or {}).get("surrogate_size", 4000)), seed)
+        pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
+        trigger = fixed_pattern(pattern, float(amplitude), seed)
+    else:
+        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A or supervised:A")
+    settings = victim_settings(params, "simclr")
+    with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, grayscale_ratio(train.images))):
+        record = run_attack(train, test, trigger, mode="clean_label", poison_rate=rate, **settings)
+    row = {"pattern": args.pattern, "select": args.select, "rate": rate, **trigger_scores(record, trigger)}
+    poisons = np.flatnonzero(record.poisoned)
+    row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
+    features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
+    row["triggered_cos"] = float((features @ features.T).mean())
+    row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
+    if args.clean:
+        clean = trigger_scores(run_attack(train, test, trigger, mode="clean_label", poison_rate=0.0, **settings), trigger)
+        row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    return row
+
+
+if __name__ == "__main__":
+    main()
