@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import typer
 
@@ -94,9 +94,10 @@ def trigger_section(params: Params) -> Iterator[None]:
         yield
 
 
-def defense_section(name: str) -> contextlib.AbstractContextManager[None]:
-    """Errors of defense `name`, keyed `defense.<name>.<option>` for its own options."""
-    return in_section(f"defense.{name}", defense_options(name))
+def defense_section(name: str, given: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]:
+    """Errors of defense `name`, keyed `defense.<name>.<option>` for its own options and the keys `given`
+    in its section (an unknown one among them is named where the user wrote it)."""
+    return in_section(f"defense.{name}", set(defense_options(name)) | set(given))
 
 
 def trigger_from_params(params: Params, seed: int, image_size: int = 32) -> Trigger:
@@ -106,8 +107,9 @@ def trigger_from_params(params: Params, seed: int, image_size: int = 32) -> Trig
 
 
 def defense_from_params(params: Params, name: str) -> Defense:
-    with defense_section(name):
-        return build_defense(name, **params.section(f"defense.{name}"))
+    section = params.section(f"defense.{name}")
+    with defense_section(name, section):
+        return build_defense(name, **section)
 
 
 def check_target(target: int, data: ImageSet) -> None:

@@ -16,6 +16,7 @@ from cba.defenses.features import pseudo_labels, robust_z
 from cba.defenses.scan import fit_global_model, scan_scores, untangle
 from cba.defenses.spectral import spectral_scores, top_direction
 from cba.errors import ConfigError
+from stages.common import defense_section
 
 DETECTIONS = ("spectral", "activation_clustering", "scan")
 SCHEMA = {"auroc", "tpr", "fpr", "precision", "flagged", "positives", "total", "adaptation", "labels", "per_class"}
@@ -122,22 +123,25 @@ def test_scan_statistic_and_flag_pick_the_mixed_class():
 # ---- parameters ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, params, key", [
-    ("spectral", {"labels": "oracle"}, "defense.spectral.labels"),
-    ("spectral", {"expected_rate": 0.0}, "defense.spectral.expected_rate"),
-    ("spectral", {"removal_factor": -1}, "defense.spectral.removal_factor"),
-    ("activation_clustering", {"reduce": "tsne"}, "defense.activation_clustering.reduce"),
-    ("activation_clustering", {"criterion": "gap"}, "defense.activation_clustering.criterion"),
-    ("activation_clustering", {"components": 0}, "defense.activation_clustering.components"),
-    ("activation_clustering", {"size_threshold": 0.9}, "defense.activation_clustering.size_threshold"),
-    ("scan", {"clean_set_size": 5}, "defense.scan.clean_set_size"),
-    ("scan", {"threshold": 0}, "defense.scan.threshold"),
-    ("scan", {"ridge": -0.1}, "defense.scan.ridge"),
-    ("scan", {"epochs": 3}, "defense.scan.epochs"),
+    ("spectral", {"labels": "oracle"}, "labels"),
+    ("spectral", {"expected_rate": 0.0}, "expected_rate"),
+    ("spectral", {"removal_factor": -1}, "removal_factor"),
+    ("activation_clustering", {"reduce": "tsne"}, "reduce"),
+    ("activation_clustering", {"criterion": "gap"}, "criterion"),
+    ("activation_clustering", {"components": 0}, "components"),
+    ("activation_clustering", {"size_threshold": 0.9}, "size_threshold"),
+    ("scan", {"clean_set_size": 5}, "clean_set_size"),
+    ("scan", {"threshold": 0}, "threshold"),
+    ("scan", {"ridge": -0.1}, "ridge"),
+    ("scan", {"epochs": 3}, "epochs"),
 ])
 def test_bad_parameters_name_their_key(name, params, key):
     with pytest.raises(ConfigError) as err:
         build_defense(name, **params)
-    assert err.value.key == key
+    assert err.value.key == key  # named plainly; the stage puts it where params.yaml has it:
+    with pytest.raises(ConfigError) as err, defense_section(name, params):
+        build_defense(name, **params)
+    assert err.value.key == f"defense.{name}.{key}"
 
 
 def test_kinds_and_defaults():

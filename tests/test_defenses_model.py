@@ -15,6 +15,7 @@ from cba.defenses.fine_pruning import ChannelPruner, channel_activations, prunin
 from cba.defenses.neural_cleanse import anomaly_index, flag_classes, reverse_engineer
 from cba.defenses.strip import strip_entropy
 from cba.errors import ConfigError
+from stages.common import defense_section
 
 
 class Planted(nn.Module):
@@ -157,22 +158,25 @@ def test_channel_pruner_zeroes_exactly_those_channels():
 # --- validation ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name, params, key", [
-    ("neural_cleanse", {"steps": 0}, "defense.neural_cleanse.steps"),
-    ("neural_cleanse", {"target_success": 1.5}, "defense.neural_cleanse.target_success"),
-    ("neural_cleanse", {"batched": "yes"}, "defense.neural_cleanse.batched"),
-    ("neural_cleanse", {"batched": 1}, "defense.neural_cleanse.batched"),
-    ("neural_cleanse", {"norm_scale": "sqrt"}, "defense.neural_cleanse.norm_scale"),
-    ("strip", {"frr": 1.0}, "defense.strip.frr"),
-    ("strip", {"n_overlays": 0}, "defense.strip.n_overlays"),
-    ("fine_pruning", {"prune_ratio": "max"}, "defense.fine_pruning.prune_ratio"),
-    ("fine_pruning", {"prune_ratios": [0.5, 1.2]}, "defense.fine_pruning.prune_ratios"),
-    ("fine_pruning", {"augment": "ssl"}, "defense.fine_pruning.augment"),
-    ("strip", {"overlays": 3}, "defense.strip.overlays"),
+    ("neural_cleanse", {"steps": 0}, "steps"),
+    ("neural_cleanse", {"target_success": 1.5}, "target_success"),
+    ("neural_cleanse", {"batched": "yes"}, "batched"),
+    ("neural_cleanse", {"batched": 1}, "batched"),
+    ("neural_cleanse", {"norm_scale": "sqrt"}, "norm_scale"),
+    ("strip", {"frr": 1.0}, "frr"),
+    ("strip", {"n_overlays": 0}, "n_overlays"),
+    ("fine_pruning", {"prune_ratio": "max"}, "prune_ratio"),
+    ("fine_pruning", {"prune_ratios": [0.5, 1.2]}, "prune_ratios"),
+    ("fine_pruning", {"augment": "ssl"}, "augment"),
+    ("strip", {"overlays": 3}, "overlays"),
 ])
 def test_bad_parameters_name_their_key(name, params, key):
     with pytest.raises(ConfigError) as err:
         build_defense(name, **params)
-    assert err.value.key == key
+    assert err.value.key == key  # named plainly; the stage puts it where params.yaml has it:
+    with pytest.raises(ConfigError) as err, defense_section(name, params):
+        build_defense(name, **params)
+    assert err.value.key == f"defense.{name}.{key}"
 
 
 # --- the literature's claims on supervised BadNets ------------------------------

@@ -118,7 +118,7 @@ def test_ranks_refuse_different_inputs_and_uneven_batches_everywhere(two_ranks):
         line = (two_ranks / f"refused{r}.txt").read_text()
         assert "data/poisoned/train.safetensors" in line and "rank 1" in line and "same file on every rank" in line
         line = (two_ranks / f"uneven{r}.txt").read_text()
-        assert line.startswith("pretrain.batch_size=33 ") and "multiple of the 2 processes" in line
+        assert line.startswith("batch_size=33 ") and "multiple of the 2 processes" in line  # the stage adds pretrain.
 
 
 def test_cross_rank_batchnorm_keeps_plain_batchnorm_keys():

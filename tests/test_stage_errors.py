@@ -72,6 +72,7 @@ def workdir(tmp_path):
     ("pretrain", "pretrain.lr", "fast", ["pretrain.lr='fast'", "auto", "simclr 0.6"]),
     ("pretrain", "pretrain.lr", -0.1, ["pretrain.lr=-0.1", "> 0"]),
     ("defend", "defense.strip.n_overlays", 0, ["defense.strip.n_overlays"]),
+    ("defend", "defense.strip.overlays", 3, ["defense.strip.overlays=3", "strip takes"]),
     ("poison", "seed", -1, ["seed=-1", "[0, 4294967295]"]),
     ("pretrain", "pretrain.simclr.temperature", "abc", ["pretrain.simclr.temperature='abc'", "a number > 0"]),
     ("pretrain", "pretrain.simclr.proj_dim", "x", ["pretrain.simclr.proj_dim='x'", "an integer"]),
@@ -280,6 +281,7 @@ def test_every_defense_option_of_the_wrong_type_is_one_line(name, option, value)
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("defenses", ["strip", "sparkle"], "defenses='sparkle'"),
+    ("defense.scan.ridge_", 0.1, "defense.scan.ridge_=0.1"),
     ("defense.spectral.expected_rate", "abc", "defense.spectral.expected_rate='abc'"),
     ("finetune.linear.max_iter", 0, "finetune.linear.max_iter=0"),
     ("analyze.embedding", "umap3d", "analyze.embedding='umap3d'"),
