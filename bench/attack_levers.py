@@ -42,14 +42,16 @@ from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.evaluate import extract_features
+from cba.fit import fit
 from cba.models import build_backbone
 from cba.record import predict
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.base import Trigger
+from cba.triggers.ctrl import RGB_TO_YUV
 from cba.triggers.fitting import attacker_pool
 
 REPO = Path(__file__).resolve().parents[1]
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
 
 
 def fixed_pattern(pattern: np.ndarray, linf: float, seed: int) -> Trigger:
@@ -75,17 +77,9 @@ def supervised_pattern(images: np.ndarray, is_target: np.ndarray, linf: float, s
     model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 2))
     augment = build_augment("ssl", images.shape[1], False, 0.5)
     weight = torch.tensor([1.0, float((y == 0).sum() / max(1, int((y == 1).sum())))])  # the target class is rare
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * (len(x) // 128))
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for start in range(0, len(x) - 127, 128):
-            batch = order[start:start + 128]
-            loss = F.cross_entropy(model(augment(x[batch])), y[batch], weight=weight)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+    fit(model.parameters(), lambda _epoch: torch.randperm(len(x)).split(128)[:len(x) // 128],
+        lambda batch: F.cross_entropy(model(augment(x[batch])), y[batch], weight=weight),
+        epochs=epochs, lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.eval().requires_grad_(False)
     eps, delta = linf / 255, torch.zeros(1, *x.shape[1:])
     others, gen = torch.nonzero(y == 0).flatten(), torch.Generator().manual_seed(seed)

@@ -88,8 +88,8 @@ def load_split(params: Params, split: str) -> ImageSet:
 @contextlib.contextmanager
 def trigger_section(params: Params) -> Iterator[None]:
     """Errors of the trigger named in params.yaml, keyed where params.yaml has them."""
-    options = params.section("trigger.params")
-    known = set(options) | set(TRIGGERS.get(params.raw("trigger.name"), key="trigger.name").defaults)
+    name = params.choice("trigger.name", TRIGGERS.names())
+    known = set(params.section("trigger.params")) | set(TRIGGERS.get(name).defaults)
     with in_section("trigger", ["name", "params"]), in_section("trigger.params", known):
         yield
 
