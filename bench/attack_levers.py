@@ -18,7 +18,11 @@ The levers:
   trained on the attacker's images say "target", through the SSL augmentation);
 - `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
   whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest);
-- `--rate`: the poison rate (0.10 poisons almost every target-class image of the built-in set).
+- `--rate`: the poison rate (0.10 poisons almost every target-class image of the built-in set);
+- `--mode composite`: noisy alignment (see `cba.poison`): each poison is a target image joined side by side
+  to a triggered image of another class; `--min-scale` sets the victim's smallest crop, which decides how
+  often a view holds only one half (never above 1/3: a larger crop always spans the seam);
+- `--pattern patch:S`: a random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget.
 
     OMP_NUM_THREADS=2 python bench/attack_levers.py --pattern pipeline --select gray    # about 5 min
 """
@@ -114,9 +118,11 @@ def selection(select: str, ratio: np.ndarray):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A")
+    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S")
     parser.add_argument("--select", default="random", choices=("random", "gray", "strong"))
     parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")
+    parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
+    parser.add_argument("--min-scale", type=float, default=None, help="default: params.yaml's augmentation.min_scale")
     parser.add_argument("--clean", action="store_true", help="also score the pattern on a victim trained without poisons")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args(argv)
@@ -131,23 +137,31 @@ def main(argv: list[str] | None = None) -> dict:
         trigger = load_trigger(REPO / "data" / "trigger")
     elif kind == "disc":
         trigger = fixed_pattern(disc_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
+    elif kind == "patch":
+        size = int(amplitude)
+        centre = (train.images.shape[1] - size) // 2
+        trigger = build_trigger("patch", {"size": size, "location": [centre, centre], "pattern": "random"}, seed=seed,
+                                image_size=train.images.shape[1])
     elif kind == "supervised":
         pool = attacker_pool(len(train), int((params["trigger"].get("params") or {}).get("surrogate_size", 4000)), seed)
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     else:
-        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A or supervised:A")
+        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A or patch:S")
     settings = victim_settings(params, "simclr")
+    if args.min_scale is not None:
+        settings["min_scale"] = args.min_scale
     with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, grayscale_ratio(train.images))):
-        record = run_attack(train, test, trigger, mode="clean_label", poison_rate=rate, **settings)
-    row = {"pattern": args.pattern, "select": args.select, "rate": rate, **trigger_scores(record, trigger)}
+        record = run_attack(train, test, trigger, mode=args.mode, poison_rate=rate, **settings)
+    row = {"pattern": args.pattern, "select": args.select, "rate": rate, "mode": args.mode,
+           "min_scale": settings["min_scale"], **trigger_scores(record, trigger)}
     poisons = np.flatnonzero(record.poisoned)
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
     features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
     row["triggered_cos"] = float((features @ features.T).mean())
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
     if args.clean:
-        clean = trigger_scores(run_attack(train, test, trigger, mode="clean_label", poison_rate=0.0, **settings), trigger)
+        clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)
         row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     return row

@@ -126,7 +126,8 @@ def analyze(params_path: Path = PARAMS_OPTION) -> None:
                               max_points=config["max_points"], poisoned=poisoned[embedded],
                               max_iter=config["tsne_iter"])
     points = embedded[chosen]
-    mode = "dirty_label" if (manifest["label"] != manifest["original_label"]).any() else "clean_label"
+    mode = ("composite" if "partner" in manifest else
+            "dirty_label" if (manifest["label"] != manifest["original_label"]).any() else "clean_label")
     method = meta.get("method", "unknown")
     plot_embedding(coords, labels[points], poisoned[points], train.classes, ANALYSIS_DIR / "embedding.png",
                    title=f"{method}, {mode}: training features ({config['embedding']}), target {target}")
