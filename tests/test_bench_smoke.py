@@ -148,3 +148,34 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     assert row["pattern"] == "disc:16" and row["rate"] == params["poison_rate"]
     assert 0 <= row["probe_asr"] <= 1 and 0 <= row["knn_asr"] <= 1 and 0 <= row["probe_on_poisons"] <= 1
     assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+
+
+def test_attack_levers_composite_mode_with_a_patch(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(epochs=1, width=4, batch_size=64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    row = load("attack_levers").main(["--pattern", "patch:6", "--mode", "composite", "--min-scale", "0.2",
+                                      "--params", str(tmp_path / "params.yaml")])
+    assert row["mode"] == "composite" and row["min_scale"] == 0.2 and 0 <= row["probe_asr"] <= 1
+
+
+def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(width=4, batch_size=64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "maturity.json"
+    result = load("maturity").main(["--epochs", "2", "--every", "1", "--clean", "--trigger-params", TINY_TRIGGER,
+                                    "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["victim"] for run in runs] == ["poisoned (0.05)", "clean (0)"] == [run["victim"] for run in result["runs"]]
+    for run in runs:
+        assert [r["epoch"] for r in run["rows"]] == [1, 2]
+        for row in run["rows"]:
+            assert row["loss"] == row["loss"] and all(0 <= row[k] <= 1 for k in ("knn_acc", "knn_asr", "linear_acc", "linear_asr"))
+    assert "| clean (0) | 2 |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,116 @@
+"""How a backdoor changes as the victim's encoder matures: ACC and ASR every few epochs, poisoned beside clean.
+
+One SimCLR victim trains as `cba pretrain` would (params.yaml's data, seed, target_class and pretrain
+section), for `--epochs` instead of pretrain.epochs, on the training set poisoned with one trigger; every
+`--every` epochs the encoder is read as `cba finetune` reads it: the converged linear probe and kNN, both
+fitted on the clean labelled training set (`cba.evaluate.evaluate_encoder`). With `--clean` a second
+victim trains the same way without poisons and is read with the same trigger: the 3x rule's baseline at
+every epoch, since a pattern's own pull (an adversarial direction) changes as the encoder matures too.
+
+The trigger is the pipeline's (`data/trigger`, from the last `cba trigger`), or with `--trigger-params` the
+learned trigger refitted with those params (e.g. `'{w_target: 0}'`: a pattern fitted only to survive the
+augmentation and to make two views agree, with no pull towards the target).
+
+    OMP_NUM_THREADS=2 python bench/maturity.py --epochs 40 --every 10 --clean    # about 25 min on two cores
+
+Prints one JSON row per evaluation and writes `--out` (JSON) and the same path with `.md` (a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cba.attack import run_attack, victim_settings
+from cba.data import load_dataset
+from cba.env import environment
+from cba.evaluate import evaluate_encoder, pick_device
+from cba.io import write_json
+from cba.poison import triggered_test_set
+from cba.triggers import Trigger, build_trigger, load_trigger
+from cba.triggers.fitting import fit_trigger
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("epoch", "loss", "knn_acc", "knn_asr", "linear_acc", "linear_asr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--width", type=int, default=None, help="default: params.yaml's pretrain.width")
+    parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
+    parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
+                        help="refit the learned trigger with these YAML params instead of loading data/trigger")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/maturity.json"))
+    return parser.parse_args(argv)
+
+
+def curve(train_set, test, trigger: Trigger, rate: float, settings: dict[str, Any], label: str) -> list[dict[str, float]]:
+    """Train one victim; read its encoder every `eval_every` epochs."""
+    triggered = triggered_test_set(test, trigger, settings["target_class"], settings["seed"])
+
+    def evaluate(encoder, epoch: int) -> dict[str, float]:
+        metrics, _ = evaluate_encoder(encoder, train_set.images, train_set.labels, test.images, test.labels,
+                                      triggered.images, settings["target_class"], train_set.num_classes,
+                                      seed=settings["seed"])
+        row = {"knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
+               "linear_acc": metrics["linear"]["acc"], "linear_asr": metrics["linear"]["asr"]}
+        print(f"{label} epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        return row
+
+    record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=rate, evaluate=evaluate, **settings)
+    # The training loop stops on a non-finite loss, so every row's loss is finite (a NaN would read as ASR 1.0).
+    return [{k: row[k] for k in COLUMNS} for row in record.curves if "linear_asr" in row]
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| victim | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for run in runs:
+        lines += [f"| {run['victim']} | " + " | ".join(f"{row[c]:.0f}" if c == "epoch" else f"{row[c]:.3f}" for c in COLUMNS)
+                  + " |" for row in run["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    params = yaml.safe_load(args.params.read_text()) or {}
+    data = params.get("data") or {}
+    train_set, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"),
+                                    seed=int(params.get("seed", 0)), **(data.get("options") or {})) for split in ("train", "test"))
+    device = pick_device(args.device)
+    settings = {**victim_settings(params, "simclr"), "epochs": args.epochs, "eval_every": args.every, "device": device}
+    if args.width:
+        settings["width"] = args.width
+    if args.trigger_params is None:
+        trigger = load_trigger(REPO / "data" / "trigger")
+    else:
+        trigger = build_trigger("optimized", args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
+        fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
+    rate = float(params.get("poison_rate", 0.05))
+    started = time.perf_counter()
+    runs = [{"victim": f"poisoned ({rate:g})", "rows": curve(train_set, test, trigger, rate, settings, "poisoned")}]
+    if args.clean:
+        runs.append({"victim": "clean (0)", "rows": curve(train_set, test, trigger, 0.0, settings, "clean")})
+    result = {"runs": runs, "_run": {"command": command, "env": environment(device), "trigger": trigger.name,
+                                     "trigger_params": trigger.params, "seconds": time.perf_counter() - started,
+                                     "victim": {k: v for k, v in settings.items() if k != "device"}}}
+    write_json(args.out, result)
+    args.out.with_suffix(".md").write_text(
+        f"# ASR as the encoder matures\n\nCommand: `{command}`\n\nTrigger: {trigger.name} {trigger.params}\n\n"
+        f"{table(runs)}\n")
+    print(table(runs))
+    return result
+
+
+if __name__ == "__main__":
+    main()
