@@ -61,7 +61,7 @@ LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
 def fixed_pattern(pattern: np.ndarray, linf: float, seed: int) -> Trigger:
     """An additive trigger with a given pattern: the learned trigger's class, its fit skipped."""
     trigger = build_trigger("optimized", {"linf": linf}, seed=seed, image_size=pattern.shape[0])
-    trigger._arrays = {"pattern": np.clip(pattern, -linf, linf).astype(np.float32)}
+    trigger.set_tensors({"pattern": torch.from_numpy(np.clip(pattern, -linf, linf).astype(np.float32))}, source="pattern")
     return trigger
 
 
