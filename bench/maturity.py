@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--width", type=int, default=None, help="default: params.yaml's pretrain.width")
+    parser.add_argument("--rate", type=float, default=None, help="poison rate; default: params.yaml's poison_rate")
     parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="refit the learned trigger with these YAML params instead of loading data/trigger")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         trigger = build_trigger("optimized", args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
         fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
-    rate = float(params.get("poison_rate", 0.05))
+    rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
     started = time.perf_counter()
     runs = [{"victim": f"poisoned ({rate:g})", "rows": curve(train_set, test, trigger, rate, settings, "poisoned")}]
     if args.clean:
