@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,6 +54,12 @@ class TrainConfig:
 class TrainResult:
     losses: np.ndarray  # (epochs, N): each sample's loss in each epoch
     curves: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
+    resumed_epochs: int = 0  # epochs restored from a checkpoint instead of trained by this call
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of every epoch, those a resumed run restored included (each row keeps its own)."""
+        return float(sum(row.get("seconds", math.nan) for row in self.curves))
 
     def loss_frame(self, poisoned: np.ndarray | None = None) -> pd.DataFrame:
         epochs, n = self.losses.shape
@@ -208,6 +215,7 @@ def train(
     bar = tqdm(range(start_epoch, config.epochs), desc="pretrain", unit="epoch", disable=not (progress and ranks.is_main),
                initial=start_epoch, total=config.epochs)
     for epoch in bar:
+        epoch_started = time.perf_counter()
         # Each rank draws its own augmentations; rank 0 draws what a single process would.
         seed_everything(config.seed * 100_003 + epoch + 7_919 * ranks.rank)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -241,8 +249,9 @@ def train(
         row = {"epoch": epoch + 1, "loss": epoch_loss / len(batches), "lr": opt.param_groups[0]["lr"]}
         if evaluate is not None and ranks.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             row.update(evaluate(method.encoder, epoch + 1))
+        row["seconds"] = time.perf_counter() - epoch_started  # saved with the curves, so a resumed run still knows it
         curves.append(row)
-        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "epoch"})
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k not in ("epoch", "seconds")})
         if ranks.is_main:
             checkpointer.save(epoch + 1, method, opt, losses, curves)
-    return TrainResult(losses, curves)
+    return TrainResult(losses, curves, start_epoch)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,12 +153,11 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
 
     data_digest = check_inputs_agree(ranks)
     random_init = monitor(method.encoder.to(device), 0) if ranks.is_main else {}
-    started = time.perf_counter()
     fingerprint = _fingerprint(config, {**extra, "processes": ranks.world_size}, data_digest)
     result = train(method, train_set.images, train_set.labels, build_augment(kind, train_set.images.shape[1], extra["per_batch"], extra["min_scale"]),
                    config, device, evaluate=monitor,
                    checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", fingerprint), progress=progress)
-    seconds = time.perf_counter() - started
+    seconds = result.seconds  # every epoch's time, those restored from a checkpoint included
     if not ranks.is_main:
         return  # rank 0 writes every artifact
 
@@ -176,7 +174,7 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
     write_metrics("pretrain", {
         "final_loss": last["loss"], "knn_acc": last.get("knn_acc"), "knn_asr": last.get("knn_asr"),
         "random_init_knn_acc": random_init["knn_acc"], "random_init_knn_asr": random_init["knn_asr"],
-        "epochs": config.epochs, "seconds": seconds, "method": extra["method"], "backbone": extra["backbone"],
+        "epochs": config.epochs, "seconds": seconds, "resumed_epochs": result.resumed_epochs, "method": extra["method"], "backbone": extra["backbone"],
         "width": extra["width"], "augmentation": kind,
         "augmentation_protocol": "per_batch" if extra["per_batch"] else "per_sample",
         "env": {**environment(device), "processes": ranks.world_size},

@@ -64,6 +64,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(resumed_result.losses, full_result.losses, rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # The resumed run reports the restored epochs and still times all of them.
+    assert full_result.resumed_epochs == 0 and resumed_result.resumed_epochs == 2
+    assert [row["epoch"] for row in resumed_result.curves] == [1, 2, 3]
+    assert all(row["seconds"] > 0 for row in resumed_result.curves)
+    assert resumed_result.seconds == pytest.approx(sum(row["seconds"] for row in resumed_result.curves))
 
 
 def test_checkpoint_with_other_fingerprint_is_ignored(tmp_path):
