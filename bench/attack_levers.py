@@ -1,4 +1,4 @@
-"""Three levers on the contrastive backdoor, each measured on one SimCLR victim at the pipeline's budget.
+"""Levers on the contrastive backdoor, one SimCLR victim each at the pipeline's budget.
 
 A run poisons the pipeline's training set (params.yaml: data, seed, target_class; `--rate` for the
 poison rate) with one pattern, trains the victim `cba pretrain` would train, and prints one JSON row:
@@ -13,16 +13,16 @@ poison rate) with one pattern, trains the victim `cba pretrain` would train, and
 The levers:
 
 - `--pattern`: `pipeline` (data/trigger of the last `cba trigger` run), `disc:A` (a fixed luminance disc,
-  +A inside a centred radius-9 disc, -A outside: a trigger that looks like the target class *circle*), or
+  +A inside a centred radius-9 disc, -A outside: a trigger that looks like the target class *circle*),
   `supervised:A` (Narcissus-style: a universal pattern, L-inf A, that makes a target-versus-rest classifier
-  trained on the attacker's images say "target", through the SSL augmentation);
+  trained on the attacker's images say "target", through the SSL augmentation), or `patch:S` (a
+  random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget);
 - `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
   whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest);
 - `--rate`: the poison rate (0.10 poisons almost every target-class image of the built-in set);
 - `--mode composite`: noisy alignment (see `cba.poison`): each poison is a target image joined side by side
   to a triggered image of another class; `--min-scale` sets the victim's smallest crop, which decides how
-  often a view holds only one half (never above 1/3: a larger crop always spans the seam);
-- `--pattern patch:S`: a random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget.
+  often a view holds only one half (never above 1/3: a larger crop always spans the seam).
 
     OMP_NUM_THREADS=2 python bench/attack_levers.py --pattern pipeline --select gray    # about 5 min
 """
