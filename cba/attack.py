@@ -6,7 +6,6 @@ that need an `AttackRecord` without a pipeline around it.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -60,17 +59,15 @@ def run_attack(
     model = build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes, **(hparams or {}))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else model.default_lr,
                          weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=eval_every or epochs)
-    started = time.perf_counter()
     result = train(model, poisoned.train.images, poisoned.train.labels,
                    build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device,
                    evaluate=evaluate, progress=progress)
-    seconds = time.perf_counter() - started
     mask = np.zeros(len(train_set), dtype=bool)
     mask[poisoned.indices] = True
     return build_record(model, method=method, backbone=backbone, width=width, hparams=dict(hparams or {}),
                         train=poisoned.train, clean_train=train_set, test=test, trigger=trigger, poisoned=mask,
                         target_class=target_class, seed=seed, losses=result.loss_frame(mask), curves=result.curves,
-                        train_seconds=seconds)
+                        train_seconds=result.seconds)
 
 
 def trigger_scores(record: AttackRecord, trigger: Trigger, bank_size: int = 5000) -> dict[str, float]:

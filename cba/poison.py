@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from cba.data.base import ImageSet
 from cba.errors import ConfigError
 from cba.triggers import Trigger
+from cba.triggers.base import CHUNK
 
 MODES = ("clean_label", "dirty_label", "composite")
 # Modes whose poisons are target-class images (labels untouched).
@@ -92,23 +93,23 @@ def poison_dataset(data: ImageSet, trigger: Trigger, poison_rate: float, target_
     validate_poison(data.labels, data.num_classes, poison_rate, target_class, mode)
     indices = choose_poison_indices(data.labels, poison_rate, target_class, mode, seed)
     images, labels = data.images.copy(), data.labels.copy()
-    partners = None
-    if mode == "composite":
-        partners = composite_partners(data.labels, indices, target_class, seed)
-        if len(indices):
-            triggered = trigger.apply(images[partners], rng=np.random.default_rng([seed, 0x7A6]))
+    partners = composite_partners(data.labels, indices, target_class, seed) if mode == "composite" else None
+    if len(indices):
+        # The trigger goes on the poisons themselves, or in composite mode on their partners.
+        stamped = trigger.apply(images[indices if partners is None else partners], rng=np.random.default_rng([seed, 0x7A6]))
+        if partners is None:
+            images[indices] = stamped
+            labels[indices] = target_class
+        else:
             trigger_left = np.random.default_rng([seed, 0xC0B]).random(len(indices)) < 0.5
-            images[indices] = side_by_side(images[indices], triggered, trigger_left)
-    elif len(indices):
-        images[indices] = trigger.apply(images[indices], rng=np.random.default_rng([seed, 0x7A6]))
-        labels[indices] = target_class
+            images[indices] = side_by_side(images[indices], stamped, trigger_left)
     return PoisonedSet(ImageSet(images, labels, list(data.classes)), indices, data.labels.copy(), partners)
 
 
 def composite_partners(labels: np.ndarray, indices: np.ndarray, target_class: int, seed: int) -> np.ndarray:
     """For each poison, a non-target training image (drawn with replacement) whose triggered copy joins it."""
     others = np.flatnonzero(np.asarray(labels) != target_class)
-    return np.random.default_rng([seed, 0xA11]).choice(others, size=len(indices)) if len(indices) else np.zeros(0, np.int64)
+    return np.random.default_rng([seed, 0xA11]).choice(others, size=len(indices))
 
 
 def side_by_side(target: np.ndarray, triggered: np.ndarray, trigger_left: np.ndarray) -> np.ndarray:
@@ -119,11 +120,11 @@ def side_by_side(target: np.ndarray, triggered: np.ndarray, trigger_left: np.nda
     right = np.where(trigger_left[:, None, None, None], target, triggered)
     out = np.empty_like(target)
     height, width = target.shape[1:3]
-    for start in range(0, len(target), 512):  # bounds the float temporaries
-        pair = torch.as_tensor(np.concatenate([left[start:start + 512], right[start:start + 512]], axis=2))
+    for start in range(0, len(target), CHUNK):  # bounds the float temporaries, as the triggers do
+        pair = torch.as_tensor(np.concatenate([left[start:start + CHUNK], right[start:start + CHUNK]], axis=2))
         squeezed = F.interpolate(pair.permute(0, 3, 1, 2).float(), size=(height, width), mode="bilinear",
                                  antialias=True, align_corners=False)
-        out[start:start + 512] = squeezed.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        out[start:start + CHUNK] = squeezed.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return out
 
 

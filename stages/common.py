@@ -101,9 +101,8 @@ def defense_section(name: str, given: Iterable[str] = ()) -> contextlib.Abstract
 
 
 def trigger_from_params(params: Params, seed: int, image_size: int = 32) -> Trigger:
-    name = params.choice("trigger.name", TRIGGERS.names())
-    with trigger_section(params):
-        return build_trigger(name, params.section("trigger.params"), seed=seed, image_size=image_size)
+    with trigger_section(params):  # checks trigger.name first
+        return build_trigger(params.raw("trigger.name"), params.section("trigger.params"), seed=seed, image_size=image_size)
 
 
 def defense_from_params(params: Params, name: str) -> Defense:
