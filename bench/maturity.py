@@ -19,6 +19,7 @@ Prints one JSON row per evaluation and writes `--out` (JSON) and the same path w
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -33,7 +34,7 @@ from cba.env import environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
 from cba.poison import triggered_test_set
-from cba.triggers import Trigger, build_trigger, load_trigger
+from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="refit the learned trigger with these YAML params instead of loading data/trigger")
+    parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
+                        help="the saved trigger to load when --trigger-params is not given")
+    parser.add_argument("--save-trigger", type=Path, default=None,
+                        help="save the refitted trigger to this folder (loadable as data/trigger is)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench/results/maturity.json"))
@@ -93,10 +98,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.width:
         settings["width"] = args.width
     if args.trigger_params is None:
-        trigger = load_trigger(REPO / "data" / "trigger")
+        trigger = load_trigger(args.trigger)
     else:
         trigger = build_trigger("optimized", args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
-        fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
+        fit = fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
+        print("trigger fit, last round: " + json.dumps(fit["history"][-1]), flush=True)
+        if args.save_trigger:
+            save_trigger(trigger, args.save_trigger)
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
     started = time.perf_counter()
     runs = [{"victim": f"poisoned ({rate:g})", "rows": curve(train_set, test, trigger, rate, settings, "poisoned")}]

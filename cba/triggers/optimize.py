@@ -69,6 +69,7 @@ class OptimizeConfig:
     head: str = "centroid"  # centroid: nearest centroid by cosine | probe: a linear probe fitted on the pseudo-labels
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
     per_batch: bool = False
+    ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,8 @@ def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 SURROGATE_BATCH = 256
+# Seeds of the ensemble's surrogates: seed, seed + stride, ... (far apart, so no two runs share one).
+SURROGATE_SEED_STRIDE = 7919
 
 
 def _pretrain_surrogate(method: nn.Module, images: np.ndarray, augment: nn.Module, epochs: int, lr: float,
@@ -178,18 +181,24 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
     size = images.shape[1]
     eps = config.linf / 255.0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        method = build_method("simclr", build_backbone(config.surrogate_backbone, width=config.surrogate_width),
-                              temperature=config.temperature)
         augment = build_augment("ssl", size, config.per_batch, config.min_scale).to(device)
-        # One bar over the whole fit, in SGD steps: surrogate warm-up, poisoned surrogate epochs, trigger steps.
+        # One bar over the whole fit, in SGD steps: surrogate warm-ups, poisoned surrogate epochs, trigger steps.
         surrogate_steps = -(-len(images) // SURROGATE_BATCH)
         poisoned_epochs = config.rounds - 1 if config.bilevel else 0
-        total = surrogate_steps * (config.surrogate_epochs + poisoned_epochs) + config.rounds * config.trigger_steps
+        total = (surrogate_steps * (config.surrogate_epochs + poisoned_epochs) * config.ensemble
+                 + config.rounds * config.trigger_steps)
         bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
         bar.set_postfix_str("surrogate warm-up")
-        _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, seed, device, bar)
-        method.to(device)
+        # Surrogate k has its own initialisation and data order; k = 0 is the single surrogate of ensemble 1.
+        seeds = [seed + SURROGATE_SEED_STRIDE * k for k in range(config.ensemble)]
+        methods = []
+        for member_seed in seeds:
+            torch.manual_seed(member_seed)
+            method = build_method("simclr", build_backbone(config.surrogate_backbone, width=config.surrogate_width),
+                                  temperature=config.temperature)
+            _pretrain_surrogate(method, images, augment, config.surrogate_epochs, config.surrogate_lr, member_seed,
+                                device, bar)
+            methods.append(method.to(device))
         data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         gen = torch.Generator().manual_seed(seed)
@@ -209,20 +218,23 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 poisoned = images.copy()
                 pattern = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0)
                 poisoned[target_mask] = np.clip(np.rint(poisoned[target_mask] + pattern), 0, 255).astype(np.uint8)
-                # One poisoned epoch: the surrogate learns from the poisons, as the victim will.
-                _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, seed + round_index, device,
-                                    bar)
-                method.to(device)
-            encoder = method.encoder.eval()
-            for p in encoder.parameters():
+                # One poisoned epoch per surrogate: each learns from the poisons, as the victim will.
+                for method, member_seed in zip(methods, seeds):
+                    _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, member_seed + round_index,
+                                        device, bar)
+                    method.to(device)
+            encoders = [method.encoder.eval() for method in methods]
+            for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(False)
+            heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0}
-            head = target_head(encoder, data, target_mask, config.clusters, config.head, gen)
-            for _ in range(config.trigger_steps):
+            for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
+                member = step % len(encoders)
                 grid.requires_grad_(True)
-                terms = objective_terms(encoder, data[batch], upsample(grid), head, augment if config.eot else None)
+                terms = objective_terms(encoders[member], data[batch], upsample(grid), heads[member],
+                                        augment if config.eot else None)
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
                 grad, = torch.autograd.grad(loss, grid)
                 with torch.no_grad():
@@ -231,7 +243,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
                 bar.update(1)
-            for p in encoder.parameters():
+            for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]}
             history.append(row)

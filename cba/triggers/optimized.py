@@ -42,6 +42,7 @@ class OptimizedTrigger(Trigger):
         "clusters": 10,             # the target centroid competes with k-means centroids of the other images
         "resolution": 32,           # side of the learned grid, upsampled to the image (lower: smoother)
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
+        "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
     }
 
     def _validate(self) -> None:
@@ -50,7 +51,8 @@ class OptimizedTrigger(Trigger):
             self._fail("linf", "must be a number in (0, 255] (0-255 pixel scale)")
         p["linf"] = float(p["linf"])
         for key, low in (("surrogate_size", 16), ("surrogate_width", 1), ("rounds", 1), ("trigger_steps", 1),
-                         ("batch_size", 2), ("surrogate_epochs", 0), ("resolution", 1), ("clusters", 2)):
+                         ("batch_size", 2), ("surrogate_epochs", 0), ("resolution", 1), ("clusters", 2),
+                         ("ensemble", 1)):
             if not is_int(p[key]) or p[key] < low:
                 self._fail(key, f"must be an integer >= {low}")
             p[key] = int(p[key])
