@@ -46,6 +46,7 @@ from cba.evaluate import train_linear_probe
 from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
+from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
 
 
 @dataclass
@@ -70,6 +71,7 @@ class OptimizeConfig:
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
     per_batch: bool = False
     ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them
+    w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,18 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
     return {**terms, "target": target, "agree": agree}
 
 
+def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta: torch.Tensor,
+               head: Callable[[torch.Tensor], torch.Tensor], target_pool: torch.Tensor, augment: nn.Module,
+               config: OptimizeConfig, gen: torch.Generator) -> torch.Tensor:
+    """The gradient-matching term on one batch: do the poisons' gradients point where the backdoor's does?"""
+    backdoor = backdoor_gradient(method.encoder, head, (data[batch] + delta.detach()).clamp(0, 1))
+    half = max(2, config.batch_size // 2)
+    poisons = (data[target_pool[torch.randint(len(target_pool), (half,), generator=gen)]] + delta).clamp(0, 1)
+    negatives = data[batch[:half]]
+    with batch_statistics(method):
+        return matching_loss(poison_gradient(method, poisons, negatives, augment, config.temperature), backdoor)
+
+
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
                      device: torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
     """Learn the pattern from uint8 NHWC `images`; `target_mask` marks the target-class ones.
@@ -201,6 +215,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             methods.append(method.to(device))
         data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
+        target_pool = torch.as_tensor(np.flatnonzero(target_mask))
         gen = torch.Generator().manual_seed(seed)
         resolution = min(config.resolution, size)
         grid = torch.zeros(1, 3, resolution, resolution, device=device)
@@ -225,17 +240,22 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                     method.to(device)
             encoders = [method.encoder.eval() for method in methods]
             for p in (p for encoder in encoders for p in encoder.parameters()):
-                p.requires_grad_(False)
+                p.requires_grad_(config.w_match > 0)  # matching differentiates through the parameters' gradients
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen) for encoder in encoders]
-            sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0}
+            sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, **({"match": 0.0} if config.w_match > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
                 member = step % len(encoders)
                 grid.requires_grad_(True)
+                match = (match_term(methods[member], data, batch, upsample(grid), heads[member], target_pool, augment,
+                                    config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], upsample(grid), heads[member],
                                         augment if config.eot else None)
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
+                if match is not None:
+                    terms["match"] = match
+                    loss = loss + config.w_match * match
                 grad, = torch.autograd.grad(loss, grid)
                 with torch.no_grad():
                     grid = (grid - config.step_size * eps * grad.sign()).clamp(-eps, eps)
@@ -245,7 +265,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 bar.update(1)
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(True)
-            row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]}
+            row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
+                   + config.w_match * sums.get("match", 0.0)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()

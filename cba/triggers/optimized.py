@@ -43,6 +43,7 @@ class OptimizedTrigger(Trigger):
         "resolution": 32,           # side of the learned grid, upsampled to the image (lower: smoother)
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
+        "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
     }
 
     def _validate(self) -> None:
@@ -56,12 +57,12 @@ class OptimizedTrigger(Trigger):
             if not is_int(p[key]) or p[key] < low:
                 self._fail(key, f"must be an integer >= {low}")
             p[key] = int(p[key])
-        for key in ("w_target", "w_agree"):
+        for key in ("w_target", "w_agree", "w_match"):
             if not is_number(p[key]) or p[key] < 0:
                 self._fail(key, "must be a number >= 0")
             p[key] = float(p[key])
-        if p["w_target"] == 0 and p["w_agree"] == 0:
-            self._fail("w_target", "and w_agree must not both be 0 (nothing to optimise)")
+        if p["w_target"] == 0 and p["w_agree"] == 0 and p["w_match"] == 0:
+            self._fail("w_target", "w_agree and w_match must not all be 0 (nothing to optimise)")
         if not is_number(p["step_size"]) or not 0 < p["step_size"] <= 1:
             self._fail("step_size", "must be a number in (0, 1] (a fraction of linf)")
         if not is_number(p["min_scale"]) or not 0 < p["min_scale"] <= 1:
