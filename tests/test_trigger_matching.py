@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cba.augment import build_augment
 from cba.models import build_backbone
@@ -45,25 +46,41 @@ def test_batch_statistics_trains_on_batch_statistics_and_leaves_the_running_ones
     assert norm.running_mean is not None
 
 
-def test_poison_gradient_is_differentiable_in_the_poisons_and_matches_autograd():
+def test_poison_gradient_is_the_anchors_nt_xent_gradient_and_differentiable_in_the_pattern():
     method = _surrogate()
-    augment = build_augment("none")
-    poisons = torch.rand(4, 3, 32, 32, requires_grad=True)
+    augment = nn.Sequential()  # no augmentation: both views are the images
+    targets = torch.rand(4, 3, 32, 32) * 0.8 + 0.1
+    delta = torch.full((1, 3, 32, 32), 0.05, requires_grad=True)
     negatives = torch.rand(4, 3, 32, 32)
     with batch_statistics(method):
-        grads = poison_gradient(method, poisons, negatives, augment, temperature=0.2)
+        grads = poison_gradient(method, targets, delta, negatives, augment, temperature=0.2, differential=False)
         # Without augmentation both views are equal; the same loss written out directly:
         params = encoder_parameters(method.encoder)
-        z = method.projector(method.backbone(torch.cat([poisons, negatives])))
-        logits = F.normalize(torch.cat([z, z]), dim=1) @ F.normalize(torch.cat([z, z]), dim=1).T / 0.2
+        z = method.projector(method.backbone(torch.cat([targets + 0.05, negatives])))
+        z = F.normalize(torch.cat([z, z]), dim=1)
+        logits = z @ z.T / 0.2
         logits.fill_diagonal_(float("-inf"))
-        targets = torch.cat([torch.arange(8, 16), torch.arange(0, 8)])
-        per_anchor = F.cross_entropy(logits, targets, reduction="none")
+        targets_index = torch.cat([torch.arange(8, 16), torch.arange(0, 8)])
+        per_anchor = F.cross_entropy(logits, targets_index, reduction="none")
         direct = torch.autograd.grad(((per_anchor[:8] + per_anchor[8:]) / 2)[:4].mean(), params)
     assert len(grads) == len(params)
     assert all(torch.allclose(g, d, atol=1e-5) for g, d in zip(grads, direct))
-    second, = torch.autograd.grad(sum(g.sum() for g in grads), poisons)
+    second, = torch.autograd.grad(sum(g.sum() for g in grads), delta)
     assert second.abs().sum() > 0
+
+
+def test_the_differential_gradient_is_what_the_pattern_adds():
+    method = _surrogate()
+    augment = build_augment("ssl", 32, min_scale=0.5)
+    targets, negatives = torch.rand(4, 3, 32, 32) * 0.8 + 0.1, torch.rand(4, 3, 32, 32)
+    with batch_statistics(method):
+        torch.manual_seed(1)
+        nothing = poison_gradient(method, targets, torch.zeros(1, 3, 32, 32), negatives, augment, 0.2)
+        torch.manual_seed(1)
+        something = poison_gradient(method, targets, torch.full((1, 3, 32, 32), 0.06), negatives, augment, 0.2)
+    # The same augmentation draws replay on the clean batch, so a zero pattern adds exactly nothing.
+    assert all(float(g.abs().max()) == 0.0 for g in nothing)
+    assert sum(float(g.abs().sum()) for g in something) > 0
 
 
 def test_backdoor_gradient_lowers_the_target_loss_when_followed():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.ssl.simclr import nt_xent_per_sample
+from cba.survival import paired_views
 
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -69,19 +70,31 @@ def backdoor_gradient(encoder: nn.Module, head: Callable[[torch.Tensor], torch.T
     return [g.detach() for g in torch.autograd.grad(loss, params)]
 
 
-def poison_gradient(method: nn.Module, poisons: torch.Tensor, negatives: torch.Tensor, augment: nn.Module,
-                    temperature: float) -> list[torch.Tensor]:
-    """Gradient of the victim's NT-Xent on the poisons' anchors, differentiable in `poisons`.
+def poison_gradient(method: nn.Module, targets: torch.Tensor, delta: torch.Tensor, negatives: torch.Tensor,
+                    augment: nn.Module, temperature: float, differential: bool = True) -> list[torch.Tensor]:
+    """Gradient of the victim's NT-Xent on the poisons' anchors, differentiable in `delta`.
 
-    The batch holds the poisons and clean negatives, as a victim's batch does;
-    only the poisons' anchors enter the loss, since the clean anchors' terms do
-    not depend on the pattern."""
+    The batch holds the poisons (`targets` carrying `delta`) and clean
+    negatives, as a victim's batch does; only the poisons' anchors enter the
+    loss, since the clean anchors' terms hardly depend on the pattern.
+    `differential`: subtract the gradient the same target images give without
+    the pattern, through the same augmentation draws, leaving what the trigger
+    adds to training: the clean images' own gradient is the clean task, which
+    the pattern cannot turn but would swamp the cosine."""
     params = encoder_parameters(method.encoder)
-    batch = torch.cat([poisons, negatives])
-    z1, z2 = (method.projector(method.backbone(augment(batch).contiguous(memory_format=torch.channels_last)))
-              for _ in range(2))
-    loss = nt_xent_per_sample(z1, z2, temperature)[: len(poisons)].mean()
-    return list(torch.autograd.grad(loss, params, create_graph=True))
+    poisons = (targets + delta).clamp(0, 1)
+    clean_batch, poisoned_batch = torch.cat([targets, negatives]), torch.cat([poisons, negatives])
+    (clean1, poisoned1), (clean2, poisoned2) = (paired_views(augment, clean_batch, poisoned_batch) for _ in range(2))
+
+    def anchors_loss(view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        z1, z2 = (method.projector(method.backbone(v.contiguous(memory_format=torch.channels_last))) for v in (view1, view2))
+        return nt_xent_per_sample(z1, z2, temperature)[: len(targets)].mean()
+
+    grads = list(torch.autograd.grad(anchors_loss(poisoned1, poisoned2), params, create_graph=True))
+    if not differential:
+        return grads
+    baseline = torch.autograd.grad(anchors_loss(clean1.detach(), clean2.detach()), params)
+    return [g - b.detach() for g, b in zip(grads, baseline)]
 
 
 def matching_loss(poison_grad: list[torch.Tensor], backdoor_grad: list[torch.Tensor]) -> torch.Tensor:

@@ -72,6 +72,7 @@ class OptimizeConfig:
     per_batch: bool = False
     ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them
     w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
+    match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -177,10 +178,11 @@ def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta
     """The gradient-matching term on one batch: do the poisons' gradients point where the backdoor's does?"""
     backdoor = backdoor_gradient(method.encoder, head, (data[batch] + delta.detach()).clamp(0, 1))
     half = max(2, config.batch_size // 2)
-    poisons = (data[target_pool[torch.randint(len(target_pool), (half,), generator=gen)]] + delta).clamp(0, 1)
-    negatives = data[batch[:half]]
+    targets = data[target_pool[torch.randint(len(target_pool), (half,), generator=gen)]]
     with batch_statistics(method):
-        return matching_loss(poison_gradient(method, poisons, negatives, augment, config.temperature), backdoor)
+        poison = poison_gradient(method, targets, delta, data[batch[:half]], augment, config.temperature,
+                                 differential=config.match == "differential")
+        return matching_loss(poison, backdoor)
 
 
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,

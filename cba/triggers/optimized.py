@@ -17,6 +17,7 @@ from cba.triggers.registry import TRIGGERS
 
 BACKBONE_CHOICES = ("convnet", "resnet18")
 HEAD_CHOICES = ("centroid", "probe")
+MATCH_CHOICES = ("differential", "full")
 
 
 @TRIGGERS.register("optimized")
@@ -44,6 +45,7 @@ class OptimizedTrigger(Trigger):
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
+        "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
     }
 
     def _validate(self) -> None:
@@ -72,6 +74,8 @@ class OptimizedTrigger(Trigger):
                 self._fail(key, "must be true or false")
         if p["surrogate_backbone"] not in BACKBONE_CHOICES:
             self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
+        if p["match"] not in MATCH_CHOICES:
+            self._fail("match", f"choose one of {', '.join(MATCH_CHOICES)}")
         if p["head"] not in HEAD_CHOICES:
             self._fail("head", f"choose one of {', '.join(HEAD_CHOICES)}")
 
