@@ -100,6 +100,7 @@ def poison_gradient(method: nn.Module, targets: torch.Tensor, delta: torch.Tenso
 def matching_loss(poison_grad: list[torch.Tensor], backdoor_grad: list[torch.Tensor]) -> torch.Tensor:
     """1 - cosine of the two gradients over all matched parameters (0: the poisons teach exactly the backdoor)."""
     dot = sum((p * b).sum() for p, b in zip(poison_grad, backdoor_grad))
-    poison_norm = torch.sqrt(sum(p.pow(2).sum() for p in poison_grad))
-    backdoor_norm = torch.sqrt(sum(b.pow(2).sum() for b in backdoor_grad))
-    return 1 - dot / (poison_norm * backdoor_norm + 1e-12)
+    # The floor keeps the derivative finite where a gradient vanishes (the differential one does at a zero pattern).
+    poison_norm = torch.sqrt(sum(p.pow(2).sum() for p in poison_grad) + 1e-24)
+    backdoor_norm = torch.sqrt(sum(b.pow(2).sum() for b in backdoor_grad) + 1e-24)
+    return 1 - dot / (poison_norm * backdoor_norm)

@@ -259,6 +259,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                     terms["match"] = match
                     loss = loss + config.w_match * match
                 grad, = torch.autograd.grad(loss, grid)
+                if not torch.isfinite(grad).all():
+                    raise FloatingPointError(f"the trigger objective's gradient is not finite in round {round_index + 1}")
                 with torch.no_grad():
                     grid = (grid - config.step_size * eps * grad.sign()).clamp(-eps, eps)
                     delta = upsample(grid)
