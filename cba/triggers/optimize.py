@@ -72,6 +72,7 @@ class OptimizeConfig:
     per_batch: bool = False
     ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them
     w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
+    hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
 
 
@@ -108,7 +109,7 @@ def _all_features(encoder: nn.Module, data: torch.Tensor, chunk: int = 512) -> t
 
 @torch.no_grad()
 def pseudo_labels(features: torch.Tensor, target_mask: np.ndarray, clusters: int, gen: torch.Generator,
-                  iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+                  iterations: int = 20, hard_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Label 0 for the target-class images; 1..k for spherical k-means clusters of the others (k = clusters - 1).
 
     The attacker knows no other labels, so the rest of the feature space is
@@ -118,21 +119,32 @@ def pseudo_labels(features: torch.Tensor, target_mask: np.ndarray, clusters: int
     mask = torch.as_tensor(target_mask)
     target = F.normalize(features[mask].mean(0), dim=0)
     others = features[~mask]
-    k = max(1, min(clusters - 1, len(others)))
-    centroids = others[torch.randperm(len(others), generator=gen)[:k]].clone()
+    hard = torch.zeros(len(others), dtype=torch.bool)
+    if hard_negatives and clusters > 2 and len(others) > int(mask.sum()):
+        # The non-target images nearest the target's centroid (as many as there are target images) form a
+        # centroid of their own: the look-alike classes a downstream classifier must tell from the target.
+        hard[(others @ target).topk(int(mask.sum())).indices] = True
+    rest = others[~hard]
+    k = max(1, min(clusters - 1 - int(hard.any()), len(rest)))
+    centroids = rest[torch.randperm(len(rest), generator=gen)[:k]].clone()
     for _ in range(iterations):
-        assign = (others @ centroids.T).argmax(1)
+        assign = (rest @ centroids.T).argmax(1)
         for j in range(k):
-            members = others[assign == j]
+            members = rest[assign == j]
             if len(members):
                 centroids[j] = F.normalize(members.mean(0), dim=0)
+    if hard.any():
+        centroids = torch.cat([F.normalize(others[hard].mean(0), dim=0)[None], centroids])
     labels = torch.zeros(len(features), dtype=torch.long)
-    labels[~mask] = (others @ centroids.T).argmax(1) + 1
+    other_labels = (others @ centroids.T).argmax(1) + 1
+    if hard.any():
+        other_labels[hard] = 1
+    labels[~mask] = other_labels
     return labels, torch.cat([target[None], centroids])
 
 
 def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int, kind: str,
-                gen: torch.Generator, temperature: float = 0.1) -> Callable[[torch.Tensor], torch.Tensor]:
+                gen: torch.Generator, temperature: float = 0.1, hard_negatives: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits over {target, the other clusters} for raw encoder features: the attacker's stand-in for the
     victim's downstream classifier.
 
@@ -140,7 +152,7 @@ def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray,
     - probe: a linear probe on standardised features, trained on the pseudo-labels exactly as the
       victim's probe is trained on true labels (`cba.evaluate.train_linear_probe`)."""
     features = _all_features(encoder, data)
-    labels, centroids = pseudo_labels(features, target_mask, clusters, gen)
+    labels, centroids = pseudo_labels(features, target_mask, clusters, gen, hard_negatives=hard_negatives)
     if kind == "centroid":
         return lambda raw: F.normalize(raw, dim=1) @ centroids.T / temperature
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
@@ -243,7 +255,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             encoders = [method.encoder.eval() for method in methods]
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(config.w_match > 0)  # matching differentiates through the parameters' gradients
-            heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen) for encoder in encoders]
+            heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
+                                 hard_negatives=config.hard_negatives) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, **({"match": 0.0} if config.w_match > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.

@@ -45,6 +45,7 @@ class OptimizedTrigger(Trigger):
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
+        "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
     }
 
@@ -69,7 +70,7 @@ class OptimizedTrigger(Trigger):
             self._fail("step_size", "must be a number in (0, 1] (a fraction of linf)")
         if not is_number(p["min_scale"]) or not 0 < p["min_scale"] <= 1:
             self._fail("min_scale", "must be a number in (0, 1]")
-        for key in ("bilevel", "eot"):
+        for key in ("bilevel", "eot", "hard_negatives"):
             if not isinstance(p[key], bool):
                 self._fail(key, "must be true or false")
         if p["surrogate_backbone"] not in BACKBONE_CHOICES:
