@@ -95,7 +95,8 @@ def test_an_unfitted_trigger_changes_nothing():
 @pytest.mark.parametrize("key, value", [
     ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3),
     ("step_size", 0), ("min_scale", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
-    ("w_target", -1), ("resolution", 0), ("head", "svm"),
+    ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
+    ("hard_negatives", "no"),
 ])
 def test_bad_params_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
@@ -103,9 +104,10 @@ def test_bad_params_fail_with_one_line(key, value):
     assert caught.value.key == key and "\n" not in str(caught.value)  # the stage adds trigger.params.
 
 
-def test_both_weights_zero_is_refused():
+def test_all_weights_zero_is_refused():
     with pytest.raises(ConfigError, match="w_target"):
         build_trigger("optimized", {"w_target": 0, "w_agree": 0}, seed=0)
+    build_trigger("optimized", {"w_target": 0, "w_agree": 0, "w_match": 1.0}, seed=0)  # matching alone is a goal
 
 
 def test_fit_needs_target_images(attacker_data):
@@ -160,3 +162,44 @@ def test_probe_head_learns_the_pseudo_labels_and_fits_within_budget(attacker_dat
     info = trigger.fit(images, target_mask, progress=False)
     assert np.abs(trigger.perturbation()).max() <= TINY["linf"]
     assert 0.0 <= info["history"][-1]["hit_rate"] <= 1.0
+
+
+def test_an_ensemble_trains_one_surrogate_per_member_and_stays_deterministic(attacker_data, capsys):
+    params = {**TINY, "ensemble": 2, "rounds": 2, "trigger_steps": 4, "surrogate_epochs": 1}
+    first = build_trigger("optimized", params, seed=3)
+    first.fit(*attacker_data, progress=True)
+    steps_per_epoch = -(-len(attacker_data[0]) // 256)
+    total = 2 * steps_per_epoch * (1 + 1) + 2 * 4  # each member: a warm-up and a poisoned epoch; then the trigger steps
+    assert f"{total}/{total}" in capsys.readouterr().err
+    again = build_trigger("optimized", params, seed=3)
+    again.fit(*attacker_data, progress=False)
+    np.testing.assert_array_equal(first.perturbation(), again.perturbation())
+    single = build_trigger("optimized", {**params, "ensemble": 1}, seed=3)
+    single.fit(*attacker_data, progress=False)
+    assert not np.array_equal(single.perturbation(), first.perturbation())
+    assert np.abs(first.perturbation()).max() <= TINY["linf"]
+
+
+def test_hard_negatives_get_a_centroid_of_their_own():
+    """The non-target points nearest the target centroid form cluster 1, whatever k-means does with the rest."""
+    from cba.triggers.optimize import pseudo_labels
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.tensor([[1.0, 0.0, 0.0]]).repeat(5, 1) + 0.01 * torch.randn(5, 3, generator=gen)
+    near = torch.tensor([[0.9, 0.43, 0.0]]).repeat(5, 1) + 0.01 * torch.randn(5, 3, generator=gen)
+    far = torch.tensor([[0.0, 0.0, 1.0]]).repeat(10, 1) + 0.01 * torch.randn(10, 3, generator=gen)
+    features = torch.cat([target, near, far])
+    mask = np.array([True] * 5 + [False] * 15)
+    labels, centroids = pseudo_labels(features, mask, 4, torch.Generator().manual_seed(1), hard_negatives=True)
+    assert (labels[:5] == 0).all() and (labels[5:10] == 1).all() and (labels[10:] > 1).all()
+    assert len(centroids) == 4
+    assert float(centroids[1] @ torch.nn.functional.normalize(near.mean(0), dim=0)) > 0.999
+
+
+def test_gradient_matching_alone_fits_a_pattern_within_budget(attacker_data):
+    params = {**TINY, "w_target": 0.0, "w_agree": 0.0, "w_match": 1.0, "rounds": 1, "trigger_steps": 3}
+    trigger = build_trigger("optimized", params, seed=3)
+    info = trigger.fit(*attacker_data, progress=False)
+    pattern = trigger.perturbation()
+    assert np.isfinite(pattern).all() and 0 < np.abs(pattern).max() <= TINY["linf"]
+    assert 0.0 <= info["history"][-1]["match"] <= 2.0
