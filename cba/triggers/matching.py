@@ -43,7 +43,7 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
     Swapping tensors rather than copying values back keeps every graph that saved the originals valid."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{name: getattr(m, name) for name in BN_BUFFERS} for m in norms]
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # per module: a method may hold an eval-mode encoder
     for m, buffers in zip(norms, saved):
         for name, value in buffers.items():
             setattr(m, name, None if value is None else value.clone())
@@ -51,7 +51,8 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
         for m, buffers in zip(norms, saved):
             for name, value in buffers.items():
                 setattr(m, name, value)
