@@ -26,6 +26,15 @@ SimCLR, then alternates (the bi-level part):
   A, A1, A2 are independent draws of the same kornia pipeline the victim uses
   (`eot=False` drops them: the pattern is optimised on raw images only).
 
+Options, all off by default (docs/results.md has what each did at the default budget):
+
+- `ensemble`: several independently initialised surrogates, each warmed up and
+  poisoned alike; the trigger steps take turns on them;
+- `hard_negatives`: the non-target images nearest the target centroid get a
+  centroid (pseudo-label) of their own;
+- `w_match`: a gradient-matching term (`cba.triggers.matching`): training on
+  the poisons should move the surrogate where the target term wants it.
+
 Every random draw comes from the seed, so the pattern is deterministic on one
 machine.
 """
