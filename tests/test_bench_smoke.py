@@ -179,3 +179,27 @@ def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
         for row in run["rows"]:
             assert row["loss"] == row["loss"] and all(0 <= row[k] <= 1 for k in ("knn_acc", "knn_asr", "linear_acc", "linear_asr"))
     assert "| clean (0) | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 300, "test_size": 200}
+    params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "view.json"
+    result = load("surrogate_view").main(["--epochs", "2", "--every", "1", "--matching-steps", "10",
+                                          "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [row["epoch"] for row in result["separability"]] == [1, 2]
+    for row in result["separability"]:
+        for head in ("centroid", "probe"):
+            assert set(row[head]) == {"all", "ring", "square", "triangle", "plus", "tee", "stripes", "checker", "crescent",
+                                      "dumbbell"}
+            assert all(0.0 <= v <= 1.0 for v in row[head].values())
+    for schedule in ("fixed", "fresh"):
+        rows = result["matching"][schedule]
+        assert [r["step"] for r in rows] == [0, 10]
+        # A zero pattern adds nothing to the poisons' gradient: no alignment, loss exactly 1.
+        assert rows[0]["held_out_match"] == 1.0 and 0.0 <= rows[1]["held_out_match"] <= 2.0
