@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cba.augment import build_augment
 from cba.data import load_dataset
+from cba.env import environment
 from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
     params = yaml.safe_load(args.params.read_text())
     data_section, seed = params.get("data") or {}, int(params.get("seed", 0))
     train_set, test = (load_dataset(data_section.get("name", "synthetic"), split, root=data_section.get("root"), seed=seed,
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = to_tensor(images)
         result["matching"] = {kind: matching_run(method, data, is_target, config, args.matching_steps, kind == "fixed", seed)
                               for kind in ("fixed", "fresh")}
+    result["_run"] = {"command": command, "env": environment("cpu"), "seconds": round(time.perf_counter() - started, 1)}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return result
