@@ -93,7 +93,7 @@ def matching_run(method, data, target_mask, config: OptimizeConfig, steps: int, 
             torch.manual_seed(10_000 + step)  # draws the optimisation never used
             with batch_statistics(method):
                 held_out = poison_gradient(method, targets, delta, negatives, augment, config.temperature)
-                rows.append({"step": step, "held_out_match": round(float(matching_loss(held_out, backdoor)), 3)})
+                rows.append({"step": step, "held_out_match": round(float(matching_loss(held_out, backdoor).detach()), 3)})
             print(json.dumps({"fixed_draws": fixed_draws, **rows[-1]}), flush=True)
         if step == steps:
             break
