@@ -43,6 +43,7 @@ from cba.data import load_dataset
 from cba.env import environment
 from cba.models import build_backbone
 from cba.ssl import build_method
+from cba.survival import to_float
 from cba.train import TrainConfig, train
 from cba.triggers.fitting import attacker_pool
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
@@ -51,14 +52,10 @@ from cba.triggers.optimize import SURROGATE_BATCH, OptimizeConfig, _all_features
 REPO = Path(__file__).resolve().parents[1]
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
-
-
 def separability(encoder, pool_images, pool_is_target, test) -> dict[str, Any]:
     """Per-class AUROC of the target against that class on test images, by centroid cosine and by a probe."""
     encoder.eval()
-    pool, test_features = (F.normalize(_all_features(encoder, to_tensor(x)), dim=1).numpy()
+    pool, test_features = (F.normalize(_all_features(encoder, to_float(x)), dim=1).numpy()
                            for x in (pool_images, test.images))
     centroid = pool[pool_is_target].mean(0)
     scaler = StandardScaler().fit(pool)
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           config.min_scale), train_config, torch.device("cpu"), evaluate=evaluate, progress=False)
     result: dict[str, Any] = {"separability": rows}
     if args.matching_steps:
-        data = to_tensor(images)
+        data = to_float(images)
         result["matching"] = {kind: matching_run(method, data, is_target, config, args.matching_steps, kind == "fixed", seed)
                               for kind in ("fixed", "fresh")}
     result["_run"] = {"command": command, "env": environment("cpu"), "seconds": round(time.perf_counter() - started, 1)}
