@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="refit the learned trigger with these YAML params instead of loading data/trigger")
+    parser.add_argument("--trigger-name", default="optimized", choices=["optimized", "generated"],
+                        help="the learned trigger --trigger-params refits: one universal pattern, or a generator")
     parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
                         help="the saved trigger to load when --trigger-params is not given")
     parser.add_argument("--save-trigger", type=Path, default=None,
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.trigger_params is None:
         trigger = load_trigger(args.trigger)
     else:
-        trigger = build_trigger("optimized", args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
+        trigger = build_trigger(args.trigger_name, args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
         fit = fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
         print("trigger fit, last round: " + json.dumps(fit["history"][-1]), flush=True)
         if args.save_trigger:

@@ -9,6 +9,6 @@ from cba.triggers.io import load_trigger, save_trigger
 from cba.triggers.registry import TRIGGERS, build_trigger
 
 # Imported for their registration side effect.
-from cba.triggers import blend, ctrl, optimized, patch, ssl_patch  # noqa: E402,F401  isort: skip
+from cba.triggers import blend, ctrl, generated, optimized, patch, ssl_patch  # noqa: E402,F401  isort: skip
 
 __all__ = ["TRIGGERS", "Trigger", "build_trigger", "load_trigger", "save_trigger"]

@@ -7,8 +7,10 @@ SimCLR, then alternates (the bi-level part):
 - lower level: a short SimCLR fine-tune of the surrogate on the attacker's data
   *poisoned with the current pattern* (target-class images carry it), which
   simulates what the victim's pretraining will do with the poisons;
-- upper level: signed-gradient steps on the pattern delta, projected onto the
-  budget ||delta||_inf <= linf / 255, minimising
+- upper level: steps on the perturbation delta, which stays within the budget
+  ||delta||_inf <= linf / 255 (signed-gradient steps on one universal pattern,
+  or Adam on a generator of per-image patterns: `cba.triggers.perturbation`),
+  minimising
 
       w_target * L_target + w_agree * L_agree
 
@@ -56,6 +58,7 @@ from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
+from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
 
 
 @dataclass
@@ -83,6 +86,9 @@ class OptimizeConfig:
     w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
+    form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
+    hidden: int = 16  # the generator's channels
+    lr: float = 0.002  # the generator's Adam rate
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -206,12 +212,24 @@ def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta
         return matching_loss(poison, backdoor)
 
 
-def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
-                     device: torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """Learn the pattern from uint8 NHWC `images`; `target_mask` marks the target-class ones.
+def _perturbation(config: OptimizeConfig, size: int, eps: float, seed: int,
+                  device: torch.device) -> UniversalPattern | GeneratedPattern:
+    if config.form == "universal":
+        return UniversalPattern(size, config.resolution, eps, config.step_size, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = PatternGenerator(config.hidden).to(device)
+    return GeneratedPattern(generator, eps, config.lr)
 
-    Returns the pattern as float32 (H, W, 3) on the 0-255 scale, with
-    |pattern| <= linf everywhere, and one row of objective figures per round.
+
+def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
+                     device: torch.device | None = None,
+                     progress: bool = True) -> tuple[UniversalPattern | GeneratedPattern, list[dict]]:
+    """Learn the trigger from uint8 NHWC `images`; `target_mask` marks the target-class ones.
+
+    Returns the fitted perturbation (`cba.triggers.perturbation`: a pattern, or
+    a generator, within +-linf everywhere) and one row of objective figures per
+    round.
     """
     device = device or torch.device("cpu")
     target_mask = np.asarray(target_mask, dtype=bool)
@@ -240,22 +258,12 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))
         gen = torch.Generator().manual_seed(seed)
-        resolution = min(config.resolution, size)
-        grid = torch.zeros(1, 3, resolution, resolution, device=device)
-
-        def upsample(values: torch.Tensor) -> torch.Tensor:
-            # Bilinear interpolation of values within the budget stays within it.
-            if resolution == size:
-                return values
-            return F.interpolate(values, size=(size, size), mode="bilinear", align_corners=False)
-
-        delta = upsample(grid)
+        perturbation = _perturbation(config, size, eps, seed, device)
         history: list[dict] = []
         for round_index in range(config.rounds):
             if config.bilevel and round_index > 0:
                 poisoned = images.copy()
-                pattern = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0)
-                poisoned[target_mask] = np.clip(np.rint(poisoned[target_mask] + pattern), 0, 255).astype(np.uint8)
+                poisoned[target_mask] = perturbation.apply_uint8(images[target_mask])
                 # One poisoned epoch per surrogate: each learns from the poisons, as the victim will.
                 for method, member_seed in zip(methods, seeds):
                     _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, member_seed + round_index,
@@ -271,21 +279,16 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
                 member = step % len(encoders)
-                grid.requires_grad_(True)
-                match = (match_term(methods[member], data, batch, upsample(grid), heads[member], target_pool, augment,
+                delta = perturbation(data[batch])
+                match = (match_term(methods[member], data, batch, delta, heads[member], target_pool, augment,
                                     config, gen) if config.w_match > 0 else None)
-                terms = objective_terms(encoders[member], data[batch], upsample(grid), heads[member],
+                terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None)
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
                 if match is not None:
                     terms["match"] = match
                     loss = loss + config.w_match * match
-                grad, = torch.autograd.grad(loss, grid)
-                if not torch.isfinite(grad).all():
-                    raise FloatingPointError(f"the trigger objective's gradient is not finite in round {round_index + 1}")
-                with torch.no_grad():
-                    grid = (grid - config.step_size * eps * grad.sign()).clamp(-eps, eps)
-                    delta = upsample(grid)
+                perturbation.update(loss, round_index)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
                 bar.update(1)
@@ -296,6 +299,4 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()
-    pattern = delta.detach()[0].permute(1, 2, 0).cpu().numpy() * 255.0
-    # Exactly within budget despite float rounding.
-    return np.clip(pattern, -config.linf, config.linf).astype(np.float32), history
+    return perturbation, history

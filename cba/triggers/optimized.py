@@ -25,6 +25,7 @@ class OptimizedTrigger(Trigger):
     """x' = clip(x + pattern), |pattern| <= linf on the 0-255 scale."""
 
     learns_from_data = True
+    form = "universal"  # what the fit optimises (cba.triggers.perturbation)
     defaults = {
         "linf": 16,               # L-inf budget on the 0-255 scale
         "surrogate_size": 4000,     # unlabelled training images the attacker holds
@@ -56,18 +57,24 @@ class OptimizedTrigger(Trigger):
         p["linf"] = float(p["linf"])
         for key, low in (("surrogate_size", 16), ("surrogate_width", 1), ("rounds", 1), ("trigger_steps", 1),
                          ("batch_size", 2), ("surrogate_epochs", 0), ("resolution", 1), ("clusters", 2),
-                         ("ensemble", 1)):
+                         ("ensemble", 1), ("hidden", 1)):
+            if key not in p:  # a subclass (the generated trigger) may not take every option
+                continue
             if not is_int(p[key]) or p[key] < low:
                 self._fail(key, f"must be an integer >= {low}")
             p[key] = int(p[key])
         for key in ("w_target", "w_agree", "w_match"):
+            if key not in p:
+                continue
             if not is_number(p[key]) or p[key] < 0:
                 self._fail(key, "must be a number >= 0")
             p[key] = float(p[key])
-        if p["w_target"] == 0 and p["w_agree"] == 0 and p["w_match"] == 0:
+        if p["w_target"] == 0 and p["w_agree"] == 0 and p.get("w_match", 0.0) == 0:
             self._fail("w_target", "w_agree and w_match must not all be 0 (nothing to optimise)")
-        if not is_number(p["step_size"]) or not 0 < p["step_size"] <= 1:
+        if "step_size" in p and (not is_number(p["step_size"]) or not 0 < p["step_size"] <= 1):
             self._fail("step_size", "must be a number in (0, 1] (a fraction of linf)")
+        if "lr" in p and (not is_number(p["lr"]) or not 0 < p["lr"] <= 1):
+            self._fail("lr", "must be a number in (0, 1]")
         if not is_number(p["min_scale"]) or not 0 < p["min_scale"] <= 1:
             self._fail("min_scale", "must be a number in (0, 1]")
         for key in ("bilevel", "eot", "hard_negatives"):
@@ -75,7 +82,7 @@ class OptimizedTrigger(Trigger):
                 self._fail(key, "must be true or false")
         if p["surrogate_backbone"] not in BACKBONE_CHOICES:
             self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
-        if p["match"] not in MATCH_CHOICES:
+        if p.get("match", MATCH_CHOICES[0]) not in MATCH_CHOICES:
             self._fail("match", f"choose one of {', '.join(MATCH_CHOICES)}")
         if p["head"] not in HEAD_CHOICES:
             self._fail("head", f"choose one of {', '.join(HEAD_CHOICES)}")
@@ -93,9 +100,13 @@ class OptimizedTrigger(Trigger):
         if len(target_mask) != len(images) or not target_mask.any():
             raise ValueError("target_mask must mark at least one of the attacker's images as target class")
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
-        pattern, history = optimize_trigger(images, target_mask, OptimizeConfig(**options), self.seed, device, progress)
-        self._arrays = {"pattern": pattern}
+        config = OptimizeConfig(**options, form=self.form)
+        perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress)
+        self._adopt(perturbation)
         return {"history": history, "final_objective": history[-1]["objective"]}
+
+    def _adopt(self, perturbation) -> None:
+        self._arrays = {"pattern": perturbation.pattern()}
 
     def perturbation(self) -> np.ndarray:
         return self._arrays["pattern"].astype(np.float64)

@@ -1,0 +1,125 @@
+"""The generated trigger: a per-image perturbation from a fitted generator, within budget, from the seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cba.data.synthetic import generate
+from cba.errors import ConfigError
+from cba.triggers import build_trigger, load_trigger, save_trigger
+from cba.triggers.optimize import objective_terms
+from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
+from cba.triggers.stealth import stealth_metrics
+
+TINY = {"linf": 8, "surrogate_size": 300, "surrogate_epochs": 2, "surrogate_width": 4, "rounds": 2,
+        "trigger_steps": 8, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def attacker_data():
+    data = generate(300, seed=21)
+    return data.images, data.labels == 0
+
+
+@pytest.fixture(scope="module")
+def fitted(attacker_data):
+    trigger = build_trigger("generated", TINY, seed=3)
+    info = trigger.fit(*attacker_data, progress=False)
+    return trigger, info
+
+
+def test_every_image_stays_within_budget_and_gets_its_own_perturbation(fitted):
+    trigger, info = fitted
+    clean = generate(40, seed=5).images
+    diff = trigger.apply(clean).astype(int) - clean.astype(int)
+    assert np.abs(diff).max() <= TINY["linf"]
+    assert stealth_metrics(trigger, clean)["linf"] <= TINY["linf"]
+    # Sample-specific: the perturbations of two images differ (a universal pattern's would not, but for clipping).
+    deltas = trigger.perturbations(clean)
+    assert np.abs(deltas).max() <= TINY["linf"]
+    assert np.abs(deltas[0] - deltas[1]).mean() > 0.5
+    assert len(info["history"]) == TINY["rounds"] and np.isfinite(info["final_objective"])
+
+
+def test_an_unfitted_generator_changes_nothing_and_has_no_single_pattern():
+    trigger = build_trigger("generated", TINY, seed=0)
+    clean = generate(10, seed=1).images
+    np.testing.assert_array_equal(trigger.apply(clean), clean)
+    with pytest.raises(TypeError, match="each image"):
+        trigger.perturbation()
+
+
+def test_fit_is_deterministic_from_the_seed(fitted, attacker_data):
+    trigger, _ = fitted
+    clean = generate(20, seed=6).images
+    again = build_trigger("generated", TINY, seed=3)
+    again.fit(*attacker_data, progress=False)
+    np.testing.assert_array_equal(again.apply(clean), trigger.apply(clean))
+    other = build_trigger("generated", TINY, seed=4)
+    other.fit(*attacker_data, progress=False)
+    assert not np.array_equal(other.apply(clean), trigger.apply(clean))
+
+
+def test_save_and_load_keep_the_generator(fitted, tmp_path):
+    trigger, _ = fitted
+    save_trigger(trigger, tmp_path / "t")
+    loaded = load_trigger(tmp_path / "t")
+    clean = generate(20, seed=7).images
+    np.testing.assert_array_equal(loaded.apply(clean), trigger.apply(clean))
+    # Weights saved for one generator width do not load into another.
+    wider = build_trigger("generated", {**TINY, "hidden": 8}, seed=3)
+    with pytest.raises(ConfigError, match="expected"):
+        wider.set_tensors(trigger.tensors(), source="t")
+
+
+@pytest.mark.parametrize("key, value", [("hidden", 0), ("lr", 0), ("lr", 2.0), ("linf", 300)])
+def test_bad_params_fail_with_one_line(key, value):
+    with pytest.raises(ConfigError) as err:
+        build_trigger("generated", {key: value}, seed=0)
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["resolution", "step_size", "w_match"])
+def test_options_of_the_universal_pattern_are_refused(key):
+    with pytest.raises(ConfigError, match="not a parameter of trigger 'generated'"):
+        build_trigger("generated", {key: 1}, seed=0)
+
+
+def _toy_problem():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(32, 3, 16, 16)
+    centroids = F.normalize(torch.randn(4, 8), dim=1)
+    head = lambda raw: F.normalize(raw, dim=1) @ centroids.T / 0.1  # noqa: E731
+    return encoder, x, head
+
+
+@pytest.mark.parametrize("form", ["universal", "generator"])
+def test_the_updates_lower_the_target_term_and_keep_the_budget(form):
+    encoder, x, head = _toy_problem()
+    eps = 8 / 255
+    perturbation = (UniversalPattern(16, 16, eps, 0.1, torch.device("cpu")) if form == "universal"
+                    else GeneratedPattern(PatternGenerator(8), eps, lr=0.01))
+    losses = []
+    for step in range(30):
+        delta = perturbation(x)
+        assert delta.abs().max() <= eps + 1e-7
+        loss = objective_terms(encoder, x, delta, head, None)["target"]
+        losses.append(float(loss.detach()))
+        perturbation.update(loss, step)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_a_non_finite_gradient_stops_the_fit():
+    generator = PatternGenerator(4)
+    perturbation = GeneratedPattern(generator, 8 / 255, lr=0.01)
+    x = torch.rand(2, 3, 8, 8)
+    loss = (perturbation(x) * float("nan")).sum()
+    with pytest.raises(FloatingPointError, match="round 3"):
+        perturbation.update(loss, 2)
