@@ -11,7 +11,7 @@ from torch import nn
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.optimize import objective_terms
+from cba.triggers.optimize import clean_pull, objective_terms
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
 from cba.triggers.stealth import stealth_metrics
 
@@ -123,3 +123,25 @@ def test_a_non_finite_gradient_stops_the_fit():
     loss = (perturbation(x) * float("nan")).sum()
     with pytest.raises(FloatingPointError, match="round 3"):
         perturbation.update(loss, 2)
+
+
+def test_the_clean_term_measures_and_lowers_the_clean_encoders_pull_to_the_target():
+    encoder, x, _ = _toy_problem()
+    # The target centroid is the images' own mean feature, so the clean reading starts high and has room to fall.
+    centroids = F.normalize(torch.cat([encoder(x).mean(0, keepdim=True), torch.randn(3, 8)]), dim=1)
+    head = lambda raw: F.normalize(raw, dim=1) @ centroids.T * 2  # noqa: E731
+    perturbation = UniversalPattern(16, 16, 32 / 255, 0.1, torch.device("cpu"))
+    first = clean_pull(encoder, head, x, perturbation(x))
+    probabilities = head(encoder(x)).softmax(1)[:, 0]
+    assert torch.allclose(first["clean"], probabilities.mean())  # a zero pattern: the clean images' own reading
+    assert first["clean_hit_rate"] == (head(encoder(x)).argmax(1) == 0).float().mean()
+    for step in range(30):
+        perturbation.update(clean_pull(encoder, head, x, perturbation(x))["clean"], step)
+    assert float(first["clean"]) > 0.5
+    assert float(clean_pull(encoder, head, x, perturbation(x))["clean"]) < float(first["clean"]) - 0.05
+
+
+def test_the_fit_records_the_clean_surrogates_reading_every_round(fitted):
+    _, info = fitted
+    for row in info["history"]:
+        assert 0 <= row["clean"] <= 1 and 0 <= row["clean_hit_rate"] <= 1

@@ -43,6 +43,7 @@ machine.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,6 +87,7 @@ class OptimizeConfig:
     w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
+    w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
     form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
     hidden: int = 16  # the generator's channels
     lr: float = 0.002  # the generator's Adam rate
@@ -199,6 +201,18 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
     return {**terms, "target": target, "agree": agree}
 
 
+def clean_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How much the pattern alone moves triggered images to the target on an encoder that never saw a poison.
+
+    `clean` is the mean probability of the target under that encoder's head (what `w_clean` penalises: a
+    pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
+    victim's clean twin reads it too); `clean_hit_rate` is the share sent to the target, the attacker's own
+    estimate of the clean twin's ASR."""
+    logits = head(_raw(encoder, (x + delta).clamp(0, 1)))
+    return {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
+
+
 def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta: torch.Tensor,
                head: Callable[[torch.Tensor], torch.Tensor], target_pool: torch.Tensor, augment: nn.Module,
                config: OptimizeConfig, gen: torch.Generator) -> torch.Tensor:
@@ -255,6 +269,12 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                 device, bar)
             methods.append(method.to(device))
         data = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).to(device)
+        # A frozen copy of the warmed-up surrogate, which never sees a poison, and its own head (own generator,
+        # so the fit's random stream is the same with or without it).
+        clean_encoder = copy.deepcopy(methods[0].encoder).eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            clean_head = target_head(clean_encoder, data, target_mask, config.clusters, config.head,
+                                     torch.Generator().manual_seed(seed + 1), hard_negatives=config.hard_negatives)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))
         gen = torch.Generator().manual_seed(seed)
@@ -274,7 +294,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 p.requires_grad_(config.w_match > 0)  # matching differentiates through the parameters' gradients
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
                                  hard_negatives=config.hard_negatives) for encoder in encoders]
-            sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, **({"match": 0.0} if config.w_match > 0 else {})}
+            sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
+                    **({"match": 0.0} if config.w_match > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
@@ -284,7 +305,9 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None)
-                loss = config.w_target * terms["target"] + config.w_agree * terms["agree"]
+                with torch.set_grad_enabled(config.w_clean > 0):
+                    terms.update(clean_pull(clean_encoder, clean_head, data[batch], delta))
+                loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
                 if match is not None:
                     terms["match"] = match
                     loss = loss + config.w_match * match
@@ -295,7 +318,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
-                   + config.w_match * sums.get("match", 0.0)}
+                   + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()

@@ -46,6 +46,7 @@ class OptimizedTrigger(Trigger):
         "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
+        "w_clean": 0.0,             # a surrogate that never saw a poison should not read triggered images as the target
         "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
     }
@@ -63,7 +64,7 @@ class OptimizedTrigger(Trigger):
             if not is_int(p[key]) or p[key] < low:
                 self._fail(key, f"must be an integer >= {low}")
             p[key] = int(p[key])
-        for key in ("w_target", "w_agree", "w_match"):
+        for key in ("w_target", "w_agree", "w_match", "w_clean"):
             if key not in p:
                 continue
             if not is_number(p[key]) or p[key] < 0:
