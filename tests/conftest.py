@@ -18,7 +18,7 @@ LONGEST_FIRST = ("test_pipeline_e2e.py",)
 # runs the rest (the fast tier) in under a minute; plain `pytest`, as CI runs it, runs both.
 SLOW_FILES = {"test_pipeline_e2e.py", "test_distributed.py", "test_bench_smoke.py", "test_analyze_stage.py",
               "test_art_oracle.py", "test_defense_dbd.py", "test_defenses_detection.py", "test_defenses_model.py",
-              "test_trigger_optimized.py"}
+              "test_trigger_optimized.py", "test_trigger_generated.py"}
 SLOW_FIXTURES = {"supervised_badnets"}
 SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder"}
 
@@ -30,6 +30,28 @@ def pytest_collection_modifyitems(items: list) -> None:
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
+# A learned trigger small enough to fit in seconds on two cores, large enough that the objective has something to
+# learn; `attacker_data` is what it is fitted on.
+TINY_TRIGGER = {"linf": 8, "surrogate_size": 300, "surrogate_epochs": 2, "surrogate_width": 4, "rounds": 2,
+                "trigger_steps": 8, "batch_size": 32}
+
+
+@pytest.fixture(scope="session")
+def attacker_data():
+    from cba.data.synthetic import generate
+
+    data = generate(300, seed=21)
+    return data.images, data.labels == 0
+
+
+def fit_tiny(name: str, attacker_data, seed: int = 3):
+    """The learned trigger `name` at TINY_TRIGGER, fitted on `attacker_data`: (trigger, the fit's figures)."""
+    from cba.triggers import build_trigger
+
+    trigger = build_trigger(name, TINY_TRIGGER, seed=seed)
+    return trigger, trigger.fit(*attacker_data, progress=False)
 
 
 @pytest.fixture(scope="session")

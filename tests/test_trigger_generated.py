@@ -14,22 +14,12 @@ from cba.triggers import build_trigger, load_trigger, save_trigger
 from cba.triggers.optimize import clean_pull, objective_terms
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
 from cba.triggers.stealth import stealth_metrics
-
-TINY = {"linf": 8, "surrogate_size": 300, "surrogate_epochs": 2, "surrogate_width": 4, "rounds": 2,
-        "trigger_steps": 8, "batch_size": 32}
-
-
-@pytest.fixture(scope="module")
-def attacker_data():
-    data = generate(300, seed=21)
-    return data.images, data.labels == 0
+from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
 
 
 @pytest.fixture(scope="module")
 def fitted(attacker_data):
-    trigger = build_trigger("generated", TINY, seed=3)
-    info = trigger.fit(*attacker_data, progress=False)
-    return trigger, info
+    return fit_tiny("generated", attacker_data)
 
 
 def test_every_image_stays_within_budget_and_gets_its_own_perturbation(fitted):

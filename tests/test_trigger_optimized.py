@@ -11,23 +11,12 @@ from cba.errors import ConfigError
 from cba.survival import survival_table
 from cba.triggers import build_trigger, load_trigger, save_trigger
 from cba.triggers.stealth import stealth_metrics
-
-# Small enough to fit in seconds on two cores, large enough that the objective has something to learn.
-TINY = {"linf": 8, "surrogate_size": 300, "surrogate_epochs": 2, "surrogate_width": 4, "rounds": 2,
-        "trigger_steps": 8, "batch_size": 32}
-
-
-@pytest.fixture(scope="module")
-def attacker_data():
-    data = generate(300, seed=21)
-    return data.images, data.labels == 0
+from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
 
 
 @pytest.fixture(scope="module")
 def fitted(attacker_data):
-    trigger = build_trigger("optimized", TINY, seed=3)
-    info = trigger.fit(*attacker_data, progress=False)
-    return trigger, info
+    return fit_tiny("optimized", attacker_data)
 
 
 def test_pattern_respects_the_budget_exactly(fitted):
