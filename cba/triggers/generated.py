@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cba.triggers.optimized import OptimizedTrigger
-from cba.triggers.perturbation import PatternGenerator, apply_generator
+from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, apply_generator
 from cba.triggers.registry import TRIGGERS
 
 # Options of the universal pattern that a generator has no use for.
@@ -42,7 +42,7 @@ class GeneratedTrigger(OptimizedTrigger):
             generator = PatternGenerator(self.params["hidden"])
         return {k: v.detach().numpy().copy() for k, v in generator.state_dict().items()}
 
-    def _adopt(self, perturbation) -> None:
+    def _adopt(self, perturbation: GeneratedPattern) -> None:
         self._arrays = {k: v.detach().cpu().numpy().copy() for k, v in perturbation.generator.state_dict().items()}
 
     def perturbation(self) -> np.ndarray:

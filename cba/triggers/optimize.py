@@ -12,7 +12,7 @@ SimCLR, then alternates (the bi-level part):
   or Adam on a generator of per-image patterns: `cba.triggers.perturbation`),
   minimising
 
-      w_target * L_target + w_agree * L_agree
+      w_target * L_target + w_agree * L_agree + w_clean * L_clean
 
   where, with f the L2-normalised surrogate features and C the centroids
   (row 0: the clean target class; the rest: k-means of the other images),
@@ -36,6 +36,10 @@ Options, all off by default (docs/results.md has what each did at the default bu
   centroid (pseudo-label) of their own;
 - `w_match`: a gradient-matching term (`cba.triggers.matching`): training on
   the poisons should move the surrogate where the target term wants it.
+- `w_clean`: L_clean, the mean probability of the target under the head of
+  a frozen copy of the warmed-up surrogate, which never sees a poison: a
+  pattern that copy already reads as the target is an adversarial pattern,
+  not a backdoor. Its hit rate is recorded every round whatever the weight.
 
 Every random draw comes from the seed, so the pattern is deterministic on one
 machine.

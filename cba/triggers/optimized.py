@@ -6,13 +6,16 @@ attacker's data and saves it, and every later stage loads the saved pattern.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cba.errors import is_int, is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
+
+if TYPE_CHECKING:
+    from cba.triggers.perturbation import UniversalPattern
 from cba.triggers.registry import TRIGGERS
 
 BACKBONE_CHOICES = ("convnet", "resnet18")
@@ -106,7 +109,8 @@ class OptimizedTrigger(Trigger):
         self._adopt(perturbation)
         return {"history": history, "final_objective": history[-1]["objective"]}
 
-    def _adopt(self, perturbation) -> None:
+    def _adopt(self, perturbation: "UniversalPattern") -> None:
+        """Keep the fitted perturbation as this trigger's tensors."""
         self._arrays = {"pattern": perturbation.pattern()}
 
     def perturbation(self) -> np.ndarray:
