@@ -50,7 +50,7 @@ class GeneratedTrigger(OptimizedTrigger):
                         "(use apply, or perturbations for a batch)")
 
     def perturbations(self, images: np.ndarray) -> np.ndarray:
-        """Each image's perturbation on the 0-255 scale (before rounding), float32 (N, H, W, 3)."""
+        """The change `apply` makes to each image (rounded and clipped to 0-255), float32 (N, H, W, 3)."""
         images = self._check_images(images)
         return self._apply(images, None).astype(np.float32) - images.astype(np.float32)
 
