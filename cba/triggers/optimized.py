@@ -23,6 +23,41 @@ HEAD_CHOICES = ("centroid", "probe")
 MATCH_CHOICES = ("differential", "full")
 
 
+def _integer(low: int):
+    return lambda v: int(v) if is_int(v) and v >= low else None, f"must be an integer >= {low}"
+
+
+def _number(low: float, high: float, allowed: str, *, open_low: bool = True):
+    def check(v):
+        inside = is_number(v) and (low < v if open_low else low <= v) and v <= high
+        return float(v) if inside else None
+    return check, allowed
+
+
+def _choice(choices: tuple[str, ...]):
+    return lambda v: v if v in choices else None, f"choose one of {', '.join(choices)}"
+
+
+_FLAG = (lambda v: v if isinstance(v, bool) else None, "must be true or false")
+_WEIGHT = _number(0.0, float("inf"), "must be a number >= 0", open_low=False)
+
+# option -> (check returning the normalised value or None, what is allowed); one entry per option that
+# any learned trigger takes.
+OPTION_CHECKS = {
+    "linf": _number(0.0, 255.0, "must be a number in (0, 255] (0-255 pixel scale)"),
+    "surrogate_size": _integer(16), "surrogate_epochs": _integer(0), "surrogate_width": _integer(1),
+    "surrogate_backbone": _choice(BACKBONE_CHOICES), "rounds": _integer(1), "trigger_steps": _integer(1),
+    "batch_size": _integer(2), "resolution": _integer(1), "clusters": _integer(2), "ensemble": _integer(1),
+    "hidden": _integer(1),
+    "step_size": _number(0.0, 1.0, "must be a number in (0, 1] (a fraction of linf)"),
+    "lr": _number(0.0, 1.0, "must be a number in (0, 1]"),
+    "min_scale": _number(0.0, 1.0, "must be a number in (0, 1]"),
+    "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT,
+    "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
+    "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
+}
+
+
 @TRIGGERS.register("optimized")
 class OptimizedTrigger(Trigger):
     """x' = clip(x + pattern), |pattern| <= linf on the 0-255 scale."""
@@ -55,41 +90,16 @@ class OptimizedTrigger(Trigger):
     }
 
     def _validate(self) -> None:
+        # Each option is checked only where this trigger takes it (the generated trigger drops some).
         p = self.params
-        if not is_number(p["linf"]) or not 0 < p["linf"] <= 255:
-            self._fail("linf", "must be a number in (0, 255] (0-255 pixel scale)")
-        p["linf"] = float(p["linf"])
-        for key, low in (("surrogate_size", 16), ("surrogate_width", 1), ("rounds", 1), ("trigger_steps", 1),
-                         ("batch_size", 2), ("surrogate_epochs", 0), ("resolution", 1), ("clusters", 2),
-                         ("ensemble", 1), ("hidden", 1)):
-            if key not in p:  # a subclass (the generated trigger) may not take every option
-                continue
-            if not is_int(p[key]) or p[key] < low:
-                self._fail(key, f"must be an integer >= {low}")
-            p[key] = int(p[key])
-        for key in ("w_target", "w_agree", "w_match", "w_clean"):
-            if key not in p:
-                continue
-            if not is_number(p[key]) or p[key] < 0:
-                self._fail(key, "must be a number >= 0")
-            p[key] = float(p[key])
+        for key in self.defaults:
+            check, allowed = OPTION_CHECKS[key]
+            value = check(p[key])
+            if value is None:
+                self._fail(key, allowed)
+            p[key] = value
         if p["w_target"] == 0 and p["w_agree"] == 0 and p.get("w_match", 0.0) == 0:
             self._fail("w_target", "w_agree and w_match must not all be 0 (nothing to optimise)")
-        if "step_size" in p and (not is_number(p["step_size"]) or not 0 < p["step_size"] <= 1):
-            self._fail("step_size", "must be a number in (0, 1] (a fraction of linf)")
-        if "lr" in p and (not is_number(p["lr"]) or not 0 < p["lr"] <= 1):
-            self._fail("lr", "must be a number in (0, 1]")
-        if not is_number(p["min_scale"]) or not 0 < p["min_scale"] <= 1:
-            self._fail("min_scale", "must be a number in (0, 1]")
-        for key in ("bilevel", "eot", "hard_negatives"):
-            if not isinstance(p[key], bool):
-                self._fail(key, "must be true or false")
-        if p["surrogate_backbone"] not in BACKBONE_CHOICES:
-            self._fail("surrogate_backbone", f"choose one of {', '.join(BACKBONE_CHOICES)}")
-        if p.get("match", MATCH_CHOICES[0]) not in MATCH_CHOICES:
-            self._fail("match", f"choose one of {', '.join(MATCH_CHOICES)}")
-        if p["head"] not in HEAD_CHOICES:
-            self._fail("head", f"choose one of {', '.join(HEAD_CHOICES)}")
 
     def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"pattern": np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)}

@@ -1,0 +1,155 @@
+"""Which target classes the learned trigger can backdoor: the pipeline's attack aimed at each class in turn.
+
+For every target class the learned trigger is fitted as `cba trigger` fits it (params.yaml's trigger
+section, only `target_class` changed), a SimCLR victim trains on the training set poisoned with it as
+`cba pretrain` trains one, and the pattern is read by that victim's converged linear probe and kNN
+(fitted on the clean labelled training set, as `cba finetune` reads it). One victim trained without
+poisons reads every pattern too: the 3x rule's baseline, the pattern's own pull on an encoder that never
+saw a poison. It is trained once, since a victim without poisons does not depend on the trigger or the
+target.
+
+Besides ACC and ASR, each row names where the probe sends triggered images when they miss the target
+(`landing`: the two classes besides the target that receive most) and the attacker's own figures at the
+end of the fit (the share of triggered images its poisoned surrogate, and a copy of that surrogate frozen
+before any poison, send to the target).
+
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 1 3 4      # about 8 min a target, 5 min more for the clean victim
+
+Prints one line per victim and writes `--out` (JSON, after every target) and the same path with `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cba.attack import run_attack, victim_settings
+from cba.data import load_dataset
+from cba.env import environment
+from cba.evaluate import evaluate_encoder, pick_device
+from cba.io import write_json
+from cba.poison import triggered_test_set
+from cba.record import AttackRecord
+from cba.triggers import Trigger, build_trigger
+from cba.triggers.fitting import fit_trigger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--targets", type=int, nargs="+", default=None, help="default: every class")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--epochs", type=int, default=None, help="victim epochs; default: params.yaml's pretrain.epochs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/target_sweep.json"))
+    return parser.parse_args(argv)
+
+
+def read(record: AttackRecord, trigger: Trigger, target: int, seed: int) -> dict[str, Any]:
+    """ACC, ASR and landing of `trigger` aimed at `target` on the victim in `record` (its own probe, kNN)."""
+    train, test = record.clean_train, record.test
+    triggered = triggered_test_set(test, trigger, target, seed)
+    metrics, _ = evaluate_encoder(record.model.encoder, train.images, train.labels, test.images, test.labels,
+                                  triggered.images, target, train.num_classes, seed=seed, probe=record.classifier.head)
+    row: dict[str, Any] = {}
+    for reader in ("linear", "knn"):
+        m = metrics[reader]
+        landing = np.asarray(m["landing"])
+        others = [int(c) for c in np.argsort(-landing) if c != target][:2]
+        row[reader] = {"acc": m["acc"], "asr": m["asr"], "natural_rate": m["natural_rate"],
+                       "landing": {test.classes[c]: int(landing[c]) for c in others}}
+    return row
+
+
+def final_loss(record: AttackRecord) -> float:
+    """Mean per-sample loss of the last epoch (finite: training stops on a non-finite loss)."""
+    losses = record.losses
+    return float(losses.loc[losses["epoch"] == losses["epoch"].max(), "loss"].mean())
+
+
+def ratio(poisoned: float, clean: float) -> float:
+    return poisoned / max(clean, 1e-3)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| target | surrogate hit (clean copy) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
+            "| clean victim linear / kNN ASR | ratio linear / kNN | probe's other landings |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        p, c = r["poisoned"], r["clean"]
+        landings = ", ".join(f"{k} {v}" for k, v in p["linear"]["landing"].items())
+        lines.append(
+            f"| {r['target']} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}) "
+            f"| {p['linear']['acc']:.3f} / {p['linear']['asr']:.3f} | {p['knn']['acc']:.3f} / {p['knn']['asr']:.3f} "
+            f"| {c['linear']['asr']:.3f} / {c['knn']['asr']:.3f} "
+            f"| {ratio(p['linear']['asr'], c['linear']['asr']):.1f}x / {ratio(p['knn']['asr'], c['knn']['asr']):.1f}x "
+            f"| {landings} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    params = yaml.safe_load(args.params.read_text()) or {}
+    data = params.get("data") or {}
+    seed = int(params.get("seed", 0))
+    train_set, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,
+                                    **(data.get("options") or {})) for split in ("train", "test"))
+    device = pick_device(args.device)
+    settings = victim_settings(params, "simclr")
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    settings["device"] = device
+    trigger_section = params.get("trigger") or {}
+    name, trigger_params = trigger_section.get("name", "optimized"), trigger_section.get("params") or {}
+    rate = float(params.get("poison_rate", 0.05))
+    targets = args.targets if args.targets is not None else list(range(train_set.num_classes))
+    started = time.perf_counter()
+
+    def victim(trigger: Trigger, target: int, poison_rate: float) -> AttackRecord:
+        record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=poison_rate,
+                            **{**settings, "target_class": target})
+        print(f"victim (target {target}, rate {poison_rate:g}) trained, final loss {final_loss(record):.3f}",
+              flush=True)
+        return record
+
+    def fitted(target: int) -> tuple[Trigger, dict[str, Any]]:
+        trigger = build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1])
+        fit = fit_trigger(trigger, train_set.images, train_set.labels, target, seed, device, progress=False)
+        return trigger, (fit or {}).get("history", [{}])[-1]
+
+    # The clean victim never applies a trigger, so any trigger object will do for training it.
+    clean = victim(build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1]), targets[0], 0.0)
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        trigger, last_round = fitted(target)
+        poisoned = victim(trigger, target, rate)
+        row = {"target": test.classes[target], "target_class": target,
+               "hit_rate": float(last_round.get("hit_rate", float("nan"))),
+               "clean_hit_rate": float(last_round.get("clean_hit_rate", float("nan"))),
+               "poisoned": read(poisoned, trigger, target, seed), "clean": read(clean, trigger, target, seed)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        result = {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
+                                         "trigger_params": trigger.params, "poison_rate": rate,
+                                         "seconds": time.perf_counter() - started,
+                                         "victim": {k: v for k, v in settings.items() if k != "device"}}}
+        write_json(args.out, result)
+        args.out.with_suffix(".md").write_text(
+            f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
+            f"Trigger: {name} {trigger.params}; poison rate {rate:g}, clean-label.\n\n{table(rows)}\n")
+    print(table(rows))
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
