@@ -203,3 +203,29 @@ def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp
         assert [r["step"] for r in rows] == [0, 10]
         # A zero pattern adds nothing to the poisons' gradient: no alignment, loss exactly 1.
         assert rows[0]["held_out_match"] == 1.0 and 0.0 <= rows[1]["held_out_match"] <= 2.0
+
+
+def test_target_sweep_aims_at_each_target_and_reads_all_on_one_clean_victim(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(width=4, batch_size=64, epochs=1)
+    params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "sweep.json"
+    result = load("target_sweep").main(["--targets", "4", "1", "--params", str(tmp_path / "params.yaml"),
+                                        "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == result["rows"] and [r["target"] for r in rows] == ["plus", "ring"]
+    for row in rows:
+        for victim in ("poisoned", "clean"):
+            for reader in ("linear", "knn"):
+                m = row[victim][reader]
+                assert all(0 <= m[k] <= 1 for k in ("acc", "asr", "natural_rate"))
+                assert row["target"] not in m["landing"] and len(m["landing"]) == 2
+        assert 0 <= row["hit_rate"] <= 1 and 0 <= row["clean_hit_rate"] <= 1
+    # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
+    assert rows[0]["clean"]["linear"]["acc"] == rows[1]["clean"]["linear"]["acc"]
+    assert rows[0]["clean"]["knn"]["acc"] == rows[1]["clean"]["knn"]["acc"]
+    assert "| ring |" in out.with_suffix(".md").read_text()
