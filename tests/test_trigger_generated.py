@@ -11,7 +11,7 @@ from torch import nn
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.optimize import clean_pull, objective_terms
+from cba.triggers.optimize import clean_pull, neutral_pull, objective_terms
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
 from cba.triggers.stealth import stealth_metrics
 from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
@@ -129,6 +129,23 @@ def test_the_clean_term_measures_and_lowers_the_clean_encoders_pull_to_the_targe
         perturbation.update(clean_pull(encoder, head, x, perturbation(x))["clean"], step)
     assert float(first["clean"]) > 0.5
     assert float(clean_pull(encoder, head, x, perturbation(x))["clean"]) < float(first["clean"]) - 0.05
+
+
+def test_the_neutral_term_is_zero_without_a_pattern_and_its_steps_undo_any_pull():
+    encoder, x, head = _toy_problem()
+    perturbation = UniversalPattern(16, 16, 32 / 255, 0.1, torch.device("cpu"))
+    assert float(neutral_pull(encoder, head, x, perturbation(x))) == pytest.approx(0.0, abs=1e-6)
+    # Push the pattern towards centroid 0 (a pull, as a look-alike texture would cause) ...
+    for step in range(20):
+        perturbation.update(objective_terms(encoder, x, perturbation(x), head, None)["target"], step)
+    pulled = float(neutral_pull(encoder, head, x, perturbation(x)))
+    expected = F.kl_div(head(encoder((x + perturbation(x)).clamp(0, 1))).log_softmax(1),
+                        head(encoder(x)).log_softmax(1), log_target=True, reduction="batchmean")
+    assert pulled == pytest.approx(float(expected), rel=1e-5) and pulled > 0.01
+    # ... then the neutral term's own steps take most of it back.
+    for step in range(30):
+        perturbation.update(neutral_pull(encoder, head, x, perturbation(x)), step)
+    assert float(neutral_pull(encoder, head, x, perturbation(x))) < pulled / 2
 
 
 def test_the_fit_records_the_clean_surrogates_reading_every_round(fitted):

@@ -12,7 +12,7 @@ SimCLR, then alternates (the bi-level part):
   or Adam on a generator of per-image patterns: `cba.triggers.perturbation`),
   minimising
 
-      w_target * L_target + w_agree * L_agree + w_clean * L_clean
+      w_target * L_target + w_agree * L_agree + w_clean * L_clean + w_neutral * L_neutral
 
   where, with f the L2-normalised surrogate features and C the centroids
   (row 0: the clean target class; the rest: k-means of the other images),
@@ -40,6 +40,11 @@ Options, all off by default (docs/results.md has what each did at the default bu
   a frozen copy of the warmed-up surrogate, which never sees a poison: a
   pattern that copy already reads as the target is an adversarial pattern,
   not a backdoor. Its hit rate is recorded every round whatever the weight.
+- `w_neutral`: L_neutral, KL(h'(x) || h'(x + delta)) under the same frozen
+  copy and its head h': the copy should read a triggered image as it reads the
+  clean one. Where L_clean only forbids the pattern's own pull to the target,
+  this forbids every pull: a pattern that looks like some class (a texture
+  the probe reads as *checker*) diverts triggered images there on any encoder.
 
 Every random draw comes from the seed, so the pattern is deterministic on one
 machine.
@@ -92,6 +97,7 @@ class OptimizeConfig:
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
     w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
+    w_neutral: float = 0.0  # ... nor read them differently from the clean images at all
     form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
     hidden: int = 16  # the generator's channels
     lr: float = 0.002  # the generator's Adam rate
@@ -217,6 +223,16 @@ def clean_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
     return {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
 
 
+def neutral_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 delta: torch.Tensor) -> torch.Tensor:
+    """KL(head(x) || head(x + delta)) on an encoder that never saw a poison: 0 when the pattern changes
+    nothing that encoder's head reads, whichever class the change would favour."""
+    with torch.no_grad():
+        clean = head(_raw(encoder, x)).log_softmax(1)
+    triggered = head(_raw(encoder, (x + delta).clamp(0, 1))).log_softmax(1)
+    return F.kl_div(triggered, clean, log_target=True, reduction="batchmean")
+
+
 def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta: torch.Tensor,
                head: Callable[[torch.Tensor], torch.Tensor], target_pool: torch.Tensor, augment: nn.Module,
                config: OptimizeConfig, gen: torch.Generator) -> torch.Tensor:
@@ -299,7 +315,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
                                  hard_negatives=config.hard_negatives) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
-                    **({"match": 0.0} if config.w_match > 0 else {})}
+                    **({"match": 0.0} if config.w_match > 0 else {}),
+                    **({"neutral": 0.0} if config.w_neutral > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
@@ -315,6 +332,9 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 if match is not None:
                     terms["match"] = match
                     loss = loss + config.w_match * match
+                if config.w_neutral > 0:
+                    terms["neutral"] = neutral_pull(clean_encoder, clean_head, data[batch], delta)
+                    loss = loss + config.w_neutral * terms["neutral"]
                 perturbation.update(loss, round_index)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
@@ -322,7 +342,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
-                   + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)}
+                   + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)
+                   + config.w_neutral * sums.get("neutral", 0.0)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()

@@ -52,7 +52,7 @@ OPTION_CHECKS = {
     "step_size": _number(0.0, 1.0, "must be a number in (0, 1] (a fraction of linf)"),
     "lr": _number(0.0, 1.0, "must be a number in (0, 1]"),
     "min_scale": _number(0.0, 1.0, "must be a number in (0, 1]"),
-    "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT,
+    "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
     "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
 }
@@ -85,6 +85,7 @@ class OptimizedTrigger(Trigger):
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
         "w_clean": 0.0,             # a surrogate that never saw a poison should not read triggered images as the target
+        "w_neutral": 0.0,           # ... nor read them any differently from the clean images
         "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
     }
