@@ -13,7 +13,8 @@ Besides ACC and ASR, each row names where the probe sends triggered images when 
 end of the fit (the share of triggered images its poisoned surrogate, and a copy of that surrogate frozen
 before any poison, send to the target).
 
-    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 1 3 4      # about 8 min a target, 5 min more for the clean victim
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 1 3 4      # about 7 min a target, 5 min more for the clean victim
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --trigger-params '{w_neutral: 1}' '{w_neutral: 5}'
 
 Prints one line per victim and writes `--out` (JSON, after every target) and the same path with `.md`.
 """
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="default: every class")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--trigger-params", type=yaml.safe_load, nargs="+", default=[{}],
+                        help="one or more YAML dicts of trigger params to change (each a variant aimed at every target)")
     parser.add_argument("--epochs", type=int, default=None, help="victim epochs; default: params.yaml's pretrain.epochs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench/results/target_sweep.json"))
@@ -81,14 +84,14 @@ def ratio(poisoned: float, clean: float) -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| target | surrogate hit (clean copy) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
+    head = ("| target | trigger change | surrogate hit (clean copy) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
             "| clean victim linear / kNN ASR | ratio linear / kNN | probe's other landings |")
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
         p, c = r["poisoned"], r["clean"]
         landings = ", ".join(f"{k} {v}" for k, v in p["linear"]["landing"].items())
         lines.append(
-            f"| {r['target']} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}) "
+            f"| {r['target']} | {json.dumps(r['change']) if r['change'] else 'none'} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}) "
             f"| {p['linear']['acc']:.3f} / {p['linear']['asr']:.3f} | {p['knn']['acc']:.3f} / {p['knn']['asr']:.3f} "
             f"| {c['linear']['asr']:.3f} / {c['knn']['asr']:.3f} "
             f"| {ratio(p['linear']['asr'], c['linear']['asr']):.1f}x / {ratio(p['knn']['asr'], c['knn']['asr']):.1f}x "
@@ -122,31 +125,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
         return record
 
-    def fitted(target: int) -> tuple[Trigger, dict[str, Any]]:
-        trigger = build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1])
+    def fitted(target: int, change: dict[str, Any]) -> tuple[Trigger, dict[str, Any]]:
+        trigger = build_trigger(name, {**trigger_params, **change}, seed=seed, image_size=train_set.images.shape[1])
         fit = fit_trigger(trigger, train_set.images, train_set.labels, target, seed, device, progress=False)
         return trigger, (fit or {}).get("history", [{}])[-1]
 
     # The clean victim never applies a trigger, so any trigger object will do for training it.
     clean = victim(build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1]), targets[0], 0.0)
     rows: list[dict[str, Any]] = []
-    for target in targets:
-        trigger, last_round = fitted(target)
+    for target, change in ((t, c) for t in targets for c in args.trigger_params):
+        trigger, last_round = fitted(target, change or {})
         poisoned = victim(trigger, target, rate)
-        row = {"target": test.classes[target], "target_class": target,
+        row = {"target": test.classes[target], "target_class": target, "change": change or {},
                "hit_rate": float(last_round.get("hit_rate", float("nan"))),
                "clean_hit_rate": float(last_round.get("clean_hit_rate", float("nan"))),
                "poisoned": read(poisoned, trigger, target, seed), "clean": read(clean, trigger, target, seed)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         result = {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
-                                         "trigger_params": trigger.params, "poison_rate": rate,
+                                         "trigger_params": trigger_params, "poison_rate": rate,
                                          "seconds": time.perf_counter() - started,
                                          "victim": {k: v for k, v in settings.items() if k != "device"}}}
         write_json(args.out, result)
         args.out.with_suffix(".md").write_text(
             f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
-            f"Trigger: {name} {trigger.params}; poison rate {rate:g}, clean-label.\n\n{table(rows)}\n")
+            f"Trigger: {name} {trigger_params} with each row's change; poison rate {rate:g}, clean-label.\n\n{table(rows)}\n")
     print(table(rows))
     return {"rows": rows}
 

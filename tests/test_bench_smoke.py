@@ -214,10 +214,11 @@ def test_target_sweep_aims_at_each_target_and_reads_all_on_one_clean_victim(tmp_
     params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "sweep.json"
-    result = load("target_sweep").main(["--targets", "4", "1", "--params", str(tmp_path / "params.yaml"),
-                                        "--out", str(out)])
+    result = load("target_sweep").main(["--targets", "4", "1", "--trigger-params", "{}", "{w_neutral: 1.0}",
+                                        "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows == result["rows"] and [r["target"] for r in rows] == ["plus", "ring"]
+    assert rows == result["rows"] and [(r["target"], r["change"]) for r in rows] == [
+        ("plus", {}), ("plus", {"w_neutral": 1.0}), ("ring", {}), ("ring", {"w_neutral": 1.0})]
     for row in rows:
         for victim in ("poisoned", "clean"):
             for reader in ("linear", "knn"):
@@ -226,6 +227,5 @@ def test_target_sweep_aims_at_each_target_and_reads_all_on_one_clean_victim(tmp_
                 assert row["target"] not in m["landing"] and len(m["landing"]) == 2
         assert 0 <= row["hit_rate"] <= 1 and 0 <= row["clean_hit_rate"] <= 1
     # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
-    assert rows[0]["clean"]["linear"]["acc"] == rows[1]["clean"]["linear"]["acc"]
-    assert rows[0]["clean"]["knn"]["acc"] == rows[1]["clean"]["knn"]["acc"]
+    assert len({row["clean"]["linear"]["acc"] for row in rows}) == 1 == len({row["clean"]["knn"]["acc"] for row in rows})
     assert "| ring |" in out.with_suffix(".md").read_text()
