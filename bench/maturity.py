@@ -28,8 +28,7 @@ from typing import Any
 
 import yaml
 
-from cba.attack import run_attack, victim_settings
-from cba.data import load_dataset
+from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     params = yaml.safe_load(args.params.read_text()) or {}
-    data = params.get("data") or {}
-    train_set, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"),
-                                    seed=int(params.get("seed", 0)), **(data.get("options") or {})) for split in ("train", "test"))
+    train_set, test = params_splits(params)
     device = pick_device(args.device)
     settings = {**victim_settings(params, "simclr"), "epochs": args.epochs, "eval_every": args.every, "device": device}
     if args.width:

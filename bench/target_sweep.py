@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cba.attack import run_attack, victim_settings
-from cba.data import load_dataset
+from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
@@ -103,10 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     params = yaml.safe_load(args.params.read_text()) or {}
-    data = params.get("data") or {}
+    train_set, test = params_splits(params)
     seed = int(params.get("seed", 0))
-    train_set, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,
-                                    **(data.get("options") or {})) for split in ("train", "test"))
     device = pick_device(args.device)
     settings = victim_settings(params, "simclr")
     if args.epochs:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cba.augment import build_augment
+from cba.data import load_dataset
 from cba.data.base import ImageSet
 from cba.evaluate import knn_backdoor_metrics
 from cba.models import build_backbone
@@ -20,6 +21,14 @@ from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers import Trigger
+
+
+def params_splits(params: dict[str, Any]) -> tuple[ImageSet, ImageSet]:
+    """The training and test sets a params.yaml dict's `data` section names, generated or read from `seed`."""
+    data = params.get("data") or {}
+    seed = int(params.get("seed", 0))
+    return tuple(load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,  # type: ignore[return-value]
+                              **(data.get("options") or {})) for split in ("train", "test"))
 
 
 def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[str, Any]:

@@ -205,7 +205,7 @@ def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp
         assert rows[0]["held_out_match"] == 1.0 and 0.0 <= rows[1]["held_out_match"] <= 2.0
 
 
-def test_target_sweep_aims_at_each_target_and_reads_all_on_one_clean_victim(tmp_path):
+def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean_victim(tmp_path):
     import yaml
 
     params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
@@ -214,11 +214,10 @@ def test_target_sweep_aims_at_each_target_and_reads_all_on_one_clean_victim(tmp_
     params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "sweep.json"
-    result = load("target_sweep").main(["--targets", "4", "1", "--trigger-params", "{}", "{w_neutral: 1.0}",
+    result = load("target_sweep").main(["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}",
                                         "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows == result["rows"] and [(r["target"], r["change"]) for r in rows] == [
-        ("plus", {}), ("plus", {"w_neutral": 1.0}), ("ring", {}), ("ring", {"w_neutral": 1.0})]
+    assert rows == result["rows"] and [(r["target"], r["change"]) for r in rows] == [("ring", {}), ("ring", {"w_neutral": 0.0})]
     for row in rows:
         for victim in ("poisoned", "clean"):
             for reader in ("linear", "knn"):

@@ -149,7 +149,7 @@ def test_poison_stage_writes_composite_poisons_and_names_their_partners(tmp_path
 
     from cba.data.io import load_imageset
 
-    write_params(tmp_path, **{"trigger.name": "patch", "trigger.params": {"size": 4}, "poison.mode": "composite",
+    write_params(tmp_path, **{"target_class": 0, "trigger.name": "patch", "trigger.params": {"size": 4}, "poison.mode": "composite",
                               "poison_rate": 0.04})
     assert cba(["trigger"], tmp_path).exit_code == 0
     result = cba(["poison"], tmp_path)

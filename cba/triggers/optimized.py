@@ -85,7 +85,7 @@ class OptimizedTrigger(Trigger):
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
         "w_clean": 0.0,             # a surrogate that never saw a poison should not read triggered images as the target
-        "w_neutral": 0.0,           # ... nor read them any differently from the clean images
+        "w_neutral": 5.0,           # ... nor read them any differently from the clean images
         "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
     }
