@@ -72,6 +72,10 @@ def read(record: AttackRecord, trigger: Trigger, target: int, seed: int) -> dict
     return row
 
 
+def data_name(params: dict[str, Any]) -> str:
+    return (params.get("data") or {}).get("name", "synthetic")
+
+
 def final_loss(record: AttackRecord) -> float:
     """Mean per-sample loss of the last epoch (finite: training stops on a non-finite loss)."""
     losses = record.losses
@@ -113,6 +117,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name, trigger_params = trigger_section.get("name", "optimized"), trigger_section.get("params") or {}
     rate = float(params.get("poison_rate", 0.05))
     targets = args.targets if args.targets is not None else list(range(train_set.num_classes))
+    # Bad input fails here, in one line, before the clean victim's minutes of training.
+    outside = [t for t in targets if not 0 <= t < train_set.num_classes]
+    if outside:
+        raise SystemExit(f"--targets {outside}: not a class of {data_name(params)}; allowed 0 to {train_set.num_classes - 1}")
+    for change in args.trigger_params:
+        if not isinstance(change or {}, dict):
+            raise SystemExit(f"--trigger-params {change!r}: not a YAML mapping such as '{{w_neutral: 5.0}}'")
+        build_trigger(name, {**trigger_params, **(change or {})}, seed=seed, image_size=train_set.images.shape[1])
     started = time.perf_counter()
 
     def victim(trigger: Trigger, target: int, poison_rate: float) -> AttackRecord:

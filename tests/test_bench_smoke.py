@@ -228,3 +228,20 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
     assert len({row["clean"]["linear"]["acc"] for row in rows}) == 1 == len({row["clean"]["knn"]["acc"] for row in rows})
     assert "| ring |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "12"], "--targets [12]: not a class of synthetic; allowed 0 to 9"),
+    (["--trigger-params", "[1, 2]"], "--trigger-params [1, 2]: not a YAML mapping"),
+])
+def test_target_sweep_refuses_bad_input_before_training(argv, message):
+    with pytest.raises(SystemExit) as caught:
+        load("target_sweep").main([*argv, "--out", "/nonexistent/never_written.json"])
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_target_sweep_refuses_a_bad_trigger_option_before_training():
+    from cba.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="w_neutral"):
+        load("target_sweep").main(["--trigger-params", "{w_neutral: -1}", "--out", "/nonexistent/never_written.json"])
