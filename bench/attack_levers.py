@@ -42,9 +42,8 @@ import yaml
 from torch import nn
 
 import cba.poison
-from cba.attack import run_attack, trigger_scores, victim_settings
+from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
-from cba.data import load_dataset
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
@@ -127,11 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
-    data = params.get("data") or {}
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
-    train, test = (load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,
-                                **(data.get("options") or {})) for split in ("train", "test"))
+    train, test = params_splits(params)
     kind, _, amplitude = args.pattern.partition(":")
     if kind == "pipeline":
         trigger = load_trigger(REPO / "data" / "trigger")

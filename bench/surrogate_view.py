@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from cba.augment import build_augment
-from cba.data import load_dataset
+from cba.attack import params_splits
 from cba.env import environment
 from cba.models import build_backbone
 from cba.ssl import build_method
@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     params = yaml.safe_load(args.params.read_text())
-    data_section, seed = params.get("data") or {}, int(params.get("seed", 0))
-    train_set, test = (load_dataset(data_section.get("name", "synthetic"), split, root=data_section.get("root"), seed=seed,
-                                    **(data_section.get("options") or {})) for split in ("train", "test"))
+    seed = int(params.get("seed", 0))
+    train_set, test = params_splits(params)
     trigger_params = params["trigger"]["params"]
     pool = attacker_pool(len(train_set), int(trigger_params["surrogate_size"]), seed)
     images, is_target = train_set.images[pool], train_set.labels[pool] == int(params.get("target_class", 0))
