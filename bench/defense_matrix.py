@@ -1,13 +1,15 @@
 """Attack x defense matrix: the paper's claim 3 (defenses built for supervised backdoors fail on contrastive ones).
 
-Four attacks train on the SAME built-in synthetic data at the SAME poison budget:
+Four attacks train on the SAME data at the SAME poison budget and target class. Unless a flag says
+otherwise, these are the pipeline's (params.yaml's data set and its sizes, target_class, poison_rate,
+seed, and pretrain's epochs, width, batch size and augmentation), so the first column is the default
+pipeline's attack:
 
 - optimized + SimCLR: the learned trigger (params.yaml's trigger.params), fitted on the attacker's share of
-  the same training set, clean-label, SimCLR (settings as below);
-- CTRL + SimCLR: the frequency-domain CTRL trigger (default parameters), clean-label, SimCLR
-  (temperature 0.2, lr 0.6, per-sample augmentation with params.yaml's pretrain.augmentation.min_scale);
+  the same training set, clean-label, SimCLR with params.yaml's pretrain.simclr section and lr;
+- CTRL + SimCLR: the frequency-domain CTRL trigger (default parameters), clean-label, SimCLR (same settings);
 - patch + SimCLR: a 4x4 BadNets patch, clean-label, SimCLR (same settings);
-- BadNets (supervised): the same patch, dirty-label, supervised training (lr 0.05).
+- BadNets (supervised): the same patch, dirty-label, supervised training (its own lr).
 
 Every defense in `cba.defenses.DEFENSES` (or --defenses) then runs on each attack's record with its
 parameters from params.yaml `defense.<name>` (the pipeline's defaults; --fast shrinks the expensive
@@ -18,8 +20,8 @@ is flagged (with its anomaly index), repair defenses ASR and ACC before -> after
 each attack's ACC/ASR before any defense. Finally Neural Cleanse's reverse engineering is timed on the
 supervised classifier, all classes batched in one optimisation vs one class at a time.
 
-    OMP_NUM_THREADS=2 python bench/defense_matrix.py             # defaults: about 20 min on two CPU cores
-    OMP_NUM_THREADS=2 python bench/defense_matrix.py --fast      # cheaper defenses: about 10 min
+    OMP_NUM_THREADS=2 python bench/defense_matrix.py --attacks optimized,badnets --fast   # about 20 min on two CPU cores
+    OMP_NUM_THREADS=2 python bench/defense_matrix.py --train-size 5000 --epochs 15 --fast   # all four, smaller: about 20 min
     python bench/defense_matrix.py --train-size 300 --test-size 100 --epochs 1 --width 4 --fast \
         --defenses spectral,strip,neural_cleanse --out /tmp/dm_smoke.md       # smoke run, about a minute
 """
@@ -29,8 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import shlex
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -39,24 +39,24 @@ from typing import Any
 import torch
 import yaml
 
-from cba.attack import run_attack
-from cba.data import load_dataset
+from cba.attack import fill_pipeline_defaults, params_splits, pipeline_defaults, run_attack, victim_settings
 from cba.defenses import DEFENSES, build_defense
 from cba.record import classifier_acc_asr
 from cba.defenses.neural_cleanse import reverse_engineer
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
+from cba.ssl import METHODS
 from cba.triggers import build_trigger
 from cba.triggers.fitting import fit_trigger
 
-SIMCLR = {"method": "simclr", "hparams": {"temperature": 0.2}, "lr": 0.6}
-ATTACKS = {  # key: (column title, trigger name, trigger params, poison mode, training settings)
+REPO = Path(__file__).resolve().parents[1]
+ATTACKS = {  # key: (column title, trigger name, trigger params, poison mode, training method)
     # The learned trigger with params.yaml's trigger.params (None: read there), fitted on this training set.
-    "optimized": ("optimized + SimCLR", "optimized", None, "clean_label", SIMCLR),
-    "ctrl": ("CTRL + SimCLR", "ctrl", {}, "clean_label", SIMCLR),
-    "patch": ("patch + SimCLR", "patch", {"size": 4}, "clean_label", SIMCLR),
-    "badnets": ("BadNets (supervised)", "patch", {"size": 4}, "dirty_label", {"method": "supervised", "hparams": {}, "lr": 0.05}),
+    "optimized": ("optimized + SimCLR", "optimized", None, "clean_label", "simclr"),
+    "ctrl": ("CTRL + SimCLR", "ctrl", {}, "clean_label", "simclr"),
+    "patch": ("patch + SimCLR", "patch", {"size": 4}, "clean_label", "simclr"),
+    "badnets": ("BadNets (supervised)", "patch", {"size": 4}, "dirty_label", "supervised"),
 }
 # The supervised attack's defenders hold its labels and can afford ABL's own LGA run: the literature's setting.
 # The SSL columns keep params.yaml's adaptation (k-means pseudo-labels, the pretraining loss log).
@@ -74,16 +74,18 @@ FAST = {  # --fast: shrink the expensive defenses (the cheap ones keep params.ya
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train-size", type=int, default=5000, help="synthetic training images")
-    parser.add_argument("--test-size", type=int, default=1000, help="synthetic test images")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--width", type=int, default=16, help="convnet width")
-    parser.add_argument("--poison-rate", type=float, default=0.05, help="fraction of the whole training set")
-    parser.add_argument("--target-class", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    # None: the pipeline's value from --params (cba.attack.pipeline_defaults)
+    parser.add_argument("--train-size", type=int, default=None, help="training images (default: data.options')")
+    parser.add_argument("--test-size", type=int, default=None, help="test images (default: data.options')")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: pretrain.epochs)")
+    parser.add_argument("--width", type=int, default=None, help="convnet width (default: pretrain.width)")
+    parser.add_argument("--poison-rate", type=float, default=None, help="fraction of the whole training set (default: params.yaml's)")
+    parser.add_argument("--target-class", type=int, default=None, help="default: params.yaml's")
+    parser.add_argument("--seed", type=int, default=None, help="default: params.yaml's")
     parser.add_argument("--attacks", default="all", help=f"comma-separated subset of {','.join(ATTACKS)}, or all")
     parser.add_argument("--defenses", default="all", help=f"comma-separated subset of {','.join(DEFENSES.names())}, or all")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="defense.<name> and pretrain settings")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml",
+                        help="the pipeline's settings: data, attack, pretrain and defense.<name>")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="YAML params of the learned trigger's column (default: params.yaml's trigger.params)")
     parser.add_argument("--fast", action="store_true", help="shrink the expensive defenses: " + "; ".join(
@@ -100,7 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not names or any(n not in registry for n in names):
             parser.error(f"--{flag}: unknown {value!r}; choose from {', '.join(registry)} or all")
         setattr(args, f"{flag}_list", names)
+    if not args.params.is_file():
+        parser.error(f"--params {args.params}: no such file; give a params.yaml")
+    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
+    fill_pipeline_defaults(args, args.pipeline)
+    if not 0 <= args.poison_rate <= 1:
+        parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")
     return args
+
+
+def data_name(params: dict[str, Any]) -> str:
+    return (params.get("data") or {}).get("name", "synthetic")
 
 
 def defense_params(params: dict[str, Any], name: str, fast: bool, supervised: bool = False) -> dict[str, Any]:
@@ -136,15 +148,21 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def training(params: dict[str, Any], method: str) -> dict[str, Any]:
+    """How the pipeline trains `method`: its params.yaml section and lr (auto: the method's own)."""
+    victim = victim_settings(params, method)
+    return {"method": method, "hparams": victim["hparams"], "weight_decay": victim["weight_decay"],
+            "lr": victim["lr"] if victim["lr"] is not None else METHODS.get(method).default_lr}
+
+
 def run_bench(args: argparse.Namespace, params: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    size = {"train_size": args.train_size, "test_size": args.test_size}
-    train_set = load_dataset("synthetic", "train", seed=args.seed, **size)
-    test = load_dataset("synthetic", "test", seed=args.seed, **size)
-    aug = (params.get("pretrain") or {}).get("augmentation") or {}
-    min_scale, per_batch = float(aug.get("min_scale", 0.5)), bool(aug.get("per_batch", False))
+    train_set, test = params_splits({**params, "seed": args.seed}, train_size=args.train_size, test_size=args.test_size)
+    pipeline = pipeline_defaults(params)  # the augmentation and batch size stay the pipeline's
+    min_scale, per_batch, batch_size = pipeline["min_scale"], pipeline["per_batch"], pipeline["batch_size"]
     attacks, matrix, records = {}, {name: {} for name in args.defenses_list}, {}
     for key in args.attacks_list:
-        title, trigger_name, trigger_params, mode, cfg = ATTACKS[key]
+        title, trigger_name, trigger_params, mode, method = ATTACKS[key]
+        cfg = training(params, method)
         if trigger_params is None:
             section = params.get("trigger") or {}
             trigger_params = args.trigger_params if args.trigger_params is not None else (
@@ -156,8 +174,8 @@ def run_bench(args: argparse.Namespace, params: dict[str, Any], device: torch.de
               f"{mode}, {cfg['method']} lr {cfg['lr']}", flush=True)
         started = time.perf_counter()
         record = run_attack(train_set, test, trigger, method=cfg["method"], mode=mode, poison_rate=args.poison_rate,
-                            target_class=args.target_class, width=args.width, epochs=args.epochs, lr=cfg["lr"],
-                            weight_decay=float((params.get("pretrain") or {}).get("weight_decay", 5e-4)), seed=args.seed,
+                            target_class=args.target_class, width=args.width, epochs=args.epochs,
+                            batch_size=batch_size, lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=args.seed,
                             hparams=cfg["hparams"], per_batch=per_batch, min_scale=min_scale, device=device,
                             progress=not args.quiet)
         records[key] = record
@@ -223,7 +241,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, settings: dict[str
     return "\n".join([
         "# Defense matrix: claim 3 (defenses against contrastive backdoors)", "", f"Command: `{command}`", "",
         f"Run {dt.datetime.now().isoformat(timespec='seconds')}; environment: "
-        + ", ".join(f"{k}={v}" for k, v in env.items()) + "; data: built-in synthetic.", "",
+        + ", ".join(f"{k}={v}" for k, v in env.items()) + f"; data: {settings['data']}.", "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())), "",
         "## Attacks before any defense", "", before, "",
         "## Defenses (rows) x attacks (columns)", "", main, "",
@@ -238,13 +256,15 @@ def report(results: dict[str, Any], args: argparse.Namespace, settings: dict[str
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    params = yaml.safe_load(args.params.read_text()) if args.params.exists() else {}
+    command = command_line(argv)
+    params = args.pipeline
     device = pick_device(args.device)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.endswith("_list")}
-    settings.update(attacks=",".join(args.attacks_list), defenses=",".join(args.defenses_list))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if not k.endswith("_list") and k != "pipeline"}
+    settings.update(attacks=",".join(args.attacks_list), defenses=",".join(args.defenses_list), data=data_name(params))
     print(f"defense_matrix: {settings['attacks']} x {settings['defenses']} on {args.train_size}/{args.test_size} "
-          f"synthetic images, {args.epochs} epochs, width {args.width}, {device}", flush=True)
+          f"{settings['data']} images, target class {args.target_class}, {args.epochs} epochs, width {args.width}, "
+          f"{device}", flush=True)
     results = run_bench(args, params, device)
     env = environment(device)
     with atomic_path(args.out) as tmp:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
 from cba.poison import triggered_test_set
@@ -89,7 +87,7 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     params = yaml.safe_load(args.params.read_text()) or {}
     train_set, test = params_splits(params)
     device = pick_device(args.device)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cba.augment import build_augment
 from cba.attack import params_splits
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.survival import to_float
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     started = time.perf_counter()
     params = yaml.safe_load(args.params.read_text())
     seed = int(params.get("seed", 0))

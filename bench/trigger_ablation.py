@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import yaml
 
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
 from cba.survival import survival_table
@@ -115,7 +113,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     device = pick_device(args.device)
     size = {"train_size": args.train_size, "test_size": args.test_size}
     train_set = load_dataset(args.dataset, "train", seed=args.seed, **size)

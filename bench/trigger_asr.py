@@ -19,8 +19,6 @@ Writes bench/results/trigger_asr.json in the shape `bench/trigger_survival.py --
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import yaml
 
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.evaluate import pick_device
 from cba.io import write_json
 from cba.triggers import TRIGGERS, build_trigger
@@ -62,7 +60,7 @@ def variants(params: dict[str, Any], override: dict | None) -> dict[str, tuple[s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     params = yaml.safe_load(args.params.read_text()) or {}
     data = params.get("data") or {}
     options = dict(data.get("options") or {})

@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cba.data import load_dataset
-from cba.env import environment
+from cba.env import command_line, environment
 from cba.io import atomic_path, read_json, write_json
 from cba.survival import DEFAULT_AUGMENTATIONS, MEASURES, survival_table
 from cba.triggers import TRIGGERS, build_trigger, load_trigger
@@ -173,7 +171,7 @@ def report(body: str, args: argparse.Namespace, command: str, notes: list[str]) 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     test = load_dataset("synthetic", "test", seed=args.seed, test_size=args.test_size)
     asr, asr_keys = load_asr(args.asr_json)
     variants, notes = trigger_variants(args, test.images.shape[1])

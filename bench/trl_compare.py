@@ -1,8 +1,11 @@
 """Compare every pretraining method under one backdoor: the paper's claims 1 and 2 side by side.
 
 Every method in `cba.ssl.METHODS` (simclr, byol, mocov2, simsiam, supervised)
-trains on the SAME built-in synthetic data with the SAME trigger (params.yaml's by
-default) at the SAME poison budget (a fraction of the whole training set).
+trains on the SAME data with the SAME trigger at the SAME poison budget (a
+fraction of the whole training set). Unless a flag says otherwise these are the
+pipeline's: params.yaml's data set and sizes, trigger, target class, poison
+rate, seed, epochs, width, batch size, augmentation and each method's section,
+so the simclr row is the default pipeline's attack.
 The SSL methods get the clean-label attack (their threat model: pretraining
 never sees labels); the supervised baseline gets the dirty-label BadNets attack
 the paper compares against (or clean-label with --supervised-mode clean_label).
@@ -28,10 +31,10 @@ Per method, one row:
 
 Read a row's separability and loss AUROC only together with its ASR: a method
 the backdoor did not take hold in is trivially "entangled". The CPU-sized
-defaults should take on the order of 10-20 minutes on two idle cores (an
-estimate from measured step times); shrink with --train-size/--epochs.
+pipeline's sizes take about 30 minutes on two idle cores; shrink with
+--train-size/--epochs.
 
-    OMP_NUM_THREADS=2 python bench/trl_compare.py                  # defaults below
+    OMP_NUM_THREADS=2 python bench/trl_compare.py --quiet          # the pipeline's settings
     python bench/trl_compare.py --train-size 300 --test-size 100 --epochs 2 --width 4   # smoke run
 """
 
@@ -40,8 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,8 @@ import yaml
 import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
-from cba.data import load_dataset
-from cba.env import environment
-from cba.attack import run_attack
+from cba.env import command_line, environment
+from cba.attack import fill_pipeline_defaults, params_splits, run_attack
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
@@ -79,17 +79,19 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train-size", type=int, default=5000, help="synthetic training images")
-    parser.add_argument("--test-size", type=int, default=1000, help="synthetic test images")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--width", type=int, default=16, help="backbone width")
+    # None: the pipeline's value from --params (cba.attack.pipeline_defaults)
+    parser.add_argument("--params", type=Path, default=PARAMS, help="the pipeline's settings")
+    parser.add_argument("--train-size", type=int, default=None, help="training images (default: data.options')")
+    parser.add_argument("--test-size", type=int, default=None, help="test images (default: data.options')")
+    parser.add_argument("--epochs", type=int, default=None, help="default: pretrain.epochs")
+    parser.add_argument("--width", type=int, default=None, help="backbone width (default: pretrain.width)")
     parser.add_argument("--backbone", default="convnet", choices=BACKBONES.names())
     parser.add_argument("--trigger", default=None, choices=TRIGGERS.names(), help="trigger (default: params.yaml's trigger.name)")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="the trigger's parameters as YAML, e.g. '{alpha: 0.2}' (default: params.yaml's trigger.params "
                              "for params.yaml's trigger, else the trigger's own defaults)")
-    parser.add_argument("--poison-rate", type=float, default=0.05, help="fraction of the whole training set")
-    parser.add_argument("--target-class", type=int, default=0)
+    parser.add_argument("--poison-rate", type=float, default=None, help="fraction of the whole training set")
+    parser.add_argument("--target-class", type=int, default=None)
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS.names())}, or all")
     parser.add_argument("--supervised-mode", default="dirty_label", choices=("dirty_label", "clean_label"),
                         help="threat model of the supervised baseline (SSL methods are always clean_label)")
@@ -97,24 +99,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     protocol.add_argument("--per-batch", dest="per_batch", action="store_true",
                           help="one augmentation draw per batch")
     protocol.add_argument("--per-sample", dest="per_batch", action="store_false",
-                          help="augmentation parameters drawn per sample (default)")
-    parser.set_defaults(per_batch=False)
-    parser.add_argument("--batch-size", type=int, default=256)
+                          help="augmentation parameters drawn per sample")
+    parser.set_defaults(per_batch=None)  # None: pretrain.augmentation.per_batch
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--ssl-lr", type=float, default=None,
                         help="SGD learning rate of every SSL method (default: each method's own, as pretrain.lr: auto)")
-    parser.add_argument("--min-scale", type=float, default=0.5, help="smallest RandomResizedCrop area (params.yaml's)")
+    parser.add_argument("--min-scale", type=float, default=None, help="smallest RandomResizedCrop area")
     parser.add_argument("--supervised-lr", type=float, default=None, help="default: the supervised method's own")
-    parser.add_argument("--queue-size", type=int, default=1024, help="MoCo queue (capped at the training set size)")
+    parser.add_argument("--queue-size", type=int, default=None,
+                        help="MoCo queue (default: pretrain.mocov2's; capped at the training set size)")
     parser.add_argument("--eval-every", type=int, default=3, help="kNN ACC/ASR every k epochs, for the learning epochs")
     parser.add_argument("--eval-bank-size", type=int, default=2000, help="clean labelled images in the kNN bank during training")
     parser.add_argument("--max-target-points", type=int, default=2000,
                         help="cap on clean target-class samples in the separability metrics")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("bench/results/trl_compare.md"))
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     args = parser.parse_args(argv)
-    args.trigger, args.trigger_params = pipeline_trigger(args.trigger, args.trigger_params)
+    if not args.params.is_file():
+        parser.error(f"--params {args.params}: no such file; give a params.yaml")
+    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
+    fill_pipeline_defaults(args, args.pipeline)
+    if not 0 <= args.poison_rate <= 1:
+        parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")
+    args.trigger, args.trigger_params = pipeline_trigger(args.pipeline, args.trigger, args.trigger_params)
     names = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
@@ -123,9 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pipeline_trigger(name: str | None, params: dict | None) -> tuple[str, dict]:
+def pipeline_trigger(pipeline: dict, name: str | None, params: dict | None) -> tuple[str, dict]:
     """The trigger and its params: as given, else params.yaml's (for its own trigger), else the defaults."""
-    section = (yaml.safe_load(PARAMS.read_text()) or {}).get("trigger") or {}
+    section = pipeline.get("trigger") or {}
     name = name or section.get("name", "ctrl")
     if params is None:
         params = dict(section.get("params") or {}) if name == section.get("name") else {}
@@ -139,9 +148,9 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     target, seed = args.target_class, args.seed
     mode = args.supervised_mode if name == "supervised" else "clean_label"
     # Each method's options as the pipeline sets them in params.yaml (pretrain.<method>).
-    hparams = dict((yaml.safe_load(PARAMS.read_text()) or {}).get("pretrain", {}).get(name) or {})
+    hparams = dict((args.pipeline.get("pretrain") or {}).get(name) or {})
     if name == "mocov2":
-        hparams["queue_size"] = min(args.queue_size, len(train_set))
+        hparams["queue_size"] = min(args.queue_size or hparams.get("queue_size", 4096), len(train_set))
     bank = np.random.default_rng(seed).permutation(len(train_set))[: args.eval_bank_size]
 
     def monitor(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
@@ -210,7 +219,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "method_names"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("method_names", "pipeline")}
+    settings["data"] = (args.pipeline.get("data") or {}).get("name", "synthetic")
     settings["methods"] = ",".join(args.method_names)
     settings["augmentation_protocol"] = "per_batch" if args.per_batch else "per_sample"
     return settings
@@ -225,7 +236,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
         f"Command: `{command}`",
         "",
         f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
-        f"{env['torch_threads']} threads), data: built-in synthetic.",
+        f"{env['torch_threads']} threads), data: {settings['data']}.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
         "",
@@ -242,15 +253,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv)
     device = pick_device(args.device)
-    train_set = load_dataset("synthetic", "train", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
-    test = load_dataset("synthetic", "test", seed=args.seed, train_size=args.train_size, test_size=args.test_size)
+    train_set, test = params_splits({**args.pipeline, "seed": args.seed}, train_size=args.train_size, test_size=args.test_size)
     trigger = build_trigger(args.trigger, args.trigger_params or {}, seed=args.seed, image_size=train_set.images.shape[1])
     # A learned trigger is fitted once, on the attacker's share of this training set, and shared by every method.
     fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device, progress=not args.quiet)
     triggered = triggered_test_set(test, trigger, args.target_class, args.seed)
-    print(f"trl_compare: {', '.join(args.method_names)} on {len(train_set)}/{len(test)} synthetic images, "
+    print(f"trl_compare: {', '.join(args.method_names)} on {len(train_set)}/{len(test)} images, target {args.target_class}, "
           f"{args.trigger} {args.trigger_params or ''} at {args.poison_rate:g}, {args.epochs} epochs, {args.backbone} width {args.width}, "
           f"{'per-batch' if args.per_batch else 'per-sample'} augmentation, {device}", flush=True)
     rows = [run_method(name, args, train_set, test, triggered, trigger, device) for name in args.method_names]

@@ -23,12 +23,34 @@ from cba.train import TrainConfig, train
 from cba.triggers import Trigger
 
 
-def params_splits(params: dict[str, Any]) -> tuple[ImageSet, ImageSet]:
-    """The training and test sets a params.yaml dict's `data` section names, generated or read from `seed`."""
+def params_splits(params: dict[str, Any], **options: Any) -> tuple[ImageSet, ImageSet]:
+    """The training and test sets a params.yaml dict's `data` section names, generated or read from `seed`.
+
+    `options` (None values ignored) override its `data.options`, e.g. `train_size`."""
     data = params.get("data") or {}
     seed = int(params.get("seed", 0))
+    chosen = {**(data.get("options") or {}), **{k: v for k, v in options.items() if v is not None}}
     return tuple(load_dataset(data.get("name", "synthetic"), split, root=data.get("root"), seed=seed,  # type: ignore[return-value]
-                              **(data.get("options") or {})) for split in ("train", "test"))
+                              **chosen) for split in ("train", "test"))
+
+
+def pipeline_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """The attack and victim settings a params.yaml dict gives the pipeline, under the names benches use for them."""
+    options = (params.get("data") or {}).get("options") or {}
+    victim = victim_settings(params)
+    return {"train_size": options.get("train_size"), "test_size": options.get("test_size"),
+            "poison_rate": float(params.get("poison_rate", 0.05)),
+            **{k: victim[k] for k in ("epochs", "width", "batch_size", "min_scale", "per_batch", "seed", "target_class")}}
+
+
+def fill_pipeline_defaults(args: Any, params: dict[str, Any]) -> None:
+    """Set every attribute of `args` that the user left at None to the pipeline's value from `params`.
+
+    Benches run the pipeline's attack unless told otherwise; a flag given on
+    the command line wins."""
+    for key, value in pipeline_defaults(params).items():
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, value)
 
 
 def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,3 +40,10 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran this script, quoted for a shell: `argv` if a caller passed it, else the real one.
+
+    Benches record it beside their figures, so that a table says how to rerun it."""
+    return shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])

@@ -21,6 +21,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),
            ("target_sweep_neutral", "The target the sweep found best, with the neutral term (bench/target_sweep.py)"),
+           ("target_sweep_fashion", "The default attack on real data, Fashion-MNIST (bench/target_sweep.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
 

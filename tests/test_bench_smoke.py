@@ -245,3 +245,31 @@ def test_target_sweep_refuses_a_bad_trigger_option_before_training():
 
     with pytest.raises(ConfigError, match="w_neutral"):
         load("target_sweep").main(["--trigger-params", "{w_neutral: -1}", "--out", "/nonexistent/never_written.json"])
+
+
+@pytest.mark.parametrize("bench", ["defense_matrix", "trl_compare"])
+def test_benches_default_to_the_pipelines_attack_and_flags_win(bench, tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params.update(seed=3, target_class=7, poison_rate=0.02)
+    params["data"]["options"] = {"train_size": 400, "test_size": 80}
+    params["pretrain"].update(epochs=6, width=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = load(bench).parse_args(["--params", str(tmp_path / "params.yaml")])
+    got = {k: getattr(args, k) for k in ("seed", "target_class", "poison_rate", "train_size", "test_size", "epochs", "width")}
+    assert got == {"seed": 3, "target_class": 7, "poison_rate": 0.02, "train_size": 400, "test_size": 80, "epochs": 6, "width": 8}
+    args = load(bench).parse_args(["--params", str(tmp_path / "params.yaml"), "--target-class", "2", "--epochs", "1"])
+    assert (args.target_class, args.epochs, args.seed) == (2, 1, 3)
+
+
+@pytest.mark.parametrize("bench", ["defense_matrix", "trl_compare"])
+@pytest.mark.parametrize("argv, message", [
+    (["--params", "/nonexistent/params.yaml"], "--params /nonexistent/params.yaml: no such file"),
+    (["--poison-rate", "1.5"], "--poison-rate 1.5: outside [0, 1]"),
+])
+def test_benches_refuse_bad_input_in_one_line(bench, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load(bench).parse_args(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
