@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cba.analysis import (GROUPS, choose_points, embed_2d, entanglement_metrics, loss_auroc, loss_groups,
-                          plot_embedding, plot_loss_auroc, plot_loss_groups, summarize_dynamics)
+from cba import analysis  # its functions load on first use: the params check imports this module too
 from cba.analysis.embedding import METHODS as EMBEDDINGS
 from cba.env import environment
 from cba.errors import ConfigError
@@ -64,15 +63,15 @@ def _clean(value: Any) -> Any:
 
 def analyze_dynamics(losses: pd.DataFrame, labels: np.ndarray, curves: list[dict], target: int) -> dict[str, Any]:
     """Write the loss-group and loss-AUROC tables and plots; return the dynamics summary."""
-    groups = loss_groups(losses, labels, target)
-    auroc = loss_auroc(losses)
-    wide = groups.pivot(index="epoch", columns="group", values="mean")[list(GROUPS)].reset_index()
+    groups = analysis.loss_groups(losses, labels, target)
+    auroc = analysis.loss_auroc(losses)
+    wide = groups.pivot(index="epoch", columns="group", values="mean")[list(analysis.GROUPS)].reset_index()
     write_csv(PLOTS_DIR / "analysis_loss_groups.csv", wide)
     write_csv(PLOTS_DIR / "analysis_loss_auroc.csv", auroc)
     write_csv(ANALYSIS_DIR / "loss_groups.csv", groups)
-    plot_loss_groups(groups, ANALYSIS_DIR / "loss_groups.png")
-    plot_loss_auroc(auroc, curves, ANALYSIS_DIR / "loss_auroc.png")
-    summary = summarize_dynamics(losses, curves)
+    analysis.plot_loss_groups(groups, ANALYSIS_DIR / "loss_groups.png")
+    analysis.plot_loss_auroc(auroc, curves, ANALYSIS_DIR / "loss_auroc.png")
+    summary = analysis.summarize_dynamics(losses, curves)
     backdoor, clean = summary["backdoor_epoch"], summary["clean_epoch"]
     # > 0: the backdoor was learned that many epochs before the clean task (the supervised signature).
     summary["backdoor_lead_epochs"] = clean - backdoor if backdoor is not None and clean is not None else None
@@ -83,7 +82,7 @@ def analyze_dynamics(losses: pd.DataFrame, labels: np.ndarray, curves: list[dict
 def feature_rows(poisoned: np.ndarray, labels: np.ndarray, target: int, max_points: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows embedded, rows for the entanglement metrics): all poisoned, capped clean target."""
-    embedded = choose_points(len(labels), poisoned, max_points, seed)
+    embedded = analysis.choose_points(len(labels), poisoned, max_points, seed)
     clean_target = np.flatnonzero(~poisoned & (labels == target))
     if len(clean_target) > max_points:
         clean_target = np.random.default_rng([seed, 0xE47]).choice(clean_target, size=max_points, replace=False)
@@ -119,17 +118,17 @@ def analyze(params_path: Path = PARAMS_OPTION) -> None:
     print(f"analyze: encoder features of {len(rows)} training images")
     features = extract_features(encoder, train.images[rows]).numpy()
     position = np.searchsorted(rows, measured)
-    entanglement = entanglement_metrics(features[position], poisoned[measured], labels[measured], target,
+    entanglement = analysis.entanglement_metrics(features[position], poisoned[measured], labels[measured], target,
                                         folds=config["folds"], seed=seed)
     print(f"analyze: {config['embedding']} embedding of {len(embedded)} points")
-    coords, chosen = embed_2d(features[np.searchsorted(rows, embedded)], config["embedding"], seed=seed,
+    coords, chosen = analysis.embed_2d(features[np.searchsorted(rows, embedded)], config["embedding"], seed=seed,
                               max_points=config["max_points"], poisoned=poisoned[embedded],
                               max_iter=config["tsne_iter"])
     points = embedded[chosen]
     mode = ("composite" if "partner" in manifest else
             "dirty_label" if (manifest["label"] != manifest["original_label"]).any() else "clean_label")
     method = meta.get("method", "unknown")
-    plot_embedding(coords, labels[points], poisoned[points], train.classes, ANALYSIS_DIR / "embedding.png",
+    analysis.plot_embedding(coords, labels[points], poisoned[points], train.classes, ANALYSIS_DIR / "embedding.png",
                    title=f"{method}, {mode}: training features ({config['embedding']}), target {target}")
 
     seconds = time.perf_counter() - started

@@ -1,38 +1,35 @@
 """Analysis of attacks: learning dynamics (claim 1), feature entanglement (claim 2), 2-D embeddings.
 
 Pure functions on arrays and DataFrames; only the plot functions write files.
+
+The names load on first use (PEP 562): the submodules pull in sklearn and
+matplotlib, about 2 s at start-up, and `cba.analysis.readout`, which the
+finetune stage imports, needs neither.
 """
 
-from cba.analysis.dynamics import (
-    GROUPS,
-    learning_epochs,
-    loss_auroc,
-    loss_groups,
-    plot_loss_auroc,
-    plot_loss_groups,
-    summarize_dynamics,
-)
-from cba.analysis.embedding import choose_points, embed_2d, plot_embedding
-from cba.analysis.entanglement import (
-    centroid_distance_ratio,
-    entanglement_metrics,
-    poison_silhouette,
-    separability_auroc,
-)
+from __future__ import annotations
 
-__all__ = [
-    "GROUPS",
-    "centroid_distance_ratio",
-    "choose_points",
-    "embed_2d",
-    "entanglement_metrics",
-    "learning_epochs",
-    "loss_auroc",
-    "loss_groups",
-    "plot_embedding",
-    "plot_loss_auroc",
-    "plot_loss_groups",
-    "poison_silhouette",
-    "separability_auroc",
-    "summarize_dynamics",
-]
+import importlib
+from typing import Any
+
+_SUBMODULE = {
+    **dict.fromkeys(("GROUPS", "learning_epochs", "loss_auroc", "loss_groups", "plot_loss_auroc", "plot_loss_groups",
+                     "summarize_dynamics"), "dynamics"),
+    **dict.fromkeys(("choose_points", "embed_2d", "plot_embedding"), "embedding"),
+    **dict.fromkeys(("centroid_distance_ratio", "entanglement_metrics", "poison_silhouette", "separability_auroc"),
+                    "entanglement"),
+}
+
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

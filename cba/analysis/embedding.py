@@ -16,16 +16,13 @@ import os
 from typing import Sequence
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
 from cba.errors import ConfigError
 from cba.io import atomic_path
+
+# sklearn and matplotlib are imported in the functions that use them: `METHODS` is read by the params check,
+# which should not pay their start-up time.
 
 METHODS = ("tsne", "pca")
 
@@ -75,6 +72,9 @@ def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0, max_poin
         if m:
             coords[:, :k] = (x - x.mean(axis=0))[:, :k]
         return coords, indices
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
     with threadpool_limits(limits=threads):
         if method == "pca":
             coords = PCA(n_components=2, svd_solver="full").fit_transform(x)
@@ -92,6 +92,11 @@ def plot_embedding(coords: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
     `labels` and `poisoned` are for the embedded points (index them with the
     indices returned by `embed_2d`). Poisoned stars take their label's colour.
     """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     coords = np.asarray(coords, dtype=np.float64)
     labels = np.asarray(labels)
     poisoned = np.asarray(poisoned, dtype=bool)

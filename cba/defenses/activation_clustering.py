@@ -27,10 +27,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA, FastICA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import silhouette_score
+# sklearn is imported where it is used: stages import every defense module, and most never run this one.
 from cba.progress import tqdm
 
 from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
@@ -44,6 +41,9 @@ CRITERIA = ("size", "silhouette")
 
 
 def reduce_features(features: np.ndarray, method: str, components: int, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA, FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
     k = max(1, min(components, features.shape[1], len(features) - 1))
     if method == "pca":
         return PCA(k, random_state=seed).fit_transform(features)
@@ -54,6 +54,9 @@ def reduce_features(features: np.ndarray, method: str, components: int, seed: in
 
 def split_class(reduced: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """2-means on one class: (cluster id per sample, silhouette of the split)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
     assignment = KMeans(2, n_init=10, random_state=seed).fit_predict(reduced)
     if len(np.unique(assignment)) < 2:
         return assignment, 0.0

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+# sklearn (and scipy) are imported where they are used: they take about 2 s to load, and every stage imports
+# this package (stages.common) while most never run a defense.
 
 from cba.errors import ConfigError
 from cba.record import AttackRecord, Classifier, classifier_acc_asr, logits_of, predict  # noqa: F401  (the defenses' imports)
@@ -49,6 +50,8 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
 
 def roc_points(scores: np.ndarray, is_positive: np.ndarray, points: int = 51) -> dict[str, list[float]]:
     """The ROC curve on a fixed FPR grid (TPR interpolated), small enough to store and plot."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(is_positive, scores)
     grid = np.linspace(0.0, 1.0, points)
     return {"fpr": [float(x) for x in grid], "tpr": [float(y) for y in np.interp(grid, fpr, tpr)]}
@@ -56,6 +59,8 @@ def roc_points(scores: np.ndarray, is_positive: np.ndarray, points: int = 51) ->
 
 def detection_metrics(scores: np.ndarray, is_positive: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
     """Higher score = more suspicious. `flagged` is the defense's own decision."""
+    from sklearn.metrics import roc_auc_score
+
     scores, is_positive, flagged = (np.asarray(a) for a in (scores, is_positive, flagged))
     is_positive, flagged = is_positive.astype(bool), flagged.astype(bool)
     both = is_positive.any() and (~is_positive).any()

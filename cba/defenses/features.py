@@ -14,7 +14,7 @@ classes, so the classes come from one of two sources (param `labels`):
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
+# sklearn is imported where it is used: stages import every defense module, and most never run one.
 
 from cba.defenses.base import AttackRecord, check
 from cba.evaluate import extract_features
@@ -33,6 +33,8 @@ def training_features(record: AttackRecord) -> np.ndarray:
 
 def pseudo_labels(features: np.ndarray, num_classes: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
     """k-means cluster ids on L2-normalised features (cosine geometry, as SSL losses use)."""
+    from sklearn.cluster import KMeans
+
     x = np.asarray(features, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     k = min(num_classes, len(x))

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
-from sklearn.cluster import KMeans
+# scipy and sklearn are imported where they are used: stages import every defense module, and most never run this one.
 from cba.progress import tqdm
 
 from cba.defenses.base import AttackRecord, Defense, check, detection_metrics
@@ -101,6 +100,9 @@ def untangle(x: np.ndarray, model: GlobalModel, seed: int = 0) -> dict[str, Any]
     """Split one class (centred by `model.mean`) into two subgroups and compute its J statistic.
 
     Returns J, the minority mask and each sample's posterior of minority membership."""
+    from scipy.special import expit
+    from sklearn.cluster import KMeans
+
     precision = model.precision
     eigval, eigvec = np.linalg.eigh(model.s_eps)
     whitened = x @ (eigvec / np.sqrt(eigval))  # Euclidean here = Mahalanobis under S_eps
