@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import yaml
 
-from cba.attack import fill_pipeline_defaults, params_splits, pipeline_defaults, run_attack, victim_settings
+from cba.attack import read_pipeline_args, params_splits, pipeline_defaults, run_attack, victim_settings
 from cba.defenses import DEFENSES, build_defense
 from cba.record import classifier_acc_asr
 from cba.defenses.neural_cleanse import reverse_engineer
@@ -102,12 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not names or any(n not in registry for n in names):
             parser.error(f"--{flag}: unknown {value!r}; choose from {', '.join(registry)} or all")
         setattr(args, f"{flag}_list", names)
-    if not args.params.is_file():
-        parser.error(f"--params {args.params}: no such file; give a params.yaml")
-    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
-    fill_pipeline_defaults(args, args.pipeline)
-    if not 0 <= args.poison_rate <= 1:
-        parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")
+    read_pipeline_args(parser, args)
     return args
 
 

@@ -53,7 +53,7 @@ import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
 from cba.env import command_line, environment
-from cba.attack import fill_pipeline_defaults, params_splits, run_attack
+from cba.attack import read_pipeline_args, params_splits, run_attack
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
@@ -117,12 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results/trl_compare.md"))
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     args = parser.parse_args(argv)
-    if not args.params.is_file():
-        parser.error(f"--params {args.params}: no such file; give a params.yaml")
-    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
-    fill_pipeline_defaults(args, args.pipeline)
-    if not 0 <= args.poison_rate <= 1:
-        parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")
+    read_pipeline_args(parser, args)
     args.trigger, args.trigger_params = pipeline_trigger(args.pipeline, args.trigger, args.trigger_params)
     names = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
 from cba.augment import build_augment
 from cba.data import load_dataset
@@ -41,6 +42,19 @@ def pipeline_defaults(params: dict[str, Any]) -> dict[str, Any]:
     return {"train_size": options.get("train_size"), "test_size": options.get("test_size"),
             "poison_rate": float(params.get("poison_rate", 0.05)),
             **{k: victim[k] for k in ("epochs", "width", "batch_size", "min_scale", "per_batch", "seed", "target_class")}}
+
+
+def read_pipeline_args(parser: Any, args: Any) -> None:
+    """A bench's `--params` file read into `args.pipeline`, and its flags left at None filled from it.
+
+    Bad input stops through `parser.error`, in one line, before any training: a missing file, a poison rate
+    outside [0, 1]."""
+    if not args.params.is_file():
+        parser.error(f"--params {args.params}: no such file; give a params.yaml")
+    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
+    fill_pipeline_defaults(args, args.pipeline)
+    if not 0 <= args.poison_rate <= 1:
+        parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")
 
 
 def fill_pipeline_defaults(args: Any, params: dict[str, Any]) -> None:

@@ -273,3 +273,23 @@ def test_benches_refuse_bad_input_in_one_line(bench, argv, message, capsys):
         load(bench).parse_args(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error
+
+
+def test_stage_startup_times_each_module_against_the_baseline(tmp_path):
+    out = tmp_path / "startup.json"
+    # Light modules keep the test quick; the bench's default baseline is torch.
+    result = load("stage_startup").main(["--baseline", "json", "--modules", "cba.errors", "--runs", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == result["rows"] and list(result["rows"]) == ["json", "cba.errors"]
+    for row in rows.values():
+        assert row["runs"] == 2 and row["wall_median"] > 0 and row["cpu_median"] > 0 and row["wall_ratio"] > 0
+        assert row["heavy"] == []
+    assert rows["json"]["wall_ratio"] == 1.0
+    assert "| cba.errors |" in out.with_suffix(".md").read_text()
+
+
+def test_stage_startup_names_the_heavy_packages_a_module_loads():
+    bench = load("stage_startup")
+    assert bench.heavy_packages("sklearn.cluster") == ["sklearn", "scipy"]
+    # The defend stage's start-up loads none of sklearn, scipy or matplotlib: the defenses import them when they run.
+    assert bench.heavy_packages("stages.defend") == []
