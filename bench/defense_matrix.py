@@ -20,8 +20,8 @@ is flagged (with its anomaly index), repair defenses ASR and ACC before -> after
 each attack's ACC/ASR before any defense. Finally Neural Cleanse's reverse engineering is timed on the
 supervised classifier, all classes batched in one optimisation vs one class at a time.
 
-    OMP_NUM_THREADS=2 python bench/defense_matrix.py --attacks optimized,badnets --fast   # about 20 min on two CPU cores
-    OMP_NUM_THREADS=2 python bench/defense_matrix.py --train-size 5000 --epochs 15 --fast   # all four, smaller: about 20 min
+    OMP_NUM_THREADS=2 python bench/defense_matrix.py --attacks optimized,badnets --fast   # 16 min on two CPU cores
+    OMP_NUM_THREADS=2 python bench/defense_matrix.py --train-size 5000 --test-size 1000 --epochs 15 --fast   # all four, smaller
     python bench/defense_matrix.py --train-size 300 --test-size 100 --epochs 1 --width 4 --fast \
         --defenses spectral,strip,neural_cleanse --out /tmp/dm_smoke.md       # smoke run, about a minute
 """
