@@ -53,7 +53,7 @@ import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
 from cba.env import command_line, environment
-from cba.attack import read_pipeline_args, params_splits, run_attack
+from cba.attack import read_pipeline_args, params_splits, run_attack, victim_settings
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
@@ -143,7 +143,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     target, seed = args.target_class, args.seed
     mode = args.supervised_mode if name == "supervised" else "clean_label"
     # Each method's options as the pipeline sets them in params.yaml (pretrain.<method>).
-    hparams = dict((args.pipeline.get("pretrain") or {}).get(name) or {})
+    hparams = victim_settings(args.pipeline, name)["hparams"]
     if name == "mocov2":
         hparams["queue_size"] = min(args.queue_size or hparams.get("queue_size", 4096), len(train_set))
     bank = np.random.default_rng(seed).permutation(len(train_set))[: args.eval_bank_size]
