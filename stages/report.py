@@ -22,6 +22,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),
            ("target_sweep_neutral", "The target the sweep found best, with the neutral term (bench/target_sweep.py)"),
            ("target_sweep_fashion", "The default attack on real data, Fashion-MNIST (bench/target_sweep.py)"),
+           ("target_sweep_budget", "The default attack at larger budgets (bench/target_sweep.py)"),
+           ("target_sweep_resolution", "The default attack with smoother patterns (bench/target_sweep.py)"),
            ("maturity_plus", "The default backdoor as the encoder matures, 40 epochs (bench/maturity.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
