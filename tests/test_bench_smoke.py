@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # The learned trigger at a size that fits in seconds (the benches fit it as the pipeline does).
@@ -293,3 +294,31 @@ def test_stage_startup_names_the_heavy_packages_a_module_loads():
     assert bench.heavy_packages("sklearn.cluster") == ["sklearn", "scipy"]
     # The defend stage's start-up loads none of sklearn, scipy or matplotlib: the defenses import them when they run.
     assert bench.heavy_packages("stages.defend") == []
+
+
+def test_readout_ceiling_rates_on_hand_made_features():
+    bench = load("readout_ceiling")
+    # Class = the index of the largest coordinate; target 1.
+    read = {"argmax": lambda f: f.argmax(1)}
+    groups = {
+        "recall": torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]),   # half read as the target
+        "ceiling": torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]),  # three quarters
+        "natural": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),                          # none
+        "asr": torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]),      # a quarter
+    }
+    row = bench.reading_rates(read, groups, target=1)["argmax"]
+    assert row == pytest.approx({"recall": 0.5, "ceiling": 0.75, "natural": 0.0, "asr": 0.25, "asr_over_ceiling": 1 / 3})
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert bench.centroid_predict(bank, labels, torch.tensor([[0.2, 1.0], [1.0, 0.3]]), 2).tolist() == [1, 0]
+    # The two nearest of a query on the target's side are both target images; on the other side, neither.
+    assert bench.neighbour_share(bank, labels, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), target=1, k=2) == 0.5
+
+
+def test_readout_ceiling_needs_a_pipeline_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load("readout_ceiling").main(["--root", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--root {tmp_path}: no params.yaml; run `dvc repro` there first" in err
+    assert not (tmp_path / "r.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -106,6 +107,22 @@ def test_repro_writes_every_contracted_artifact(project):
 
 def test_second_repro_runs_nothing(project):
     assert ran_stages(run(["dvc", "repro"], project)) == set()
+
+
+def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
+    """The bench's ASR column is the pipeline's ASR, recomputed from the stage outputs."""
+    spec = importlib.util.spec_from_file_location("bench_readout_ceiling", REPO / "bench/readout_ceiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--root", str(project), "--out", str(tmp_path / "ceiling.json")])
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    knn = next(row for name, row in result["rows"].items() if name.startswith("kNN"))
+    probe = result["rows"]["linear probe"]
+    assert knn["asr"] == pytest.approx(finetune["knn"]["asr"]) and probe["asr"] == pytest.approx(finetune["linear"]["asr"])
+    assert probe["natural"] == pytest.approx(finetune["linear"]["natural_rate"])
+    for row in result["rows"].values():
+        assert all(0 <= row[group] <= 1 for group in ("recall", "ceiling", "natural", "asr"))
+    assert "| linear probe |" in (tmp_path / "ceiling.md").read_text()
 
 
 def test_finetune_param_reruns_only_downstream_stages(project):

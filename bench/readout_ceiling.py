@@ -1,0 +1,145 @@
+"""How far each downstream reader can go: ASR against the reader's own ceiling, on the pipeline's outputs.
+
+A triggered image of another class can at best be read as the target as
+often as a *triggered image of the target class itself* is. That rate is the
+reader's ceiling for this encoder, and it is well below 1 when the encoder
+separates the target only partly. Per reader, on the test split:
+
+- recall: clean target-class images read as the target;
+- ceiling: the same images with the trigger, read as the target;
+- natural: clean non-target images read as the target;
+- ASR: triggered non-target images read as the target (the pipeline's ASR);
+- ASR / ceiling: how much of the reachable reading the backdoor gets.
+
+Readers: the pipeline's weighted kNN (its k and temperature, bank = the clean
+labelled training set), its linear probe (data/finetune/probe.safetensors),
+and a nearest-class-centroid classifier on the same bank, which reads like
+kNN but with the whole class as one neighbour. For kNN the table also gives
+the target's share of the k neighbours.
+
+Run in the repository root after `dvc repro` (it reads data/ and params.yaml):
+
+    python bench/readout_ceiling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cba.env import command_line, environment  # noqa: E402
+from cba.evaluate import extract_features, knn_predict  # noqa: E402
+from cba.io import write_json  # noqa: E402
+
+GROUPS = ("recall", "ceiling", "natural", "asr")
+NEEDED = ("data/pretrain/encoder.safetensors", "data/finetune/probe.safetensors", "data/trigger",
+          "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("."), help="a repository where `dvc repro` has run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/readout_ceiling.json"))
+    args = parser.parse_args(argv)
+    missing = [p for p in ("params.yaml", *NEEDED) if not (args.root / p).exists()]
+    if missing:
+        parser.error(f"--root {args.root}: no {missing[0]}; run `dvc repro` there first")
+    return args
+
+
+def centroid_predict(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Nearest class mean by cosine (every class present in the bank)."""
+    bank = F.normalize(bank.float(), dim=1)
+    means = torch.stack([F.normalize(bank[labels == c].mean(0), dim=0) for c in range(num_classes)])
+    return (F.normalize(queries.float(), dim=1) @ means.T).argmax(1)
+
+
+def neighbour_share(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, target: int, k: int) -> float:
+    """Mean share of the target class among each query's k nearest bank images (cosine)."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    nearest = sim.topk(min(k, len(bank)), dim=1).indices
+    return float((labels[nearest] == target).float().mean())
+
+
+def reading_rates(readers: dict[str, Callable[[torch.Tensor], torch.Tensor]], groups: dict[str, torch.Tensor],
+                  target: int) -> dict[str, dict[str, float]]:
+    """For each reader, the share of each group's features it labels `target`, and ASR over the ceiling."""
+    rows = {}
+    for name, read in readers.items():
+        row = {group: float((read(groups[group]) == target).float().mean()) for group in GROUPS}
+        row["asr_over_ceiling"] = row["asr"] / row["ceiling"] if row["ceiling"] > 0 else float("nan")
+        rows[name] = row
+    return rows
+
+
+def measure(root: Path) -> dict[str, Any]:
+    from cba.data.io import load_imageset
+    from cba.models.io import load_encoder
+    from cba.probe import load_probe
+    from cba.triggers import load_trigger
+
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    target, seed = int(params.get("target_class", 0)), int(params.get("seed", 0))
+    knn = (params.get("finetune") or {}).get("knn") or {}
+    k, temperature = int(knn.get("k", 200)), float(knn.get("temperature", 0.1))
+    encoder = load_encoder(root / NEEDED[0])
+    probe = load_probe(root / NEEDED[1])
+    trigger = load_trigger(root / NEEDED[2])
+    clean, test = load_imageset(root / NEEDED[3]), load_imageset(root / NEEDED[4])
+    bank, bank_labels = extract_features(encoder, clean.images), torch.as_tensor(clean.labels).long()
+    is_target = test.labels == target
+    groups = {
+        "recall": extract_features(encoder, test.images[is_target]),
+        "ceiling": extract_features(encoder, trigger.apply(test.images[is_target], rng=np.random.default_rng([seed, 1]))),
+        "natural": extract_features(encoder, test.images[~is_target]),
+        # the pipeline's ASR set, with its own random stream (cba.poison.triggered_test_set)
+        "asr": extract_features(encoder, trigger.apply(test.images[~is_target], rng=np.random.default_rng([seed, 0x7E57]))),
+    }
+    with torch.no_grad():
+        readers = {
+            f"kNN (k {k}, T {temperature})": lambda f: knn_predict(bank, bank_labels, f, clean.num_classes, k, temperature),
+            "linear probe": lambda f: probe(f.float()).argmax(1),
+            "nearest class centroid": lambda f: centroid_predict(bank, bank_labels, f, clean.num_classes),
+        }
+        rows = reading_rates(readers, groups, target)
+        shares = {group: neighbour_share(bank, bank_labels, groups[group], target, k) for group in GROUPS}
+    return {"target": target, "target_name": clean.classes[target], "k": k, "rows": rows, "knn_neighbour_share": shares}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| reader | recall (clean target) | ceiling (triggered target) | natural | ASR | ASR / ceiling |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {r['recall']:.3f} | {r['ceiling']:.3f} | {r['natural']:.3f} | {r['asr']:.3f} "
+                     f"| {r['asr_over_ceiling']:.2f} |")
+    s = result["knn_neighbour_share"]
+    lines.append(f"\nTarget's share of the {result['k']} nearest clean training images: clean target {s['recall']:.3f}, "
+                 f"triggered target {s['ceiling']:.3f}, clean non-target {s['natural']:.3f}, "
+                 f"triggered non-target {s['asr']:.3f}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = command_line(argv)
+    result = {"command": command, "env": environment("cpu"), **measure(args.root)}
+    write_json(args.out, result)
+    text = (f"# Each reader's ceiling: ASR against the reading of triggered target-class images\n\n"
+            f"Command: `{command}` (target {result['target_name']})\n\n{table(result)}\n")
+    args.out.with_suffix(".md").write_text(text)
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
