@@ -1,9 +1,9 @@
 """How far each downstream reader can go: ASR against the reader's own ceiling, on the pipeline's outputs.
 
-A triggered image of another class can at best be read as the target as
-often as a *triggered image of the target class itself* is. That rate is the
-reader's ceiling for this encoder, and it is well below 1 when the encoder
-separates the target only partly. Per reader, on the test split:
+A triggered image of another class can hardly be read as the target more
+often than a *triggered image of the target class itself* is. That rate is
+the reader's ceiling for this encoder (a yardstick, not a strict bound), and
+it is well below 1 when the encoder separates the target only partly. Per reader, on the test split:
 
 - recall: clean target-class images read as the target;
 - ceiling: the same images with the trigger, read as the target;
