@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("."), help="a repository where `dvc repro` has run")
     parser.add_argument("--out", type=Path, default=Path("bench/results/readout_ceiling.json"))
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 50, 200, 500],
+                        help="neighbour counts for the kNN-by-k table (the pipeline's k and temperature stay the reader above)")
     args = parser.parse_args(argv)
+    if min(args.ks) < 1:
+        parser.error(f"--ks {min(args.ks)}: every k must be at least 1")
     missing = [p for p in ("params.yaml", *NEEDED) if not (args.root / p).exists()]
     if missing:
         parser.error(f"--root {args.root}: no {missing[0]}; run `dvc repro` there first")
@@ -82,7 +86,18 @@ def reading_rates(readers: dict[str, Callable[[torch.Tensor], torch.Tensor]], gr
     return rows
 
 
-def measure(root: Path) -> dict[str, Any]:
+def knn_by_k(bank: torch.Tensor, labels: torch.Tensor, clean_test: torch.Tensor, test_labels: torch.Tensor,
+             triggered: torch.Tensor, target: int, num_classes: int, ks: list[int], temperature: float) -> list[dict]:
+    """kNN ACC and ASR at each k: does the kNN figure hinge on the evaluation's k?"""
+    rows = []
+    for k in ks:
+        acc = float((knn_predict(bank, labels, clean_test, num_classes, k, temperature) == test_labels).float().mean())
+        asr = float((knn_predict(bank, labels, triggered, num_classes, k, temperature) == target).float().mean())
+        rows.append({"k": k, "acc": acc, "asr": asr})
+    return rows
+
+
+def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
     from cba.data.io import load_imageset
     from cba.models.io import load_encoder
     from cba.probe import load_probe
@@ -113,7 +128,11 @@ def measure(root: Path) -> dict[str, Any]:
         }
         rows = reading_rates(readers, groups, target)
         shares = {group: neighbour_share(bank, bank_labels, groups[group], target, k) for group in GROUPS}
-    return {"target": target, "target_name": clean.classes[target], "k": k, "rows": rows, "knn_neighbour_share": shares}
+        all_test = torch.cat([groups["recall"], groups["natural"]])
+        all_labels = torch.as_tensor(np.concatenate([test.labels[is_target], test.labels[~is_target]])).long()
+        by_k = knn_by_k(bank, bank_labels, all_test, all_labels, groups["asr"], target, clean.num_classes, list(ks), temperature)
+    return {"target": target, "target_name": clean.classes[target], "k": k, "temperature": temperature, "rows": rows,
+            "knn_neighbour_share": shares, "knn_by_k": by_k}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -126,13 +145,15 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"\nTarget's share of the {result['k']} nearest clean training images: clean target {s['recall']:.3f}, "
                  f"triggered target {s['ceiling']:.3f}, clean non-target {s['natural']:.3f}, "
                  f"triggered non-target {s['asr']:.3f}.")
+    lines += [f"\nkNN at other k (temperature {result['temperature']}):\n", "| k | ACC | ASR |", "|---|---|---|"]
+    lines += [f"| {row['k']} | {row['acc']:.3f} | {row['asr']:.3f} |" for row in result["knn_by_k"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = command_line(argv)
-    result = {"command": command, "env": environment("cpu"), **measure(args.root)}
+    result = {"command": command, "env": environment("cpu"), **measure(args.root, args.ks)}
     write_json(args.out, result)
     text = (f"# Each reader's ceiling: ASR against the reading of triggered target-class images\n\n"
             f"Command: `{command}` (target {result['target_name']})\n\n{table(result)}\n")

@@ -322,3 +322,17 @@ def test_readout_ceiling_needs_a_pipeline_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--root {tmp_path}: no params.yaml; run `dvc repro` there first" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_readout_ceiling_knn_by_k_on_hand_made_features(tmp_path, capsys):
+    bench = load("readout_ceiling")
+    # Three class-0 images near (1, 0) and one class-1 image at (0, 1): one neighbour reads a query at (0.1, 1)
+    # as class 1, but four neighbours outvote it (temperature 10: nearly equal weights).
+    bank = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    query = torch.tensor([[0.1, 1.0]])
+    rows = bench.knn_by_k(bank, labels, query, torch.tensor([1]), query, target=1, num_classes=2, ks=[1, 4], temperature=10.0)
+    assert rows == [{"k": 1, "acc": 1.0, "asr": 1.0}, {"k": 4, "acc": 0.0, "asr": 0.0}]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--root", str(tmp_path), "--ks", "0"])
+    assert "--ks 0: every k must be at least 1" in capsys.readouterr().err
