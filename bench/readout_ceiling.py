@@ -100,6 +100,7 @@ def knn_by_k(bank: torch.Tensor, labels: torch.Tensor, clean_test: torch.Tensor,
 def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
     from cba.data.io import load_imageset
     from cba.models.io import load_encoder
+    from cba.poison import triggered_test_set
     from cba.probe import load_probe
     from cba.triggers import load_trigger
 
@@ -117,8 +118,7 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
         "recall": extract_features(encoder, test.images[is_target]),
         "ceiling": extract_features(encoder, trigger.apply(test.images[is_target], rng=np.random.default_rng([seed, 1]))),
         "natural": extract_features(encoder, test.images[~is_target]),
-        # the pipeline's ASR set, with its own random stream (cba.poison.triggered_test_set)
-        "asr": extract_features(encoder, trigger.apply(test.images[~is_target], rng=np.random.default_rng([seed, 0x7E57]))),
+        "asr": extract_features(encoder, triggered_test_set(test, trigger, target, seed).images),  # the pipeline's ASR set
     }
     with torch.no_grad():
         readers = {
