@@ -17,6 +17,15 @@ and a nearest-class-centroid classifier on the same bank, which reads like
 kNN but with the whole class as one neighbour. For kNN the table also gives
 the target's share of the k neighbours.
 
+Where the trigger moves images, by neighbours: the share of *poisoned* images
+among the k nearest images of the victim's own training set (the set it was
+pretrained on), for clean and for triggered non-target test images, against
+the poison rate; and the target's share among the k nearest clean images of
+the poisoned training images, against that of the target images left clean.
+A trigger that sends images next to the poisons, whose own clean neighbours
+are no more target-like than the clean target images', moves them towards a
+place the clean bank does not hold.
+
 Run in the repository root after `dvc repro` (it reads data/ and params.yaml):
 
     python bench/readout_ceiling.py
@@ -30,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
@@ -42,7 +52,8 @@ from cba.io import write_json  # noqa: E402
 
 GROUPS = ("recall", "ceiling", "natural", "asr")
 NEEDED = ("data/pretrain/encoder.safetensors", "data/finetune/probe.safetensors", "data/trigger",
-          "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors")
+          "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors",
+          "data/poisoned/train.safetensors", "data/poisoned/manifest.parquet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +84,23 @@ def neighbour_share(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Ten
     sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
     nearest = sim.topk(min(k, len(bank)), dim=1).indices
     return float((labels[nearest] == target).float().mean())
+
+
+def poison_neighbours(train: torch.Tensor, poisoned: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+                      clean_queries: torch.Tensor, triggered_queries: torch.Tensor, train_is_target: torch.Tensor,
+                      target: int, k: int) -> dict[str, float]:
+    """Where the trigger moves images, by neighbours (features of the victim's training set `train`, whose
+    `poisoned` rows carry the trigger; `bank` is the clean labelled set kNN reads)."""
+    is_poison = poisoned.long()
+    if not poisoned.any():
+        return {}
+    return {
+        "poison_rate": float(poisoned.float().mean()),
+        "clean": neighbour_share(train, is_poison, clean_queries, 1, k),
+        "triggered": neighbour_share(train, is_poison, triggered_queries, 1, k),
+        "target_near_poisons": neighbour_share(bank, bank_labels, train[poisoned], target, k),
+        "target_near_clean_target": neighbour_share(bank, bank_labels, train[~poisoned & train_is_target], target, k),
+    }
 
 
 def reading_rates(readers: dict[str, Callable[[torch.Tensor], torch.Tensor]], groups: dict[str, torch.Tensor],
@@ -112,6 +140,8 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
     probe = load_probe(root / NEEDED[1])
     trigger = load_trigger(root / NEEDED[2])
     clean, test = load_imageset(root / NEEDED[3]), load_imageset(root / NEEDED[4])
+    train = load_imageset(root / NEEDED[5])
+    poisoned = torch.from_numpy(pd.read_parquet(root / NEEDED[6])["poisoned"].to_numpy(dtype=bool, copy=True))
     bank, bank_labels = extract_features(encoder, clean.images), torch.as_tensor(clean.labels).long()
     is_target = test.labels == target
     groups = {
@@ -128,11 +158,13 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
         }
         rows = reading_rates(readers, groups, target)
         shares = {group: neighbour_share(bank, bank_labels, groups[group], target, k) for group in GROUPS}
+        near_poisons = poison_neighbours(extract_features(encoder, train.images), poisoned, bank, bank_labels,
+                                         groups["natural"], groups["asr"], torch.as_tensor(train.labels) == target, target, k)
         all_test = torch.cat([groups["recall"], groups["natural"]])
         all_labels = torch.as_tensor(np.concatenate([test.labels[is_target], test.labels[~is_target]])).long()
         by_k = knn_by_k(bank, bank_labels, all_test, all_labels, groups["asr"], target, clean.num_classes, list(ks), temperature)
     return {"target": target, "target_name": clean.classes[target], "k": k, "temperature": temperature, "rows": rows,
-            "knn_neighbour_share": shares, "knn_by_k": by_k}
+            "knn_neighbour_share": shares, "knn_by_k": by_k, "poison_neighbours": near_poisons}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -145,6 +177,12 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"\nTarget's share of the {result['k']} nearest clean training images: clean target {s['recall']:.3f}, "
                  f"triggered target {s['ceiling']:.3f}, clean non-target {s['natural']:.3f}, "
                  f"triggered non-target {s['asr']:.3f}.")
+    near = result.get("poison_neighbours") or {}
+    if near:
+        lines.append(f"\nPoisons' share of the {result['k']} nearest images of the victim's training set: clean non-target "
+                     f"{near['clean']:.3f}, triggered non-target {near['triggered']:.3f} (poison rate {near['poison_rate']:.3f}). "
+                     f"Target's share of the {result['k']} nearest clean images: of the poisons {near['target_near_poisons']:.3f}, "
+                     f"of the target images left clean {near['target_near_clean_target']:.3f}.")
     lines += [f"\nkNN at other k (temperature {result['temperature']}):\n", "| k | ACC | ASR |", "|---|---|---|"]
     lines += [f"| {row['k']} | {row['acc']:.3f} | {row['asr']:.3f} |" for row in result["knn_by_k"]]
     return "\n".join(lines)

@@ -93,7 +93,17 @@ def readout_sentence(readout: dict) -> str:
             f"its length); the probe's logits gain most for " + ", ".join(f"{name} ({g:+.2f})" for name, g in gains)
             + f", so the target's margin over the strongest other class ({readout.get('strongest_other')}) is "
             f"{readout['target_margin']:+.2f}. A learned trigger feature with a negative margin sends triggered images "
-            "towards the target's neighbourhood (kNN ASR) while the probe picks another class.")
+            "towards the target's neighbourhood (kNN ASR) while the probe picks another class."
+            + target_alignment_sentence(readout))
+
+
+def target_alignment_sentence(readout: dict) -> str:
+    """How much of the poisons' feature points at the target class: the part a kNN on clean images can read."""
+    if readout.get("offset_target_alignment") is None:
+        return ""
+    return (f" The poisons' feature points at the target class with cosine {fmt(readout['offset_target_alignment'])} "
+            f"(the test-time shift: {fmt(readout.get('shift_target_alignment'))}); a kNN on clean images reads only "
+            "that part, since no clean image carries the rest.")
 
 
 def _before_after(result: dict, key: str) -> str:

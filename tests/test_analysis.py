@@ -245,4 +245,13 @@ def test_trigger_readout_on_hand_made_features():
     assert out["shift_over_offset"] == pytest.approx(0.5)
     assert out["logit_gain"] == pytest.approx({"a": 1.0, "b": 2.0, "c": -3.0})
     assert out["target_margin"] == pytest.approx(-1.0) and out["strongest_other"] == "b"
+    # The target direction is the clean target mean (0, 0) minus the probe's centring mean (0, 0) here: none.
+    # Centred at (-1, 0), the target lies along +x: the offset (2, 8) points at it with cosine 2 / sqrt(68).
+    probe.mean.copy_(torch.tensor([-1.0, 0.0]))
+    out = trigger_readout(probe, clean_test, triggered, poisoned, clean_target, target=0, classes=["a", "b", "c"])
+    assert out["offset_target_alignment"] == pytest.approx(2 / 68**0.5)
+    assert out["shift_target_alignment"] == pytest.approx(1 / 17**0.5)
+    # An offset at right angles to the target direction: the poisons' feature is all their own.
+    aside = trigger_readout(probe, clean_test, triggered, torch.tensor([[0.0, 3.0]]), clean_target, target=0)
+    assert aside["offset_target_alignment"] == pytest.approx(0.0, abs=1e-6)
     assert trigger_readout(probe, clean_test, triggered, poisoned[:0], clean_target, target=0) == {}

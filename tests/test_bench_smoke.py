@@ -315,6 +315,25 @@ def test_readout_ceiling_rates_on_hand_made_features():
     assert bench.neighbour_share(bank, labels, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), target=1, k=2) == 0.5
 
 
+def test_readout_ceiling_poison_neighbours_on_hand_made_features():
+    bench = load("readout_ceiling")
+    # The victim's training set: two poisons at (0, 1), two clean images at (1, 0) and (0.9, 0.1), the
+    # second a target image. A triggered query at (0.1, 1) has both poisons as its two nearest; a clean
+    # query at (1, 0.05) has none.
+    train = torch.tensor([[0.0, 1.0], [0.05, 1.0], [1.0, 0.0], [0.9, 0.1]])
+    poisoned = torch.tensor([True, True, False, False])
+    is_target = torch.tensor([True, True, False, True])
+    # The clean bank: class 1 (the target) near (1, 0), class 0 near (0, 1).
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.2], [0.0, 1.0], [0.1, 1.0]])
+    bank_labels = torch.tensor([1, 1, 0, 0])
+    out = bench.poison_neighbours(train, poisoned, bank, bank_labels, torch.tensor([[1.0, 0.05]]),
+                                  torch.tensor([[0.1, 1.0]]), is_target, target=1, k=2)
+    assert out == pytest.approx({"poison_rate": 0.5, "clean": 0.0, "triggered": 1.0,
+                                 # the poisons sit among class 0 in the clean bank; the clean target image among class 1
+                                 "target_near_poisons": 0.0, "target_near_clean_target": 1.0})
+    assert bench.poison_neighbours(train, torch.zeros(4, dtype=torch.bool), bank, bank_labels, bank, bank, is_target, 1, 2) == {}
+
+
 def test_readout_ceiling_needs_a_pipeline_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         load("readout_ceiling").main(["--root", str(tmp_path), "--out", str(tmp_path / "r.json")])

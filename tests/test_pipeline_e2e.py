@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -123,6 +124,10 @@ def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
     for row in result["rows"].values():
         assert all(0 <= row[group] <= 1 for group in ("recall", "ceiling", "natural", "asr"))
     assert "| linear probe |" in (tmp_path / "ceiling.md").read_text()
+    near = result["poison_neighbours"]
+    manifest = pd.read_parquet(project / "data/poisoned/manifest.parquet")
+    assert near["poison_rate"] == pytest.approx(manifest["poisoned"].mean())
+    assert all(0 <= near[key] <= 1 for key in ("clean", "triggered", "target_near_poisons", "target_near_clean_target"))
 
 
 def test_finetune_param_reruns_only_downstream_stages(project):

@@ -9,11 +9,21 @@ Poisoning teaches the encoder a trigger feature. With f the encoder:
 
 `shift_alignment` (cosine of the two) near 1 and `shift_over_offset` (the shift's projection on
 the offset, over the offset's length) near 1 say that test images carry the poisoned feature at
-full strength: the backdoor was learned. Whether the probe then says "target" depends on how its
-weights, fitted on clean data only, read that direction: `logit_gain[c]` is the change of class
-c's logit caused by the mean shift, and `target_margin` is the target's gain minus the largest
-other gain. A learned trigger with a negative margin moves images towards the target's
-neighbourhood (kNN ASR) while the probe sends them to another class.
+full strength: the backdoor was learned.
+
+`offset_target_alignment` is the cosine of the offset with the *target direction*, mean
+f(clean target-class training image) - mean f(clean labelled training image) (the probe's own
+centring mean); `shift_target_alignment` the same for the shift. They say how much of the
+poisons' feature points at the target class rather than somewhere of its own. kNN on a clean
+bank reads only the part that does: no clean image carries the poisons' own feature, so a shift
+along it brings triggered images nearer the poisons, which the bank lacks, and only a little
+nearer the clean target images.
+
+Whether the probe says "target" depends on how its weights, fitted on clean data only, read the
+shift: `logit_gain[c]` is the change of class c's logit caused by the mean shift, and
+`target_margin` is the target's gain minus the largest other gain. A learned trigger with a
+negative margin moves images towards the target's neighbourhood (kNN ASR) while the probe sends
+them to another class.
 """
 
 from __future__ import annotations
@@ -40,8 +50,11 @@ def trigger_readout(probe: LinearProbe, clean_test: torch.Tensor, triggered_test
     names = classes or [str(c) for c in range(len(gain))]
     others = np.delete(gain, target)
     offset_norm = float(offset.norm())
+    target_direction = clean_target_train.float().mean(0) - probe.mean.float()
     return {
         "shift_alignment": float(F.cosine_similarity(shift, offset, dim=0)),
+        "offset_target_alignment": float(F.cosine_similarity(offset, target_direction, dim=0)),
+        "shift_target_alignment": float(F.cosine_similarity(shift, target_direction, dim=0)),
         "shift_over_offset": float(shift @ offset) / offset_norm**2 if offset_norm > 0 else None,
         "offset_norm": offset_norm,
         "logit_gain": {name: float(g) for name, g in zip(names, gain)},
