@@ -7,8 +7,9 @@ operating system's accounting of the finished child), `--runs` times after one w
 modules so that a drift in the machine's speed touches them alike. It prints the median of each and the
 median ratio to torch's: a ratio near 1 means the stage loads little beyond torch.
 
-Which packages a module loads is checked too: `heavy` lists those of sklearn, scipy and matplotlib that
-the import pulled in (the stages load them only where a defense or the analysis uses them).
+Which packages a module loads is checked too: `heavy` lists those of sklearn, scipy, matplotlib and kornia
+that the import pulled in (the stages load them only where a defense, the analysis, an augmentation or the
+stealth figures use them).
 
     python bench/stage_startup.py                         # every stage, 5 runs: about 4 minutes on two cores
     python bench/stage_startup.py --modules stages.defend stages.pretrain --runs 3
@@ -31,7 +32,7 @@ from cba.io import write_json
 STAGES = ("stages.validate", "stages.trigger", "stages.poison", "stages.pretrain", "stages.finetune", "stages.analyze",
           "stages.defend", "stages.report")
 BASELINE = "torch"
-HEAVY = ("sklearn", "scipy", "matplotlib")
+HEAVY = ("sklearn", "scipy", "matplotlib", "kornia")
 REPO = Path(__file__).resolve().parents[1]
 
 

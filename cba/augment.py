@@ -10,7 +10,6 @@ bench/trigger_survival.py measures what each protocol leaves of a trigger.
 
 from __future__ import annotations
 
-import kornia.augmentation as K
 from torch import nn
 
 from cba.errors import ConfigError
@@ -19,6 +18,8 @@ KINDS = ("ssl", "weak", "none")
 
 
 def build_augment(kind: str, image_size: int = 32, per_batch: bool = False, min_scale: float = 0.2) -> nn.Module:
+    import kornia.augmentation as K  # here, not at the top: most stages never augment, and kornia takes ~0.5 s to load
+
     same = bool(per_batch)
     if kind == "ssl":
         return nn.Sequential(

@@ -292,8 +292,10 @@ def test_stage_startup_times_each_module_against_the_baseline(tmp_path):
 def test_stage_startup_names_the_heavy_packages_a_module_loads():
     bench = load("stage_startup")
     assert bench.heavy_packages("sklearn.cluster") == ["sklearn", "scipy"]
-    # The defend stage's start-up loads none of sklearn, scipy or matplotlib: the defenses import them when they run.
+    # No stage's start-up loads sklearn, scipy, matplotlib or kornia: the code that uses them imports them when it runs.
     assert bench.heavy_packages("stages.defend") == []
+    assert bench.heavy_packages("stages.pretrain") == []
+    assert bench.heavy_packages("kornia.augmentation") == ["kornia"]
 
 
 def test_readout_ceiling_rates_on_hand_made_features():

@@ -83,7 +83,7 @@ def test_an_unfitted_trigger_changes_nothing():
 
 @pytest.mark.parametrize("key, value", [
     ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3),
-    ("step_size", 0), ("min_scale", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
+    ("step_size", 0), ("min_scale", 1.5), ("poison_share", 0), ("poison_share", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
     ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
     ("hard_negatives", "no"), ("w_clean", -1), ("w_neutral", "high"), ("w_neutral", float("nan")),
 ])
@@ -192,3 +192,16 @@ def test_gradient_matching_alone_fits_a_pattern_within_budget(attacker_data):
     pattern = trigger.perturbation()
     assert np.isfinite(pattern).all() and 0 < np.abs(pattern).max() <= TINY["linf"]
     assert 0.0 <= info["history"][-1]["match"] <= 2.0
+
+
+def test_poison_carriers_are_the_declared_share_of_the_target_images():
+    from cba.triggers.optimize import poison_carriers
+
+    target = np.zeros(40, dtype=bool)
+    target[::4] = True  # ten target images
+    assert poison_carriers(target, 1.0, seed=0) is target
+    half = poison_carriers(target, 0.5, seed=0)
+    assert half.sum() == 5 and not (half & ~target).any()
+    assert np.array_equal(half, poison_carriers(target, 0.5, seed=0))
+    assert not np.array_equal(half, poison_carriers(target, 0.5, seed=1))
+    assert poison_carriers(target, 0.01, seed=0).sum() == 1  # never none: the surrogate must see a poison

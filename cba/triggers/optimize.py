@@ -5,7 +5,7 @@ target-class images it will poison. It trains a surrogate encoder on them with
 SimCLR, then alternates (the bi-level part):
 
 - lower level: a short SimCLR fine-tune of the surrogate on the attacker's data
-  *poisoned with the current pattern* (target-class images carry it), which
+  *poisoned with the current pattern* (a `poison_share` of the target-class images carry it), which
   simulates what the victim's pretraining will do with the poisons;
 - upper level: steps on the perturbation delta, which stays within the budget
   ||delta||_inf <= linf / 255 (signed-gradient steps on one universal pattern,
@@ -81,6 +81,10 @@ class OptimizeConfig:
     temperature: float = 0.2
     rounds: int = 8  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
     bilevel: bool = True  # False: the surrogate stays as the warm-up left it
+    # Share of the attacker's target-class images that carry the pattern in the poisoned surrogate epochs. The
+    # victim's share is its poison count over its target-class images; below 1 the surrogate, like the victim,
+    # also sees clean target images to tell the poisons from.
+    poison_share: float = 1.0
     trigger_steps: int = 25
     batch_size: int = 128
     step_size: float = 0.1  # signed-gradient step, as a fraction of the budget
@@ -246,6 +250,18 @@ def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta
         return matching_loss(poison, backdoor)
 
 
+def poison_carriers(target_mask: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """The attacker's target-class images that carry the pattern in the poisoned surrogate epochs: all of them
+    at share 1, else round(share * count) (at least one) drawn from the seed on a stream of their own."""
+    if share >= 1:
+        return target_mask
+    targets = np.flatnonzero(target_mask)
+    count = max(1, round(share * len(targets)))
+    carriers = np.zeros_like(target_mask)
+    carriers[targets[np.random.default_rng([seed, 0x5A7E]).permutation(len(targets))[:count]]] = True
+    return carriers
+
+
 def _perturbation(config: OptimizeConfig, size: int, eps: float, seed: int,
                   device: torch.device) -> UniversalPattern | GeneratedPattern:
     if config.form == "universal":
@@ -298,12 +314,13 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))
         gen = torch.Generator().manual_seed(seed)
+        carriers = poison_carriers(target_mask, config.poison_share, seed)
         perturbation = _perturbation(config, size, eps, seed, device)
         history: list[dict] = []
         for round_index in range(config.rounds):
             if config.bilevel and round_index > 0:
                 poisoned = images.copy()
-                poisoned[target_mask] = perturbation.apply_uint8(images[target_mask])
+                poisoned[carriers] = perturbation.apply_uint8(images[carriers])
                 # One poisoned epoch per surrogate: each learns from the poisons, as the victim will.
                 for method, member_seed in zip(methods, seeds):
                     _pretrain_surrogate(method, poisoned, augment, 1, config.surrogate_lr, member_seed + round_index,

@@ -52,6 +52,7 @@ OPTION_CHECKS = {
     "step_size": _number(0.0, 1.0, "must be a number in (0, 1] (a fraction of linf)"),
     "lr": _number(0.0, 1.0, "must be a number in (0, 1]"),
     "min_scale": _number(0.0, 1.0, "must be a number in (0, 1]"),
+    "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
     "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
@@ -77,6 +78,7 @@ class OptimizedTrigger(Trigger):
         "w_target": 1.0,            # pull of triggered images to the target cluster
         "w_agree": 1.0,             # agreement of two views of a triggered image
         "bilevel": True,
+        "poison_share": 1.0,        # share of the attacker's target images the poisoned surrogate epochs poison
         "eot": True,                # expectation over the augmentation pipeline
         "min_scale": 0.5,           # the attacker's assumption of the victim's crop scale
         "clusters": 10,             # the target centroid competes with k-means centroids of the other images
