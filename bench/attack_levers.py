@@ -7,6 +7,8 @@ poison rate) with one pattern, trains the victim `cba pretrain` would train, and
 - `probe_on_poisons`: the share of poisoned training images the victim's own probe reads as the target;
 - `triggered_cos`: the mean pairwise cosine of 500 triggered non-target test images (clean images: ~0.70),
   how far the trigger collapses them onto one point;
+- `target_near_poisons`: the target's share of the 200 clean training images nearest each poison, in the
+  victim's features (what a kNN on clean images finds where the trigger sends images);
 - with `--clean`, `clean_probe_asr`/`clean_knn_asr`: the same pattern on a victim trained without poisons,
   what the pattern does on its own (the 3x rule compares against it).
 
@@ -18,7 +20,10 @@ The levers:
   trained on the attacker's images say "target", through the SSL augmentation), or `patch:S` (a
   random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget);
 - `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
-  whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest);
+  whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest), or
+  `typical` (those sitting deepest in their class: the highest target share among their 50 nearest attacker
+  images, in the features of a SimCLR surrogate the attacker trains on its own images, as the trigger stage
+  does; a kNN on clean images reads a move towards the poisons as one towards their clean neighbours);
 - `--rate`: the poison rate (0.10 poisons almost every target-class image of the built-in set);
 - `--mode composite`: noisy alignment (see `cba.poison`): each poison is a target image joined side by side
   to a triggered image of another class; `--min-scale` sets the victim's smallest crop, which decides how
@@ -100,6 +105,18 @@ def grayscale_ratio(images: np.ndarray) -> np.ndarray:
     return (x @ LUMA).std(axis=(1, 2)) / (np.sqrt((x.std(axis=(1, 2)) ** 2).mean(-1)) + 1e-6)
 
 
+def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surrogate_epochs: int, k: int = 50) -> np.ndarray:
+    """Per training image: the target's share of its k nearest attacker images (cosine), in the features of a
+    SimCLR surrogate trained, without poisons, on the attacker's images `pool` (whose target images it knows)."""
+    surrogate = run_attack(train.subset(pool), test, build_trigger("patch", {}, seed=0), mode="clean_label",
+                           poison_rate=0.0, **{**settings, "epochs": surrogate_epochs})
+    bank = F.normalize(extract_features(surrogate.encoder, train.images[pool]), dim=1)
+    queries = F.normalize(extract_features(surrogate.encoder, train.images), dim=1)
+    is_target = torch.as_tensor(train.labels[pool] == target)
+    nearest = (queries @ bank.T).topk(k + 1, dim=1).indices[:, 1:]  # an attacker image is its own nearest: skip it
+    return is_target[nearest].float().mean(1).numpy()
+
+
 def selection(select: str, ratio: np.ndarray):
     """A replacement for the pipeline's random choice of poisoned indices (same count, same pool)."""
     pipeline_choice = cba.poison.choose_poison_indices
@@ -109,7 +126,7 @@ def selection(select: str, ratio: np.ndarray):
         if select == "random":
             return chosen
         pool = np.flatnonzero(np.asarray(labels) == target_class)
-        order = np.argsort(ratio[pool] if select == "gray" else -ratio[pool], kind="stable")
+        order = np.argsort(ratio[pool] if select == "gray" else -ratio[pool], kind="stable")  # typical: ratio = typicality
         return np.sort(pool[order[:len(chosen)]])
 
     return choose
@@ -118,7 +135,7 @@ def selection(select: str, ratio: np.ndarray):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S")
-    parser.add_argument("--select", default="random", choices=("random", "gray", "strong"))
+    parser.add_argument("--select", default="random", choices=("random", "gray", "strong", "typical"))
     parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")
     parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
     parser.add_argument("--min-scale", type=float, default=None, help="default: params.yaml's augmentation.min_scale")
@@ -148,7 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
     settings = victim_settings(params, "simclr")
     if args.min_scale is not None:
         settings["min_scale"] = args.min_scale
-    with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, grayscale_ratio(train.images))):
+    if args.select == "typical":
+        trigger_params = params["trigger"].get("params") or {}
+        pool = attacker_pool(len(train), int(trigger_params.get("surrogate_size", 4000)), seed)
+        score = typicality(train, test, target, pool, settings, int(trigger_params.get("surrogate_epochs", 10)))
+    else:
+        score = grayscale_ratio(train.images)
+    with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, score)):
         record = run_attack(train, test, trigger, mode=args.mode, poison_rate=rate, **settings)
     row = {"pattern": args.pattern, "select": args.select, "rate": rate, "mode": args.mode,
            "min_scale": settings["min_scale"], **trigger_scores(record, trigger)}
@@ -156,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
     features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
     row["triggered_cos"] = float((features @ features.T).mean())
+    bank = F.normalize(extract_features(record.encoder, train.images), dim=1)
+    nearest = (F.normalize(extract_features(record.encoder, record.train.images[poisons]), dim=1) @ bank.T).topk(min(200, len(bank)), dim=1).indices
+    row["target_near_poisons"] = float((torch.as_tensor(train.labels)[nearest] == target).float().mean())
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
     if args.clean:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)

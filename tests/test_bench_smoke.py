@@ -123,6 +123,7 @@ def test_attack_levers_selection_poisons_exactly_the_chosen_target_images():
     assert len(random_pick) == 3 and (labels[random_pick] == 0).all()
     assert levers.selection("gray", ratio)(labels, 0.3, 0, "clean_label", 0).tolist() == [2, 5, 8]  # lowest ratios
     assert levers.selection("strong", ratio)(labels, 0.3, 0, "clean_label", 0).tolist() == [0, 7, 9]  # highest
+    assert levers.selection("typical", ratio)(labels, 0.3, 0, "clean_label", 0).tolist() == [0, 7, 9]  # highest score
 
 
 def test_attack_levers_patterns_keep_their_budget():
@@ -149,6 +150,19 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     assert row["pattern"] == "disc:16" and row["rate"] == params["poison_rate"]
     assert 0 <= row["probe_asr"] <= 1 and 0 <= row["knn_asr"] <= 1 and 0 <= row["probe_on_poisons"] <= 1
     assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+
+
+def test_attack_levers_typical_selection_end_to_end(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(epochs=1, width=4, batch_size=64)
+    params["trigger"]["params"].update(surrogate_size=100, surrogate_epochs=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    levers = load("attack_levers")
+    row = levers.main(["--pattern", "disc:16", "--select", "typical", "--params", str(tmp_path / "params.yaml")])
+    assert row["select"] == "typical" and 0 <= row["target_near_poisons"] <= 1 and 0 <= row["knn_asr"] <= 1
 
 
 def test_attack_levers_composite_mode_with_a_patch(tmp_path):
