@@ -117,8 +117,9 @@ def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surro
     return is_target[nearest].float().mean(1).numpy()
 
 
-def selection(select: str, ratio: np.ndarray):
-    """A replacement for the pipeline's random choice of poisoned indices (same count, same pool)."""
+def selection(select: str, score: np.ndarray):
+    """A replacement for the pipeline's random choice of poisoned indices (same count, same pool): the target
+    images with the lowest `score` (gray) or the highest (strong, typical)."""
     pipeline_choice = cba.poison.choose_poison_indices
 
     def choose(labels, poison_rate, target_class, mode, seed):
@@ -126,7 +127,7 @@ def selection(select: str, ratio: np.ndarray):
         if select == "random":
             return chosen
         pool = np.flatnonzero(np.asarray(labels) == target_class)
-        order = np.argsort(ratio[pool] if select == "gray" else -ratio[pool], kind="stable")  # typical: ratio = typicality
+        order = np.argsort(score[pool] if select == "gray" else -score[pool], kind="stable")
         return np.sort(pool[order[:len(chosen)]])
 
     return choose

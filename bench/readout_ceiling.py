@@ -91,9 +91,9 @@ def poison_neighbours(train: torch.Tensor, poisoned: torch.Tensor, bank: torch.T
                       target: int, k: int) -> dict[str, float]:
     """Where the trigger moves images, by neighbours (features of the victim's training set `train`, whose
     `poisoned` rows carry the trigger; `bank` is the clean labelled set kNN reads)."""
-    is_poison = poisoned.long()
     if not poisoned.any():
         return {}
+    is_poison = poisoned.long()
     return {
         "poison_rate": float(poisoned.float().mean()),
         "clean": neighbour_share(train, is_poison, clean_queries, 1, k),
@@ -158,7 +158,10 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
         }
         rows = reading_rates(readers, groups, target)
         shares = {group: neighbour_share(bank, bank_labels, groups[group], target, k) for group in GROUPS}
-        near_poisons = poison_neighbours(extract_features(encoder, train.images), poisoned, bank, bank_labels,
+        # The victim's training set is the clean one but for the poisoned rows: only those need the encoder again.
+        train_features = bank.clone()
+        train_features[poisoned] = extract_features(encoder, train.images[poisoned.numpy()])
+        near_poisons = poison_neighbours(train_features, poisoned, bank, bank_labels,
                                          groups["natural"], groups["asr"], torch.as_tensor(train.labels) == target, target, k)
         all_test = torch.cat([groups["recall"], groups["natural"]])
         all_labels = torch.as_tensor(np.concatenate([test.labels[is_target], test.labels[~is_target]])).long()
