@@ -1,7 +1,7 @@
 """How much of each backdoor trigger survives the SSL augmentations (`cba.survival`).
 
 Every registered trigger with its default parameters, plus two CTRL variants,
-is stamped on test images of the built-in synthetic data set; each
+is stamped on test images (of the built-in synthetic data set, or `--data`); each
 augmentation is then drawn once and applied with the same parameters to the
 clean and the triggered image, and the residual is compared with the trigger
 (definitions in `cba/survival.py`). Variants (also the keys of --asr-json):
@@ -21,6 +21,8 @@ per batch).
 
     OMP_NUM_THREADS=1 python bench/trigger_survival.py                  # defaults, about a minute
     python bench/trigger_survival.py --test-size 64 --draws 1           # smoke run, seconds
+    python bench/trigger_survival.py --data fashion_mnist --optimized-dir <a trigger fitted on it> \
+        --out bench/results/trigger_survival_fashion.md                  # on real images
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from cba.data import load_dataset
+from cba.data import DATASETS, load_dataset
+from cba.errors import ConfigError
 from cba.env import command_line, environment
 from cba.io import atomic_path, read_json, write_json
 from cba.survival import DEFAULT_AUGMENTATIONS, MEASURES, survival_table
@@ -53,7 +56,10 @@ TITLES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--test-size", type=int, default=256, help="synthetic test images")
+    parser.add_argument("--test-size", type=int, default=256, help="test images the triggers are stamped on")
+    parser.add_argument("--data", default="synthetic", choices=DATASETS.names(),
+                        help="the data set whose test images are used (a real one needs --root, or its default root)")
+    parser.add_argument("--root", type=Path, default=None, help="folder of the data set's files (not for synthetic)")
     parser.add_argument("--draws", type=int, default=4, help="random draws of each augmentation (two views each)")
     parser.add_argument("--min-scale", type=float, default=None,
                         help="smallest crop area (default: pretrain.augmentation.min_scale in params.yaml)")
@@ -152,7 +158,7 @@ def report(body: str, args: argparse.Namespace, command: str, notes: list[str]) 
         f"Command: `{command}`",
         "",
         f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
-        f"{env['torch_threads']} threads), data: built-in synthetic test split.",
+        f"{env['torch_threads']} threads), data: the {args.data} test split ({args.test_size} images).",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
         "",
@@ -172,10 +178,14 @@ def report(body: str, args: argparse.Namespace, command: str, notes: list[str]) 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = command_line(argv)
-    test = load_dataset("synthetic", "test", seed=args.seed, test_size=args.test_size)
+    try:  # a missing or corrupt data set stops here, in one line, before anything is measured
+        test = load_dataset(args.data, "test", root=None if args.root is None else str(args.root), seed=args.seed,
+                            test_size=args.test_size)
+    except (ConfigError, OSError, ValueError) as exc:
+        raise SystemExit(f"trigger_survival: --data {args.data} --root {args.root}: {exc}") from None
     asr, asr_keys = load_asr(args.asr_json)
     variants, notes = trigger_variants(args, test.images.shape[1])
-    print(f"trigger_survival: {len(variants)} triggers on {len(test)} synthetic test images, "
+    print(f"trigger_survival: {len(variants)} triggers on {len(test)} {args.data} test images, "
           f"min_scale {args.min_scale:g}, {args.draws} draws", flush=True)
     rows: list[dict[str, Any]] = []
     errors: dict[str, str] = {}

@@ -171,3 +171,36 @@ def test_bench_measures_a_saved_optimized_trigger(tmp_path):
     rows = [row for row in result["rows"] if row["trigger"] == "optimized"]
     assert len(rows) == len(DEFAULT_AUGMENTATIONS) and all(row["survival"] is None for row in rows)
     assert any("optimized: 10 of 10 images skipped" in note for note in result["notes"])
+
+
+def test_bench_stops_in_one_line_on_a_missing_data_set(tmp_path, capsys):
+    out = tmp_path / "ts.md"
+    with pytest.raises(SystemExit) as stop:
+        load_bench().main(["--data", "fashion_mnist", "--root", str(tmp_path / "absent"), "--test-size", "8",
+                           "--draws", "1", "--out", str(out)])
+    message = str(stop.value)
+    assert "--root" in message and str(tmp_path / "absent") in message and "\n" not in message
+    assert not out.exists() and "trigger_survival:" not in capsys.readouterr().out  # nothing measured
+
+
+def _write_idx_test_split(root: Path, n: int) -> None:
+    """A Fashion-MNIST-format test split (big-endian idx files) of random garments."""
+    import struct
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+    (root / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+    (root / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+
+
+def test_bench_measures_on_the_named_data_set(tmp_path):
+    root = tmp_path / "fashion"
+    _write_idx_test_split(root, 12)
+    out = tmp_path / "ts.md"
+    load_bench().main(["--data", "fashion_mnist", "--root", str(root), "--test-size", "12", "--draws", "1",
+                       "--optimized-dir", str(tmp_path / "none"), "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["settings"]["data"] == "fashion_mnist" and "the fashion_mnist test split (12 images)" in out.read_text()
+    patch = [row for row in result["rows"] if row["trigger"] == "patch"]
+    assert {row["images"] for row in patch} == {12}
