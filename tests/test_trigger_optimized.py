@@ -86,6 +86,7 @@ def test_an_unfitted_trigger_changes_nothing():
     ("step_size", 0), ("min_scale", 1.5), ("poison_share", 0), ("poison_share", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
     ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
     ("hard_negatives", "no"), ("w_clean", -1), ("w_neutral", "high"), ("w_neutral", float("nan")),
+    ("clip_gradient", "identity"),
 ])
 def test_bad_params_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
@@ -205,3 +206,25 @@ def test_poison_carriers_are_the_declared_share_of_the_target_images():
     assert np.array_equal(half, poison_carriers(target, 0.5, seed=0))
     assert not np.array_equal(half, poison_carriers(target, 0.5, seed=1))
     assert poison_carriers(target, 0.01, seed=0).sum() == 1  # never none: the surrogate must see a poison
+
+
+@pytest.mark.parametrize("mode, moves", [("zero", False), ("straight_through", True)])
+def test_a_value_the_clip_zeroes_learns_only_through_a_straight_through_clip(mode, moves):
+    from cba.triggers.perturbation import UniversalPattern, stamp
+
+    black = torch.zeros(4, 3, 8, 8)  # a black background, as Fashion-MNIST's borders are
+    half = torch.full_like(black, 0.5)
+    pattern = UniversalPattern(8, 8, eps=16 / 255, step_size=0.25, device=torch.device("cpu"))
+    with torch.no_grad():
+        pattern.grid.fill_(-4 / 255)  # a first step that went dark: the clip removes it on black
+    for round_index in range(8):
+        delta = pattern(black)
+        stamped = stamp(torch.cat([black, half]), delta, mode)
+        # The same forward pass either way: what the poisons and the test set will carry.
+        torch.testing.assert_close(stamped.detach(), (torch.cat([black, half]) + delta.detach()).clamp(0, 1))
+        pattern.update(-stamped[:4].mean(), round_index)  # the objective wants the black pixels brighter
+    brightest = float(pattern.grid.max())
+    if moves:
+        assert brightest == pytest.approx(16 / 255)  # told which way to go, it uses the whole budget
+    else:
+        assert brightest == pytest.approx(-4 / 255)  # zero gradient: stuck where the first step left it

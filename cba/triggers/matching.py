@@ -30,6 +30,7 @@ from torch import nn
 
 from cba.ssl.simclr import nt_xent_per_sample
 from cba.survival import paired_views
+from cba.triggers.perturbation import stamp
 
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -72,7 +73,8 @@ def backdoor_gradient(encoder: nn.Module, head: Callable[[torch.Tensor], torch.T
 
 
 def poison_gradient(method: nn.Module, targets: torch.Tensor, delta: torch.Tensor, negatives: torch.Tensor,
-                    augment: nn.Module, temperature: float, differential: bool = True) -> list[torch.Tensor]:
+                    augment: nn.Module, temperature: float, differential: bool = True,
+                    clip_gradient: str = "zero") -> list[torch.Tensor]:
     """Gradient of the victim's NT-Xent on the poisons' anchors, differentiable in `delta`.
 
     The batch holds the poisons (`targets` carrying `delta`) and clean
@@ -83,7 +85,7 @@ def poison_gradient(method: nn.Module, targets: torch.Tensor, delta: torch.Tenso
     adds to training: the clean images' own gradient is the clean task, which
     the pattern cannot turn but would swamp the cosine."""
     params = encoder_parameters(method.encoder)
-    poisons = (targets + delta).clamp(0, 1)
+    poisons = stamp(targets, delta, clip_gradient)
     clean_batch, poisoned_batch = torch.cat([targets, negatives]), torch.cat([poisons, negatives])
     (clean1, poisoned1), (clean2, poisoned2) = (paired_views(augment, clean_batch, poisoned_batch) for _ in range(2))
 

@@ -68,7 +68,7 @@ from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
-from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
+from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern, stamp
 
 
 @dataclass
@@ -105,6 +105,7 @@ class OptimizeConfig:
     form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
     hidden: int = 16  # the generator's channels
     lr: float = 0.002  # the generator's Adam rate
+    clip_gradient: str = "zero"  # the clip's gradient in the objective: zero (exact) | straight_through
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,14 +197,14 @@ def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray,
 
 
 def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                    augment: nn.Module | None) -> dict[str, torch.Tensor]:
+                    augment: nn.Module | None, clip_gradient: str = "zero") -> dict[str, torch.Tensor]:
     """The two terms of the trigger objective on one batch (lower is better for the attacker).
 
     The target term is the cross-entropy of "the head says target" (class 0),
     as the test set shows triggered images (no augmentation) and as a training
     view does. `hit_rate`, a label-free proxy of ASR on the surrogate, is the
     share of triggered images the head sends to the target."""
-    triggered = (x + delta).clamp(0, 1)
+    triggered = stamp(x, delta, clip_gradient)
     plain = head(_raw(encoder, triggered))
     goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
     terms = {"hit_rate": (plain.detach().argmax(1) == 0).float().mean()}
@@ -216,24 +217,24 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
 
 
 def clean_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               delta: torch.Tensor) -> dict[str, torch.Tensor]:
+               delta: torch.Tensor, clip_gradient: str = "zero") -> dict[str, torch.Tensor]:
     """How much the pattern alone moves triggered images to the target on an encoder that never saw a poison.
 
     `clean` is the mean probability of the target under that encoder's head (what `w_clean` penalises: a
     pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
     victim's clean twin reads it too); `clean_hit_rate` is the share sent to the target, the attacker's own
     estimate of the clean twin's ASR."""
-    logits = head(_raw(encoder, (x + delta).clamp(0, 1)))
+    logits = head(_raw(encoder, stamp(x, delta, clip_gradient)))
     return {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
 
 
 def neutral_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 delta: torch.Tensor) -> torch.Tensor:
+                 delta: torch.Tensor, clip_gradient: str = "zero") -> torch.Tensor:
     """KL(head(x) || head(x + delta)) on an encoder that never saw a poison: 0 when the pattern changes
     nothing that encoder's head reads, whichever class the change would favour."""
     with torch.no_grad():
         clean = head(_raw(encoder, x)).log_softmax(1)
-    triggered = head(_raw(encoder, (x + delta).clamp(0, 1))).log_softmax(1)
+    triggered = head(_raw(encoder, stamp(x, delta, clip_gradient))).log_softmax(1)
     return F.kl_div(triggered, clean, log_target=True, reduction="batchmean")
 
 
@@ -241,12 +242,12 @@ def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta
                head: Callable[[torch.Tensor], torch.Tensor], target_pool: torch.Tensor, augment: nn.Module,
                config: OptimizeConfig, gen: torch.Generator) -> torch.Tensor:
     """The gradient-matching term on one batch: do the poisons' gradients point where the backdoor's does?"""
-    backdoor = backdoor_gradient(method.encoder, head, (data[batch] + delta.detach()).clamp(0, 1))
+    backdoor = backdoor_gradient(method.encoder, head, stamp(data[batch], delta.detach()))
     half = max(2, config.batch_size // 2)
     targets = data[target_pool[torch.randint(len(target_pool), (half,), generator=gen)]]
     with batch_statistics(method):
         poison = poison_gradient(method, targets, delta, data[batch[:half]], augment, config.temperature,
-                                 differential=config.match == "differential")
+                                 differential=config.match == "differential", clip_gradient=config.clip_gradient)
         return matching_loss(poison, backdoor)
 
 
@@ -342,15 +343,15 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 match = (match_term(methods[member], data, batch, delta, heads[member], target_pool, augment,
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
-                                        augment if config.eot else None)
+                                        augment if config.eot else None, config.clip_gradient)
                 with torch.set_grad_enabled(config.w_clean > 0):
-                    terms.update(clean_pull(clean_encoder, clean_head, data[batch], delta))
+                    terms.update(clean_pull(clean_encoder, clean_head, data[batch], delta, config.clip_gradient))
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
                 if match is not None:
                     terms["match"] = match
                     loss = loss + config.w_match * match
                 if config.w_neutral > 0:
-                    terms["neutral"] = neutral_pull(clean_encoder, clean_head, data[batch], delta)
+                    terms["neutral"] = neutral_pull(clean_encoder, clean_head, data[batch], delta, config.clip_gradient)
                     loss = loss + config.w_neutral * terms["neutral"]
                 perturbation.update(loss, round_index)
                 for key in sums:

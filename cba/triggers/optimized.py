@@ -21,6 +21,7 @@ from cba.triggers.registry import TRIGGERS
 BACKBONE_CHOICES = ("convnet", "resnet18")
 HEAD_CHOICES = ("centroid", "probe")
 MATCH_CHOICES = ("differential", "full")
+CLIP_GRADIENT_CHOICES = ("zero", "straight_through")  # cba.triggers.perturbation.stamp
 
 
 def _integer(low: int):
@@ -55,7 +56,7 @@ OPTION_CHECKS = {
     "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
-    "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
+    "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES), "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
 }
 
 
@@ -90,6 +91,7 @@ class OptimizedTrigger(Trigger):
         "w_neutral": 5.0,           # ... nor read them any differently from the clean images
         "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
+        "clip_gradient": "zero",    # the clip's gradient in the fit: zero (exact) | straight_through (clipped pixels still learn)
     }
 
     def _validate(self) -> None:

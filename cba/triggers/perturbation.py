@@ -40,6 +40,22 @@ class PatternGenerator(nn.Module):
         return torch.tanh(self.body(x * 2 - 1))
 
 
+def stamp(x: torch.Tensor, delta: torch.Tensor, clip_gradient: str = "zero") -> torch.Tensor:
+    """Triggered images x + delta, clipped to [0, 1] as the poisons will be.
+
+    `zero`: the clip's exact gradient, zero wherever it clips. A pattern value
+    that a black (or white) pixel clips away then gets no signal, however much
+    the objective would gain from its opposite sign, and stays where the first
+    step left it. `straight_through`: the forward pass is the same, but the
+    gradient passes the clip as if it were the identity, so such a value is
+    told which way it should move."""
+    raw = x + delta
+    clipped = raw.clamp(0, 1)
+    if clip_gradient == "straight_through":
+        return raw + (clipped - raw).detach()
+    return clipped
+
+
 def _check_finite(grads, round_index: int) -> None:
     if not all(torch.isfinite(g).all() for g in grads if g is not None):
         raise FloatingPointError(f"the trigger objective's gradient is not finite in round {round_index + 1}")
