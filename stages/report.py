@@ -27,6 +27,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images (bench/trigger_survival.py)"),
+           ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit (bench/target_sweep.py)"),
            ("target_sweep_budget", "The default attack at larger budgets (bench/target_sweep.py)"),
            ("target_sweep_resolution", "The default attack with smoother patterns (bench/target_sweep.py)"),
            ("target_sweep_poison_share", "The attacker's surrogate sees clean target images too (bench/target_sweep.py)"),
