@@ -15,6 +15,7 @@ before any poison, send to the target).
 
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 1 3 4      # about 7 min a target, 5 min more for the clean victim
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --trigger-params '{w_neutral: 1}' '{w_neutral: 5}'
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --cache .cache/victims   # the clean victim trains once, ever
 
 Prints one line per victim and writes `--out` (JSON, after every target) and the same path with `.md`.
 """
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one or more YAML dicts of trigger params to change (each a variant aimed at every target)")
     parser.add_argument("--epochs", type=int, default=None, help="victim epochs; default: params.yaml's pretrain.epochs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a folder of trained victims (cba.victim_cache): a victim trained before with the same "
+                             "settings, data, trigger and code is loaded instead of trained (the clean one, above all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/target_sweep.json"))
     return parser.parse_args(argv)
 
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def victim(trigger: Trigger, target: int, poison_rate: float) -> AttackRecord:
         record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=poison_rate,
-                            **{**settings, "target_class": target})
+                            **{**settings, "target_class": target}, cache=args.cache)
         print(f"victim (target {target}, rate {poison_rate:g}) trained, final loss {final_loss(record):.3f}",
               flush=True)
         return record

@@ -6,6 +6,7 @@ that need an `AttackRecord` without a pipeline around it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers import Trigger
+from cba.victim_cache import load_victim, save_victim, victim_key
 
 
 def params_splits(params: dict[str, Any], **options: Any) -> tuple[ImageSet, ImageSet]:
@@ -92,27 +94,53 @@ def run_attack(
     batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
     hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5,
     device: torch.device | None = None, progress: bool = False, eval_every: int | None = None,
-    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
+    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None, cache: str | Path | None = None,
 ) -> AttackRecord:
     """Poison `train_set`, train `method` on it, and fit the downstream classifier.
 
     `evaluate(encoder, epoch)` runs every `eval_every` epochs (default: only the
-    last); its rows land in `record.curves`."""
+    last); its rows land in `record.curves`. `cache`: a folder of trained
+    victims (`cba.victim_cache`); a victim trained before with the same
+    settings, data, trigger and code is loaded instead of trained. It is not
+    used with `evaluate`, whose side effects a loaded victim would skip."""
     device = device or torch.device("cpu")
     poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
-    torch.manual_seed(seed)
-    model = build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes, **(hparams or {}))
+    mask = np.zeros(len(train_set), dtype=bool)
+    mask[poisoned.indices] = True
+
+    def new_model() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes,
+                            **(hparams or {}))
+
+    def record_of(model: torch.nn.Module, losses: Any, curves: list, seconds: float | None) -> AttackRecord:
+        return build_record(model, method=method, backbone=backbone, width=width, hparams=dict(hparams or {}),
+                            train=poisoned.train, clean_train=train_set, test=test, trigger=trigger, poisoned=mask,
+                            target_class=target_class, seed=seed, losses=losses, curves=curves, train_seconds=seconds)
+
+    entry = None
+    if cache is not None and evaluate is None:
+        settings = {"method": method, "mode": mode, "poison_rate": poison_rate, "target_class": target_class,
+                    "backbone": backbone, "width": width, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                    "weight_decay": weight_decay, "seed": seed, "hparams": hparams or {}, "per_batch": per_batch,
+                    "min_scale": min_scale}
+        entry = Path(cache) / victim_key(settings, train_set, trigger, device)
+        model = new_model()
+        stored = load_victim(entry, model)
+        if stored is not None:
+            record = record_of(model, stored["losses"], stored["curves"], stored["train_seconds"])
+            if record.baseline == stored["baseline"]:
+                return record
+    model = new_model()  # fresh weights: a rejected cache entry may have been loaded into the last one
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else model.default_lr,
                          weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=eval_every or epochs)
     result = train(model, poisoned.train.images, poisoned.train.labels,
                    build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device,
                    evaluate=evaluate, progress=progress)
-    mask = np.zeros(len(train_set), dtype=bool)
-    mask[poisoned.indices] = True
-    return build_record(model, method=method, backbone=backbone, width=width, hparams=dict(hparams or {}),
-                        train=poisoned.train, clean_train=train_set, test=test, trigger=trigger, poisoned=mask,
-                        target_class=target_class, seed=seed, losses=result.loss_frame(mask), curves=result.curves,
-                        train_seconds=result.seconds)
+    record = record_of(model, result.loss_frame(mask), result.curves, result.seconds)
+    if entry is not None:
+        save_victim(entry, record.model, record.losses, record.curves, record.train_seconds, record.baseline)
+    return record
 
 
 def trigger_scores(record: AttackRecord, trigger: Trigger, bank_size: int = 5000) -> dict[str, float]:

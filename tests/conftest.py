@@ -71,9 +71,9 @@ BADNETS = {"method": "supervised", "mode": "dirty_label", "poison_rate": 0.05, "
 def supervised_badnets(small_synthetic, tmp_path_factory, worker_id):
     """The BadNets attack record: the setting where the literature says every defense works.
 
-    Under xdist the first worker that needs it trains it and leaves the weights, per-sample losses and curves
-    in the session's shared temporary folder; the others rebuild the same record from them instead of
-    training it again (one training per session, not one per worker)."""
+    Under xdist the first worker that needs it trains it and leaves it in a victim cache (`cba.victim_cache`) in
+    the session's shared temporary folder; the others rebuild the same record from it instead of training it
+    again (one training per session, not one per worker)."""
     from filelock import FileLock
 
     from cba.attack import run_attack
@@ -83,54 +83,8 @@ def supervised_badnets(small_synthetic, tmp_path_factory, worker_id):
     trigger = build_trigger("patch", {"size": 4}, seed=0)
     if worker_id == "master":
         return run_attack(train, test, trigger, **BADNETS)
-    cache = tmp_path_factory.getbasetemp().parent / "supervised_badnets"
+    # The victim cache keys the record by its settings, data, trigger and code, and checks on loading that
+    # the rebuilt record's ACC/ASR baseline equals the trained one.
+    cache = tmp_path_factory.getbasetemp().parent / "victims"
     with FileLock(f"{cache}.lock"):
-        if not cache.exists():
-            record = run_attack(train, test, trigger, **BADNETS)
-            _save_record(record, cache)
-            return record
-    return _load_record(cache, train, test, trigger)
-
-
-def _save_record(record, folder) -> None:
-    import json
-
-    from cba.io import save_tensors
-
-    part = folder.with_name(folder.name + ".part")
-    part.mkdir()
-    save_tensors(part / "model.safetensors", record.model.state_dict())
-    record.losses.to_parquet(part / "losses.parquet")
-    (part / "meta.json").write_text(json.dumps({"curves": record.curves, "train_seconds": record.train_seconds,
-                                                "baseline": record.baseline}))
-    part.rename(folder)  # whole or absent: a reader never sees half a record
-
-
-def _load_record(folder, train, test, trigger):
-    import json
-
-    import numpy as np
-    import pandas as pd
-
-    from cba.io import load_tensors
-    from cba.models import build_backbone
-    from cba.poison import poison_dataset
-    from cba.record import build_record
-    from cba.ssl import build_method
-
-    poisoned = poison_dataset(train, trigger, BADNETS["poison_rate"], BADNETS["target_class"], BADNETS["mode"],
-                              BADNETS["seed"])
-    model = build_method(BADNETS["method"], build_backbone(BADNETS["backbone"], width=BADNETS["width"]),
-                         num_classes=train.num_classes)
-    model.load_state_dict(load_tensors(folder / "model.safetensors"))
-    mask = np.zeros(len(train), dtype=bool)
-    mask[poisoned.indices] = True
-    meta = json.loads((folder / "meta.json").read_text())
-    record = build_record(model, method=BADNETS["method"], backbone=BADNETS["backbone"], width=BADNETS["width"],
-                          hparams={}, train=poisoned.train, clean_train=train, test=test, trigger=trigger,
-                          poisoned=mask, target_class=BADNETS["target_class"], seed=BADNETS["seed"],
-                          losses=pd.read_parquet(folder / "losses.parquet"), curves=meta["curves"],
-                          train_seconds=meta["train_seconds"])
-    # The rebuilt record must be the trained one: the same ACC and ASR to the last digit.
-    assert record.baseline == meta["baseline"], (record.baseline, meta["baseline"])
-    return record
+        return run_attack(train, test, trigger, **BADNETS, cache=cache)

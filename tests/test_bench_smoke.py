@@ -229,8 +229,9 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "sweep.json"
-    result = load("target_sweep").main(["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}",
-                                        "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    argv = ["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}", "--params", str(tmp_path / "params.yaml"),
+            "--cache", str(tmp_path / "victims"), "--out", str(out)]
+    result = load("target_sweep").main(argv)
     rows = json.loads(out.read_text())["rows"]
     assert rows == result["rows"] and [(r["target"], r["change"]) for r in rows] == [("ring", {}), ("ring", {"w_neutral": 0.0})]
     for row in rows:
@@ -243,6 +244,9 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
     assert len({row["clean"]["linear"]["acc"] for row in rows}) == 1 == len({row["clean"]["knn"]["acc"] for row in rows})
     assert "| ring |" in out.with_suffix(".md").read_text()
+    # The victims are cached: one clean and one per variant. A second sweep loads them and reads the same.
+    assert len(list((tmp_path / "victims").iterdir())) == 3
+    assert load("target_sweep").main(argv)["rows"] == rows
 
 
 @pytest.mark.parametrize("argv, message", [
