@@ -124,7 +124,7 @@ def run_attack(
                     "backbone": backbone, "width": width, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                     "weight_decay": weight_decay, "seed": seed, "hparams": hparams or {}, "per_batch": per_batch,
                     "min_scale": min_scale}
-        entry = Path(cache) / victim_key(settings, train_set, trigger, device)
+        entry = Path(cache) / victim_key(settings, train_set, test, trigger, device)
         model = new_model()
         stored = load_victim(entry, model)
         if stored is not None:

@@ -8,8 +8,9 @@ trained method's weights (safetensors; never a pickle), its per-sample loss
 log (parquet), its curves and its before-repair ACC/ASR. A later call with the
 same key rebuilds the record from them instead of training.
 
-The key covers the training settings, the training data (a digest of the
-images and labels), the trigger (name, parameters and tensors: the poisons
+The key covers the training settings, the training and test data (digests
+of the images and labels; the test set because the stored ACC/ASR are read
+on it), the trigger (name, parameters and tensors: the poisons
 depend on them), the device type, and a digest of every source file of the
 `cba` package, so that any code change makes a new key: a cache never serves
 weights trained by other code. A victim without poisons does not depend on
@@ -69,13 +70,15 @@ def trigger_digest(trigger: Trigger) -> str:
                           + _array_digest(*(tensors[k].numpy() for k in sorted(tensors))).encode()).hexdigest()
 
 
-def victim_key(settings: dict[str, Any], train: ImageSet, trigger: Trigger, device: torch.device,
+def victim_key(settings: dict[str, Any], train: ImageSet, test: ImageSet, trigger: Trigger, device: torch.device,
                code: str | None = None) -> str:
-    """The cache key of a victim trained with `settings` (run_attack's keywords) on `train`."""
+    """The cache key of a victim trained with `settings` (run_attack's keywords) on `train`.
+
+    The test set is part of it because the entry's stored ACC/ASR, which a load must reproduce, are read on it."""
     clean = float(settings.get("poison_rate", 0)) == 0
     chosen = {k: v for k, v in settings.items() if not (clean and k == "target_class")}
-    parts = [chosen, _array_digest(train.images, train.labels), None if clean else trigger_digest(trigger),
-             torch.device(device).type, code or code_digest()]
+    parts = [chosen, _array_digest(train.images, train.labels), _array_digest(test.images, test.labels),
+             None if clean else trigger_digest(trigger), torch.device(device).type, code or code_digest()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
