@@ -13,7 +13,11 @@ augmentation and to make two views agree, with no pull towards the target).
 
     OMP_NUM_THREADS=2 python bench/maturity.py --epochs 40 --every 10 --clean    # about 25 min on two cores
 
-Prints one JSON row per evaluation and writes `--out` (JSON) and the same path with `.md` (a table).
+Prints one JSON row per evaluation and writes `--out` (JSON), the same path with `.md` (a table) and with
+`.png` (ASR and ACC against the epoch, poisoned beside clean). `--plot-from RESULT.json` redraws the
+figure of an earlier run from its JSON, without training:
+
+    python bench/maturity.py --plot-from bench/results/maturity_plus.json
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import yaml
 from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
-from cba.io import write_json
+from cba.errors import ConfigError
+from cba.io import atomic_path, read_json, write_json
 from cba.poison import triggered_test_set
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench/results/maturity.json"))
+    parser.add_argument("--plot-from", type=Path, default=None,
+                        help="redraw the figure of an earlier run from its JSON (written beside it as .png); no training")
     return parser.parse_args(argv)
 
 
@@ -85,8 +92,50 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_runs(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """ASR (left) and ACC (right) against the epoch: kNN solid, probe dashed; the poisoned victim in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for run in runs:
+        colour = "tab:gray" if run["victim"].startswith("clean") else "tab:red"
+        epochs = [row["epoch"] for row in run["rows"]]
+        for ax, measure in zip(axes, ("asr", "acc")):
+            for reader, style in (("knn", "-"), ("linear", "--")):
+                label = f"{run['victim']}, {'kNN' if reader == 'knn' else 'linear probe'}"
+                ax.plot(epochs, [row[f"{reader}_{measure}"] for row in run["rows"]], style, color=colour, marker="o",
+                        label=label)
+    for ax, name in zip(axes, ("ASR (triggered non-target test images sent to the target)", "ACC (clean test images)")):
+        ax.set(xlabel="epoch", ylabel=name.split(" ")[0], ylim=(0, 1), title=name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _title(result: dict[str, Any]) -> str:
+    run = result.get("_run", {})
+    victim = run.get("victim", {})
+    return (f"{run.get('trigger', '?')} trigger, target class {victim.get('target_class', '?')}, "
+            f"{victim.get('epochs', '?')} epochs, read every {victim.get('eval_every', '?')}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.plot_from is not None:
+        try:
+            result = read_json(args.plot_from)
+            plot_runs(result["runs"], args.plot_from.with_suffix(".png"), _title(result))
+        except (ConfigError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--plot-from {args.plot_from}: not a result of this bench ({exc})") from None
+        print(f"written {args.plot_from.with_suffix('.png')}")
+        return result
     command = command_line(argv)
     params = yaml.safe_load(args.params.read_text()) or {}
     train_set, test = params_splits(params)
@@ -111,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "trigger_params": trigger.params, "seconds": time.perf_counter() - started,
                                      "victim": {k: v for k, v in settings.items() if k != "device"}}}
     write_json(args.out, result)
+    plot_runs(runs, args.out.with_suffix(".png"), _title(result))
     args.out.with_suffix(".md").write_text(
         f"# ASR as the encoder matures\n\nCommand: `{command}`\n\nTrigger: {trigger.name} {trigger.params}\n\n"
         f"{table(runs)}\n")

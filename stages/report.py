@@ -87,7 +87,7 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         *analysis_parts,
         *defense_parts,
     ]
-    bench = [(title, (BENCH_DIR / f"{name}.md").read_text()) for name, title in BENCHES if (BENCH_DIR / f"{name}.md").exists()]
+    bench = [(title, _bench_text(name)) for name, title in BENCHES if (BENCH_DIR / f"{name}.md").exists()]
     if bench:
         parts += ["## Benchmarks across methods and attacks",
                   f"**Not from this pipeline run.** These are the last committed outputs of the bench scripts "
@@ -101,6 +101,16 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     summary = summary_figures(finetune, defenses)
     write_json(METRICS_DIR / "summary.json", summary)
     print(f"report -> {REPORT_DIR / 'report.md'}; " + ", ".join(f"{key} {value:.3f}" for key, value in list(summary.items())[:6]))
+
+
+def _bench_text(name: str) -> str:
+    """A bench's committed markdown, and its figure (copied beside the report) when it drew one."""
+    text = (BENCH_DIR / f"{name}.md").read_text()
+    figure = BENCH_DIR / f"{name}.png"
+    if figure.exists():
+        _copy(figure, REPORT_DIR / f"bench_{name}.png")
+        text += f"\n\n![{name}](bench_{name}.png)\n"
+    return text
 
 
 def _copy(source: Path, dest: Path) -> None:

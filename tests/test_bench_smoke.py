@@ -194,6 +194,14 @@ def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
         for row in run["rows"]:
             assert row["loss"] == row["loss"] and all(0 <= row[k] <= 1 for k in ("knn_acc", "knn_asr", "linear_acc", "linear_asr"))
     assert "| clean (0) | 2 |" in out.with_suffix(".md").read_text()
+    figure = out.with_suffix(".png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()
+    assert load("maturity").main(["--plot-from", str(out)])["runs"] == runs  # redrawn from the JSON, no training
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as caught:
+        load("maturity").main(["--plot-from", str(out.with_suffix(".md"))])
+    assert str(caught.value).startswith("--plot-from ") and "\n" not in str(caught.value)
 
 
 def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp_path):

@@ -64,6 +64,8 @@ def project(tmp_path_factory) -> Path:
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     (root / "bench/results").mkdir(parents=True)  # the report shows the committed bench tables; a small stand-in here
     (root / "bench/results/defense_matrix.md").write_text("# Defense matrix\n\n## Attacks\n\n| defense | BadNets |\n|---|---|\n| strip | AUROC .95 |\n")
+    shutil.copy(REPO / "bench/results/maturity_plus.md", root / "bench/results/maturity_plus.md")
+    shutil.copy(REPO / "bench/results/maturity_plus.png", root / "bench/results/maturity_plus.png")  # a bench's figure
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
@@ -104,6 +106,7 @@ def test_repro_writes_every_contracted_artifact(project):
     report = (project / "reports/report.md").read_text()
     assert "](trigger_preview.png)" in report and "](learning_curves.png)" in report
     assert "### Defenses x attacks: claim 3" in report and "#### Attacks" in report and "| strip | AUROC .95 |" in report
+    assert "](bench_maturity_plus.png)" in report and (project / "reports/bench_maturity_plus.png").stat().st_size > 0
 
 
 def test_second_repro_runs_nothing(project):
