@@ -23,6 +23,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep_neutral", "The target the sweep found best, with the neutral term (bench/target_sweep.py)"),
            ("target_sweep_seed2", "The default attack on a third seed (bench/target_sweep.py)"),
            ("target_sweep_seed1_surrogate20", "Seed 1 with a surrogate warmed up as long as the victim trains (bench/target_sweep.py)"),
+           ("target_sweep_surrogate20", "The default attack with a surrogate warmed up as long as the victim trains (bench/target_sweep.py)"),
            ("target_sweep_circle_neutral", "The default attack aimed at circle (bench/target_sweep.py)"),
            ("target_sweep_fashion", "The default attack on real data, Fashion-MNIST (bench/target_sweep.py)"),
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
