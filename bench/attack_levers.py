@@ -110,11 +110,18 @@ def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surro
     SimCLR surrogate trained, without poisons, on the attacker's images `pool` (whose target images it knows)."""
     surrogate = run_attack(train.subset(pool), test, build_trigger("patch", {}, seed=0), mode="clean_label",
                            poison_rate=0.0, **{**settings, "epochs": surrogate_epochs})
-    bank = F.normalize(extract_features(surrogate.encoder, train.images[pool]), dim=1)
-    queries = F.normalize(extract_features(surrogate.encoder, train.images), dim=1)
-    is_target = torch.as_tensor(train.labels[pool] == target)
-    nearest = (queries @ bank.T).topk(k + 1, dim=1).indices[:, 1:]  # an attacker image is its own nearest: skip it
-    return is_target[nearest].float().mean(1).numpy()
+    bank = extract_features(surrogate.encoder, train.images[pool])
+    queries = extract_features(surrogate.encoder, train.images)
+    # An attacker image is its own nearest: skip it.
+    return target_shares(queries, bank, train.labels[pool] == target, k, skip_self=True).numpy()
+
+
+def target_shares(queries: torch.Tensor, bank: torch.Tensor, bank_is_target: np.ndarray, k: int,
+                  skip_self: bool = False) -> torch.Tensor:
+    """Per query: the target's share of its k nearest bank images (cosine); `skip_self` drops the nearest."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    nearest = sim.topk(min(k + skip_self, len(bank)), dim=1).indices[:, int(skip_self):]
+    return torch.as_tensor(bank_is_target)[nearest].float().mean(1)
 
 
 def selection(select: str, score: np.ndarray):
@@ -180,9 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
     features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
     row["triggered_cos"] = float((features @ features.T).mean())
-    bank = F.normalize(extract_features(record.encoder, train.images), dim=1)
-    nearest = (F.normalize(extract_features(record.encoder, record.train.images[poisons]), dim=1) @ bank.T).topk(min(200, len(bank)), dim=1).indices
-    row["target_near_poisons"] = float((torch.as_tensor(train.labels)[nearest] == target).float().mean())
+    row["target_near_poisons"] = float(target_shares(extract_features(record.encoder, record.train.images[poisons]),
+                                                     extract_features(record.encoder, train.images),
+                                                     train.labels == target, 200).mean())
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
     if args.clean:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)
