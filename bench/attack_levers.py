@@ -48,6 +48,7 @@ from torch import nn
 
 import cba.poison
 from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
+from cba.analysis.readout import neighbour_shares
 from cba.augment import build_augment
 from cba.evaluate import extract_features
 from cba.fit import fit
@@ -113,15 +114,7 @@ def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surro
     bank = extract_features(surrogate.encoder, train.images[pool])
     queries = extract_features(surrogate.encoder, train.images)
     # An attacker image is its own nearest: skip it.
-    return target_shares(queries, bank, train.labels[pool] == target, k, skip_self=True).numpy()
-
-
-def target_shares(queries: torch.Tensor, bank: torch.Tensor, bank_is_target: np.ndarray, k: int,
-                  skip_self: bool = False) -> torch.Tensor:
-    """Per query: the target's share of its k nearest bank images (cosine); `skip_self` drops the nearest."""
-    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    nearest = sim.topk(min(k + skip_self, len(bank)), dim=1).indices[:, int(skip_self):]
-    return torch.as_tensor(bank_is_target)[nearest].float().mean(1)
+    return neighbour_shares(queries, bank, train.labels[pool] == target, k, skip_self=True).numpy()
 
 
 def selection(select: str, score: np.ndarray):
@@ -187,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
     features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
     row["triggered_cos"] = float((features @ features.T).mean())
-    row["target_near_poisons"] = float(target_shares(extract_features(record.encoder, record.train.images[poisons]),
+    row["target_near_poisons"] = float(neighbour_shares(extract_features(record.encoder, record.train.images[poisons]),
                                                      extract_features(record.encoder, train.images),
                                                      train.labels == target, 200).mean())
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless

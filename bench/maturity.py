@@ -34,7 +34,7 @@ from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.errors import ConfigError
-from cba.io import atomic_path, read_json, write_json
+from cba.io import read_json, write_json, write_png
 from cba.poison import triggered_test_set
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
@@ -114,8 +114,7 @@ def plot_runs(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    write_png(path, fig)
     plt.close(fig)
 
 

@@ -46,6 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cba.analysis.readout import neighbour_shares  # noqa: E402
 from cba.env import command_line, environment  # noqa: E402
 from cba.evaluate import extract_features, knn_predict  # noqa: E402
 from cba.io import write_json  # noqa: E402
@@ -81,9 +82,7 @@ def centroid_predict(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Te
 
 def neighbour_share(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, target: int, k: int) -> float:
     """Mean share of the target class among each query's k nearest bank images (cosine)."""
-    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
-    nearest = sim.topk(min(k, len(bank)), dim=1).indices
-    return float((labels[nearest] == target).float().mean())
+    return float(neighbour_shares(queries, bank, labels == target, k).mean())
 
 
 def poison_neighbours(train: torch.Tensor, poisoned: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,

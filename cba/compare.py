@@ -112,7 +112,7 @@ def plot(groups: list[dict[str, Any]], x: str, metrics: list[str], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cba.io import atomic_path
+    from cba.io import write_png
 
     points = sorted((g for g in groups if isinstance(g.get(x), (int, float))), key=lambda g: g[x])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -124,6 +124,5 @@ def plot(groups: list[dict[str, Any]], x: str, metrics: list[str], path: Path) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    write_png(path, fig, dpi=110)
     plt.close(fig)

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 import cba
+
+
+def source_digest(root: Path | None = None, entries: Sequence[str] | None = None) -> str:
+    """SHA-256 of the package's source (names and contents): every .py file under `root` (default: the
+    installed `cba`), or only those of `entries`, files or folders relative to it."""
+    root = root or Path(cba.__file__).parent
+    paths = (sorted(root.rglob("*.py")) if entries is None else
+             [path for entry in entries
+              for path in (sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry])])
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def device_name(device: torch.device | str) -> str:

@@ -103,6 +103,12 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ConfigError("path", str(path), f"not a readable safetensors file ({type(exc).__name__})") from None
 
 
+def write_png(path: str | os.PathLike, figure: "Any", dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG, whole or not at all."""
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+
+
 def write_parquet(path: str | os.PathLike, frame: "Any") -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from cba.io import atomic_path  # noqa: E402
+from cba.io import write_png  # noqa: E402
 
 
 def fmt(value: Any) -> str:
@@ -45,8 +45,7 @@ def plot_learning_curves(loss: pd.DataFrame, knn: pd.DataFrame, path: Path) -> N
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    write_png(path, fig, dpi=110)
     plt.close(fig)
 
 

@@ -38,21 +38,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-import cba
 from cba.data.base import ImageSet
+from cba.env import source_digest
 from cba.io import load_tensors, save_tensors
 from cba.triggers import Trigger
 
 WEIGHTS, LOSSES, META = "model.safetensors", "losses.parquet", "meta.json"
-
-
-def code_digest(package: Path | None = None) -> str:
-    """SHA-256 of every .py file of the `cba` package (names and contents)."""
-    root = package or Path(cba.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _array_digest(*arrays: np.ndarray) -> str:
@@ -78,7 +69,7 @@ def victim_key(settings: dict[str, Any], train: ImageSet, test: ImageSet, trigge
     clean = float(settings.get("poison_rate", 0)) == 0
     chosen = {k: v for k, v in settings.items() if not (clean and k == "target_class")}
     parts = [chosen, _array_digest(train.images, train.labels), _array_digest(test.images, test.labels),
-             None if clean else trigger_digest(trigger), torch.device(device).type, code or code_digest()]
+             None if clean else trigger_digest(trigger), torch.device(device).type, code or source_digest()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -10,11 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cba
-
 from cba.augment import KINDS, build_augment
 from cba.data.checksum import file_digest
-from cba.env import environment
+from cba.env import environment, source_digest
 from cba.errors import ConfigError, in_section, is_number
 from cba import distributed
 from cba.evaluate import knn_backdoor_metrics
@@ -93,19 +91,9 @@ def learning_rate(params: Params, method: str) -> float:
 TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "models")
 
 
-def code_digest(root: Path | None = None) -> str:
-    """SHA-256 of the training code under `root` (default: the installed package)."""
-    root = root or Path(cba.__file__).parent
-    digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def _fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
     """Identifies a run for resuming: its settings (the process count among them), the training code and the exact training data."""
-    return hashlib.sha256(json.dumps([config.__dict__, extra, code_digest(), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([config.__dict__, extra, source_digest(entries=TRAINING_CODE), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_inputs_agree(ranks: distributed.Ranks) -> str:

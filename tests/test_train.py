@@ -121,7 +121,11 @@ def test_resume_fingerprint_covers_the_training_code(tmp_path):
     from pathlib import Path
 
     import cba
-    from stages.pretrain import TRAINING_CODE, code_digest
+    from cba.env import source_digest
+    from stages.pretrain import TRAINING_CODE
+
+    def code_digest(root):
+        return source_digest(root, TRAINING_CODE)
 
     package = Path(cba.__file__).parent
     copy = tmp_path / "cba"

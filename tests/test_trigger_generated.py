@@ -11,7 +11,7 @@ from torch import nn
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.optimize import clean_pull, neutral_pull, objective_terms
+from cba.triggers.optimize import clean_terms, objective_terms
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
 from cba.triggers.stealth import stealth_metrics
 from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
@@ -121,31 +121,31 @@ def test_the_clean_term_measures_and_lowers_the_clean_encoders_pull_to_the_targe
     centroids = F.normalize(torch.cat([encoder(x).mean(0, keepdim=True), torch.randn(3, 8)]), dim=1)
     head = lambda raw: F.normalize(raw, dim=1) @ centroids.T * 2  # noqa: E731
     perturbation = UniversalPattern(16, 16, 32 / 255, 0.1, torch.device("cpu"))
-    first = clean_pull(encoder, head, x, perturbation(x))
+    first = clean_terms(encoder, head, x, perturbation(x))
     probabilities = head(encoder(x)).softmax(1)[:, 0]
     assert torch.allclose(first["clean"], probabilities.mean())  # a zero pattern: the clean images' own reading
     assert first["clean_hit_rate"] == (head(encoder(x)).argmax(1) == 0).float().mean()
     for step in range(30):
-        perturbation.update(clean_pull(encoder, head, x, perturbation(x))["clean"], step)
+        perturbation.update(clean_terms(encoder, head, x, perturbation(x))["clean"], step)
     assert float(first["clean"]) > 0.5
-    assert float(clean_pull(encoder, head, x, perturbation(x))["clean"]) < float(first["clean"]) - 0.05
+    assert float(clean_terms(encoder, head, x, perturbation(x))["clean"]) < float(first["clean"]) - 0.05
 
 
 def test_the_neutral_term_is_zero_without_a_pattern_and_its_steps_undo_any_pull():
     encoder, x, head = _toy_problem()
     perturbation = UniversalPattern(16, 16, 32 / 255, 0.1, torch.device("cpu"))
-    assert float(neutral_pull(encoder, head, x, perturbation(x))) == pytest.approx(0.0, abs=1e-6)
+    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"]) == pytest.approx(0.0, abs=1e-6)
     # Push the pattern towards centroid 0 (a pull, as a look-alike texture would cause) ...
     for step in range(20):
         perturbation.update(objective_terms(encoder, x, perturbation(x), head, None)["target"], step)
-    pulled = float(neutral_pull(encoder, head, x, perturbation(x)))
+    pulled = float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"])
     expected = F.kl_div(head(encoder((x + perturbation(x)).clamp(0, 1))).log_softmax(1),
                         head(encoder(x)).log_softmax(1), log_target=True, reduction="batchmean")
     assert pulled == pytest.approx(float(expected), rel=1e-5) and pulled > 0.01
     # ... then the neutral term's own steps take most of it back.
     for step in range(30):
-        perturbation.update(neutral_pull(encoder, head, x, perturbation(x)), step)
-    assert float(neutral_pull(encoder, head, x, perturbation(x))) < pulled / 2
+        perturbation.update(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"], step)
+    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"]) < pulled / 2
 
 
 def test_the_fit_records_the_clean_surrogates_reading_every_round(fitted):

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
 from cba.errors import ConfigError
-from cba.io import atomic_path
+from cba.io import write_png
 
 GROUPS = ("poisoned", "clean_target", "clean_other")
 _COLUMNS = ("epoch", "index", "poisoned", "loss")
@@ -129,11 +129,6 @@ def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
     return figure, figure.subplots()
 
 
-def _save(figure: Figure, path: str | os.PathLike) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-
-
 def plot_loss_groups(groups: pd.DataFrame, path: str | os.PathLike, title: str | None = None) -> None:
     """Mean loss per group against epoch, with the q25-q75 band shaded."""
     figure, ax = _figure()
@@ -150,7 +145,7 @@ def plot_loss_groups(groups: pd.DataFrame, path: str | os.PathLike, title: str |
     ax.set_title(title or "per-sample loss by group")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(figure, path)
+    write_png(path, figure)
 
 
 def plot_loss_auroc(auroc: pd.DataFrame, curves: Sequence[dict] | None, path: str | os.PathLike,
@@ -170,4 +165,4 @@ def plot_loss_auroc(auroc: pd.DataFrame, curves: Sequence[dict] | None, path: st
     ax.set_title(title or "loss separability and task accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(figure, path)
+    write_png(path, figure)

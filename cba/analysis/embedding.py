@@ -19,7 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cba.errors import ConfigError
-from cba.io import atomic_path
+from cba.io import write_png
 
 # sklearn and matplotlib are imported in the functions that use them: `METHODS` is read by the params check,
 # which should not pay their start-up time.
@@ -130,5 +130,4 @@ def plot_embedding(coords: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
     ax.set_yticks([])
     ax.set_title(title)
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    write_png(path, figure)

@@ -61,3 +61,12 @@ def trigger_readout(probe: LinearProbe, clean_test: torch.Tensor, triggered_test
         "target_margin": float(gain[target] - others.max()) if len(others) else None,
         "strongest_other": names[int(np.delete(np.arange(len(gain)), target)[others.argmax()])] if len(others) else None,
     }
+
+
+def neighbour_shares(queries: torch.Tensor, bank: torch.Tensor, bank_is_member: np.ndarray | torch.Tensor, k: int,
+                     skip_self: bool = False) -> torch.Tensor:
+    """Per query: the share of its k nearest bank images (cosine) that are members (the target class, say, or
+    the poisons); `skip_self` drops the nearest, for queries that are themselves in the bank."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    nearest = sim.topk(min(k + skip_self, len(bank)), dim=1).indices[:, int(skip_self):]
+    return torch.as_tensor(bank_is_member)[nearest].float().mean(1)

@@ -216,26 +216,23 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
     return {**terms, "target": target, "agree": agree}
 
 
-def clean_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               delta: torch.Tensor, clip_gradient: str = "zero") -> dict[str, torch.Tensor]:
-    """How much the pattern alone moves triggered images to the target on an encoder that never saw a poison.
+def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                delta: torch.Tensor, clip_gradient: str = "zero", neutral: bool = False) -> dict[str, torch.Tensor]:
+    """How an encoder that never saw a poison reads the triggered images, from one forward pass of them.
 
-    `clean` is the mean probability of the target under that encoder's head (what `w_clean` penalises: a
-    pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
-    victim's clean twin reads it too); `clean_hit_rate` is the share sent to the target, the attacker's own
-    estimate of the clean twin's ASR."""
+    - `clean`: the mean probability of the target under that encoder's head (what `w_clean` penalises: a
+      pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
+      victim's clean twin reads it too);
+    - `clean_hit_rate`: the share sent to the target, the attacker's own estimate of the clean twin's ASR;
+    - `neutral` (when asked): KL(head(x) || head(x + delta)), 0 when the pattern changes nothing that head
+      reads, whichever class the change would favour (what `w_neutral` penalises)."""
     logits = head(_raw(encoder, stamp(x, delta, clip_gradient)))
-    return {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
-
-
-def neutral_pull(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 delta: torch.Tensor, clip_gradient: str = "zero") -> torch.Tensor:
-    """KL(head(x) || head(x + delta)) on an encoder that never saw a poison: 0 when the pattern changes
-    nothing that encoder's head reads, whichever class the change would favour."""
-    with torch.no_grad():
-        clean = head(_raw(encoder, x)).log_softmax(1)
-    triggered = head(_raw(encoder, stamp(x, delta, clip_gradient))).log_softmax(1)
-    return F.kl_div(triggered, clean, log_target=True, reduction="batchmean")
+    terms = {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
+    if neutral:
+        with torch.no_grad():
+            plain = head(_raw(encoder, x)).log_softmax(1)
+        terms["neutral"] = F.kl_div(logits.log_softmax(1), plain, log_target=True, reduction="batchmean")
+    return terms
 
 
 def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta: torch.Tensor,
@@ -344,14 +341,14 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None, config.clip_gradient)
-                with torch.set_grad_enabled(config.w_clean > 0):
-                    terms.update(clean_pull(clean_encoder, clean_head, data[batch], delta, config.clip_gradient))
+                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0):
+                    terms.update(clean_terms(clean_encoder, clean_head, data[batch], delta, config.clip_gradient,
+                                             neutral=config.w_neutral > 0))
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
                 if match is not None:
                     terms["match"] = match
                     loss = loss + config.w_match * match
                 if config.w_neutral > 0:
-                    terms["neutral"] = neutral_pull(clean_encoder, clean_head, data[batch], delta, config.clip_gradient)
                     loss = loss + config.w_neutral * terms["neutral"]
                 perturbation.update(loss, round_index)
                 for key in sums:

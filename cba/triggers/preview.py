@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cba.io import atomic_path
+from cba.io import write_png
 from cba.triggers.base import Trigger
 
 
@@ -44,5 +44,4 @@ def save_preview(trigger: Trigger, images: np.ndarray, path: str | os.PathLike, 
         axes[row, 0].set_ylabel(f"example {row}", fontsize=9)
     params = textwrap.fill(", ".join(f"{k}={v}" for k, v in trigger.params.items()), width=70)
     figure.suptitle(f"trigger '{trigger.name}', max |diff| = {largest}\n{params}", fontsize=9)
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    write_png(path, figure)
