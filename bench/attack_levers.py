@@ -9,6 +9,11 @@ poison rate) with one pattern, trains the victim `cba pretrain` would train, and
   how far the trigger collapses them onto one point;
 - `target_near_poisons`: the target's share of the 200 clean training images nearest each poison, in the
   victim's features (what a kNN on clean images finds where the trigger sends images);
+- `poisons_near_triggered` / `poisons_near_clean`: the poisons' share of the 200 training images nearest a
+  triggered / clean non-target test image (does the trigger carry images to the poisons?);
+- `offset_norm`, `shift_over_offset`, `offset_target_alignment`: `cba.analysis.readout`'s poison offset (how
+  strongly the victim learned the poisons' own feature), how much of it a trigger adds at test time, and its
+  cosine with the target direction;
 - with `--clean`, `clean_probe_asr`/`clean_knn_asr`: the same pattern on a victim trained without poisons,
   what the pattern does on its own (the 3x rule compares against it).
 
@@ -18,7 +23,9 @@ The levers:
   +A inside a centred radius-9 disc, -A outside: a trigger that looks like the target class *circle*),
   `supervised:A` (Narcissus-style: a universal pattern, L-inf A, that makes a target-versus-rest classifier
   trained on the attacker's images say "target", through the SSL augmentation), or `patch:S` (a
-  random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget);
+  random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget), or `tint:A` (a
+  uniform colour cast, +A on red and blue and -A on green: a chroma-only signal, which on a grey data set
+  such as Fashion-MNIST no clean image carries and no colour jitter can create from grey);
 - `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
   whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest), or
   `typical` (those sitting deepest in their class: the highest target share among their 50 nearest attacker
@@ -48,7 +55,7 @@ from torch import nn
 
 import cba.poison
 from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
-from cba.analysis.readout import neighbour_shares
+from cba.analysis.readout import neighbour_shares, trigger_readout
 from cba.augment import build_augment
 from cba.evaluate import extract_features
 from cba.fit import fit
@@ -68,6 +75,11 @@ def fixed_pattern(pattern: np.ndarray, linf: float, seed: int) -> Trigger:
     trigger = build_trigger("optimized", {"linf": linf}, seed=seed, image_size=pattern.shape[0])
     trigger.set_tensors({"pattern": torch.from_numpy(np.clip(pattern, -linf, linf).astype(np.float32))}, source="pattern")
     return trigger
+
+
+def tint_pattern(size: int, amplitude: float) -> np.ndarray:
+    """A uniform magenta cast: +A on red and blue, -A on green (luminance -0.17 A, so nearly pure chroma)."""
+    return np.broadcast_to(np.array([amplitude, -amplitude, amplitude], np.float32), (size, size, 3)).copy()
 
 
 def disc_pattern(size: int, amplitude: float) -> np.ndarray:
@@ -135,7 +147,7 @@ def selection(select: str, score: np.ndarray):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S")
+    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S | tint:A")
     parser.add_argument("--select", default="random", choices=("random", "gray", "strong", "typical"))
     parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")
     parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         trigger = load_trigger(REPO / "data" / "trigger")
     elif kind == "disc":
         trigger = fixed_pattern(disc_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
+    elif kind == "tint":
+        trigger = fixed_pattern(tint_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
     elif kind == "patch":
         size = int(amplitude)
         centre = (train.images.shape[1] - size) // 2
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     else:
-        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A or patch:S")
+        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S or tint:A")
     settings = victim_settings(params, "simclr")
     if args.min_scale is not None:
         settings["min_scale"] = args.min_scale
@@ -178,11 +192,18 @@ def main(argv: list[str] | None = None) -> dict:
            "min_scale": settings["min_scale"], **trigger_scores(record, trigger)}
     poisons = np.flatnonzero(record.poisoned)
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
-    features = F.normalize(extract_features(record.encoder, trigger.apply(test.images[test.labels != target][:500])), dim=1)
-    row["triggered_cos"] = float((features @ features.T).mean())
-    row["target_near_poisons"] = float(neighbour_shares(extract_features(record.encoder, record.train.images[poisons]),
-                                                     extract_features(record.encoder, train.images),
+    others = test.images[test.labels != target][:500]
+    clean_features, triggered_features = (extract_features(record.encoder, images) for images in (others, trigger.apply(others)))
+    unit = F.normalize(triggered_features, dim=1)
+    row["triggered_cos"] = float((unit @ unit.T).mean())
+    train_features = extract_features(record.encoder, record.train.images)  # the victim's own, poisons triggered
+    row["target_near_poisons"] = float(neighbour_shares(train_features[poisons], extract_features(record.encoder, train.images),
                                                      train.labels == target, 200).mean())
+    row["poisons_near_triggered"] = float(neighbour_shares(triggered_features, train_features, record.poisoned, 200).mean())
+    row["poisons_near_clean"] = float(neighbour_shares(clean_features, train_features, record.poisoned, 200).mean())
+    readout = trigger_readout(record.classifier.head, clean_features, triggered_features, train_features[poisons],
+                              train_features[~record.poisoned & (train.labels == target)], target)
+    row.update({key: readout[key] for key in ("offset_norm", "shift_over_offset", "offset_target_alignment")})
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
     if args.clean:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)

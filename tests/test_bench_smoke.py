@@ -134,6 +134,9 @@ def test_attack_levers_patterns_keep_their_budget():
     levers = load("attack_levers")
     disc = levers.disc_pattern(32, 16.0)
     assert np.abs(disc).max() == 16.0 and disc[16, 16, 0] == 16.0 and disc[0, 0, 0] == -16.0
+    tint = levers.tint_pattern(32, 16.0)
+    assert (tint == np.array([16.0, -16.0, 16.0])).all()  # one cast on every pixel: no shape, no texture
+    assert abs(float(tint[0, 0] @ levers.LUMA)) < 0.2 * 16  # nearly pure chroma
     data = load_dataset("synthetic", "train", seed=0, train_size=120)
     pattern = levers.supervised_pattern(data.images, data.labels == 0, 8.0, seed=0, epochs=1, steps=3)
     assert pattern.shape == (32, 32, 3) and 0 < np.abs(pattern).max() <= 8.0 + 1e-4
@@ -150,6 +153,8 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     assert row["pattern"] == "disc:16" and row["rate"] == params["poison_rate"]
     assert 0 <= row["probe_asr"] <= 1 and 0 <= row["knn_asr"] <= 1 and 0 <= row["probe_on_poisons"] <= 1
     assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+    assert 0 <= row["poisons_near_clean"] <= 1 and 0 <= row["poisons_near_triggered"] <= 1
+    assert row["offset_norm"] > 0 and -1 <= row["offset_target_alignment"] <= 1
 
 
 def test_attack_levers_typical_selection_end_to_end(tmp_path):
