@@ -25,7 +25,9 @@ The levers:
   trained on the attacker's images say "target", through the SSL augmentation), or `patch:S` (a
   random-colour S x S patch at the image centre, a salient trigger outside any L-inf budget), or `tint:A` (a
   uniform colour cast, +A on red and blue and -A on green: a chroma-only signal, which on a grey data set
-  such as Fashion-MNIST no clean image carries and no colour jitter can create from grey);
+  such as Fashion-MNIST no clean image carries and no colour jitter can create from grey), or `sensitive:A`
+  (the universal pattern, L-inf A, that most moves the features of a SimCLR surrogate the attacker trains
+  without poisons on its own images: what a clean encoder already reads, aimed at no class);
 - `--select`: which target-class images carry the trigger: `random` (the pipeline's choice), `gray` (those
   whose shape grayscale erases most: lowest ratio of grayscale to colour contrast), `strong` (highest), or
   `typical` (those sitting deepest in their class: the highest target share among their 50 nearest attacker
@@ -54,8 +56,8 @@ import yaml
 from torch import nn
 
 import cba.poison
-from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.analysis.readout import neighbour_shares, trigger_readout
+from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
 from cba.evaluate import extract_features
 from cba.fit import fit
@@ -118,11 +120,35 @@ def grayscale_ratio(images: np.ndarray) -> np.ndarray:
     return (x @ LUMA).std(axis=(1, 2)) / (np.sqrt((x.std(axis=(1, 2)) ** 2).mean(-1)) + 1e-6)
 
 
+def clean_surrogate(train, test, pool: np.ndarray, settings: dict, surrogate_epochs: int):
+    """The SimCLR encoder the attacker trains, without poisons, on its own images `pool` (the trigger stage's
+    warm-up, as the victim's code path trains it)."""
+    return run_attack(train.subset(pool), test, build_trigger("patch", {}, seed=0), mode="clean_label",
+                      poison_rate=0.0, **{**settings, "epochs": surrogate_epochs})
+
+
+def sensitive_pattern(encoder: nn.Module, images: np.ndarray, linf: float, seed: int, steps: int = 200,
+                      batch_size: int = 128) -> np.ndarray:
+    """The universal pattern, L-inf `linf`, that moves a clean encoder's features most (cosine distance between
+    f(x + delta) and f(x), signed-gradient ascent): what that encoder already reads, aimed at no class."""
+    encoder = encoder.eval().requires_grad_(False)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    eps, gen = linf / 255, torch.Generator().manual_seed(seed)
+    delta = (torch.rand(1, *x.shape[1:], generator=gen) * 2 - 1) * eps
+    for _ in range(steps):
+        batch = x[torch.randint(len(x), (batch_size,), generator=gen)]
+        with torch.no_grad():
+            plain = F.normalize(encoder(batch), dim=1)
+        moved = F.normalize(encoder((batch + delta.requires_grad_(True)).clamp(0, 1)), dim=1)
+        grad, = torch.autograd.grad((moved * plain).sum(1).mean(), delta)  # the cosine, to be lowered
+        delta = (delta - 0.1 * eps * grad.sign()).clamp(-eps, eps).detach()
+    return delta[0].permute(1, 2, 0).numpy() * 255
+
+
 def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surrogate_epochs: int, k: int = 50) -> np.ndarray:
     """Per training image: the target's share of its k nearest attacker images (cosine), in the features of a
     SimCLR surrogate trained, without poisons, on the attacker's images `pool` (whose target images it knows)."""
-    surrogate = run_attack(train.subset(pool), test, build_trigger("patch", {}, seed=0), mode="clean_label",
-                           poison_rate=0.0, **{**settings, "epochs": surrogate_epochs})
+    surrogate = clean_surrogate(train, test, pool, settings, surrogate_epochs)
     bank = extract_features(surrogate.encoder, train.images[pool])
     queries = extract_features(surrogate.encoder, train.images)
     # An attacker image is its own nearest: skip it.
@@ -147,7 +173,7 @@ def selection(select: str, score: np.ndarray):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S | tint:A")
+    parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S | tint:A | sensitive:A")
     parser.add_argument("--select", default="random", choices=("random", "gray", "strong", "typical"))
     parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")
     parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
@@ -171,12 +197,19 @@ def main(argv: list[str] | None = None) -> dict:
         centre = (train.images.shape[1] - size) // 2
         trigger = build_trigger("patch", {"size": size, "location": [centre, centre], "pattern": "random"}, seed=seed,
                                 image_size=train.images.shape[1])
+    elif kind == "sensitive":
+        trigger_params = params["trigger"].get("params") or {}
+        pool = attacker_pool(len(train), int(trigger_params.get("surrogate_size", 4000)), seed)
+        surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"),
+                                    int(trigger_params.get("surrogate_epochs", 10)))
+        pattern = sensitive_pattern(surrogate.encoder, train.images[pool], float(amplitude), seed)
+        trigger = fixed_pattern(pattern, float(amplitude), seed)
     elif kind == "supervised":
         pool = attacker_pool(len(train), int((params["trigger"].get("params") or {}).get("surrogate_size", 4000)), seed)
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     else:
-        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S or tint:A")
+        sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S, tint:A or sensitive:A")
     settings = victim_settings(params, "simclr")
     if args.min_scale is not None:
         settings["min_scale"] = args.min_scale

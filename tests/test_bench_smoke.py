@@ -142,6 +142,30 @@ def test_attack_levers_patterns_keep_their_budget():
     assert pattern.shape == (32, 32, 3) and 0 < np.abs(pattern).max() <= 8.0 + 1e-4
 
 
+def test_attack_levers_sensitive_pattern_moves_the_encoder_more_than_a_random_one():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from cba.models import build_backbone
+
+    levers = load("attack_levers")
+    torch.manual_seed(0)
+    encoder = build_backbone("convnet", width=4).eval()
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    pattern = levers.sensitive_pattern(encoder, images, 8.0, seed=0, steps=30, batch_size=32)
+    assert pattern.shape == (32, 32, 3) and np.abs(pattern).max() <= 8.0 + 1e-4
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+
+    def cosine(p: np.ndarray) -> float:
+        delta = torch.as_tensor(p, dtype=torch.float32).permute(2, 0, 1) / 255
+        with torch.no_grad():
+            return float(F.cosine_similarity(encoder((x + delta).clamp(0, 1)), encoder(x)).mean())
+
+    random_signs = np.sign(np.random.default_rng(1).standard_normal((32, 32, 3))) * 8.0
+    assert cosine(pattern) < cosine(random_signs)
+
+
 def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     import yaml
 
