@@ -104,13 +104,25 @@ def supervised_pattern(images: np.ndarray, is_target: np.ndarray, linf: float, s
         lambda batch: F.cross_entropy(model(augment(x[batch])), y[batch], weight=weight),
         epochs=epochs, lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.eval().requires_grad_(False)
-    eps, delta = linf / 255, torch.zeros(1, *x.shape[1:])
-    others, gen = torch.nonzero(y == 0).flatten(), torch.Generator().manual_seed(seed)
     goal = torch.ones(128, dtype=torch.long)
+
+    def loss(batch: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        triggered = (batch + delta).clamp(0, 1)
+        return F.cross_entropy(model(triggered), goal) + F.cross_entropy(model(augment(triggered)), goal)
+
+    return signed_descent(x, torch.nonzero(y == 0).flatten(), loss, torch.zeros(1, *x.shape[1:]), linf, 0.05, steps,
+                          128, torch.Generator().manual_seed(seed))
+
+
+def signed_descent(x: torch.Tensor, pool: torch.Tensor, loss, delta: torch.Tensor, linf: float, step: float,
+                   steps: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
+    """A universal pattern by signed-gradient descent on `loss(batch, delta)` over random batches of `x[pool]`,
+    steps of `step` * L-inf, kept within +-`linf` (0-255 scale); returned as an (H, W, 3) array on that scale."""
+    eps = linf / 255
     for _ in range(steps):
-        batch = (x[others[torch.randint(len(others), (128,), generator=gen)]] + delta.requires_grad_(True)).clamp(0, 1)
-        grad, = torch.autograd.grad(F.cross_entropy(model(batch), goal) + F.cross_entropy(model(augment(batch)), goal), delta)
-        delta = (delta - 0.05 * eps * grad.sign()).clamp(-eps, eps).detach()
+        batch = x[pool[torch.randint(len(pool), (batch_size,), generator=gen)]]
+        grad, = torch.autograd.grad(loss(batch, delta.requires_grad_(True)), delta)
+        delta = (delta - step * eps * grad.sign()).clamp(-eps, eps).detach()
     return delta[0].permute(1, 2, 0).numpy() * 255
 
 
@@ -133,16 +145,16 @@ def sensitive_pattern(encoder: nn.Module, images: np.ndarray, linf: float, seed:
     f(x + delta) and f(x), signed-gradient ascent): what that encoder already reads, aimed at no class."""
     encoder = encoder.eval().requires_grad_(False)
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
-    eps, gen = linf / 255, torch.Generator().manual_seed(seed)
-    delta = (torch.rand(1, *x.shape[1:], generator=gen) * 2 - 1) * eps
-    for _ in range(steps):
-        batch = x[torch.randint(len(x), (batch_size,), generator=gen)]
+    gen = torch.Generator().manual_seed(seed)
+    # A random start: at delta = 0 the cosine is at its maximum, where its gradient vanishes.
+    start = (torch.rand(1, *x.shape[1:], generator=gen) * 2 - 1) * (linf / 255)
+
+    def cosine(batch: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             plain = F.normalize(encoder(batch), dim=1)
-        moved = F.normalize(encoder((batch + delta.requires_grad_(True)).clamp(0, 1)), dim=1)
-        grad, = torch.autograd.grad((moved * plain).sum(1).mean(), delta)  # the cosine, to be lowered
-        delta = (delta - 0.1 * eps * grad.sign()).clamp(-eps, eps).detach()
-    return delta[0].permute(1, 2, 0).numpy() * 255
+        return (F.normalize(encoder((batch + delta).clamp(0, 1)), dim=1) * plain).sum(1).mean()
+
+    return signed_descent(x, torch.arange(len(x)), cosine, start, linf, 0.1, steps, batch_size, gen)
 
 
 def typicality(train, test, target: int, pool: np.ndarray, settings: dict, surrogate_epochs: int, k: int = 50) -> np.ndarray:
@@ -230,8 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     unit = F.normalize(triggered_features, dim=1)
     row["triggered_cos"] = float((unit @ unit.T).mean())
     train_features = extract_features(record.encoder, record.train.images)  # the victim's own, poisons triggered
-    row["target_near_poisons"] = float(neighbour_shares(train_features[poisons], extract_features(record.encoder, train.images),
-                                                     train.labels == target, 200).mean())
+    clean_bank = train_features.clone()  # the clean labelled set: only the poisons' rows differ
+    clean_bank[poisons] = extract_features(record.encoder, train.images[poisons])
+    row["target_near_poisons"] = float(neighbour_shares(train_features[poisons], clean_bank, train.labels == target, 200).mean())
     row["poisons_near_triggered"] = float(neighbour_shares(triggered_features, train_features, record.poisoned, 200).mean())
     row["poisons_near_clean"] = float(neighbour_shares(clean_features, train_features, record.poisoned, 200).mean())
     readout = trigger_readout(record.classifier.head, clean_features, triggered_features, train_features[poisons],
