@@ -45,7 +45,7 @@ from cba.survival import to_float
 from cba.train import TrainConfig, train
 from cba.triggers.fitting import attacker_pool
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
-from cba.triggers.optimize import SURROGATE_BATCH, OptimizeConfig, _all_features, target_head
+from cba.triggers.optimize import SURROGATE_BATCH, OptimizeConfig, _all_features, surrogate_seed, target_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pool = attacker_pool(len(train_set), int(trigger_params["surrogate_size"]), seed)
     images, is_target = train_set.images[pool], train_set.labels[pool] == int(params.get("target_class", 0))
     config = OptimizeConfig(**{k: v for k, v in trigger_params.items() if k != "surrogate_size"})
-    torch.manual_seed(seed)
+    surrogate = surrogate_seed(seed)
+    torch.manual_seed(surrogate)
     method = build_method("simclr", build_backbone(config.surrogate_backbone, width=config.surrogate_width),
                           temperature=config.temperature)
     rows: list[dict] = []
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     train_config = TrainConfig(epochs=args.epochs, batch_size=SURROGATE_BATCH, lr=config.surrogate_lr,
-                               warmup_epochs=min(2, args.epochs // 4), seed=seed, eval_every=args.every)
+                               warmup_epochs=min(2, args.epochs // 4), seed=surrogate, eval_every=args.every)
     train(method, images, np.zeros(len(images), dtype=np.int64), build_augment("ssl", images.shape[1], False,
           config.min_scale), train_config, torch.device("cpu"), evaluate=evaluate, progress=False)
     result: dict[str, Any] = {"separability": rows}

@@ -39,6 +39,14 @@ def device_name(device: torch.device | str) -> str:
     return models[0] if models else platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels use here, or "unknown" where torch cannot say."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, object]:
     device = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, object] = {
@@ -50,6 +58,9 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": device_name(device),
+        # The instruction set torch's CPU kernels dispatch to (AVX2, AVX512, ...): float sums, and so every
+        # trained figure, differ between machines that dispatch differently, even on one seed.
+        "cpu_capability": cpu_capability(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

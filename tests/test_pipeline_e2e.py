@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from cba.compare import flatten, runs_from_exp_show
@@ -87,6 +88,8 @@ def test_repro_writes_every_contracted_artifact(project):
     assert 0 <= finetune["linear"]["robust_acc"] <= 1 and 0 <= finetune["linear"]["natural_rate"] <= 1
     pretrain = json.loads((project / "metrics/details/pretrain.json").read_text())
     assert pretrain["env"]["torch"] and pretrain["augmentation_protocol"] == "per_sample"
+    # The kernels' instruction set, which decides the float stream: what tells two machines' figures apart.
+    assert pretrain["env"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for name in DEFENSES:
         result = json.loads((project / f"metrics/details/defense/{name}.json").read_text())
         assert result["defense"] == name and 0 <= result["auroc"] <= 1 and result["env"]["torch"]

@@ -228,3 +228,18 @@ def test_a_value_the_clip_zeroes_learns_only_through_a_straight_through_clip(mod
         assert brightest == pytest.approx(16 / 255)  # told which way to go, it uses the whole budget
     else:
         assert brightest == pytest.approx(-4 / 255)  # zero gradient: stuck where the first step left it
+
+
+def test_the_surrogate_never_starts_from_the_victims_weights():
+    from cba.models import build_backbone
+    from cba.triggers.optimize import surrogate_seed
+
+    for seed in (0, 1, 5):
+        members = [surrogate_seed(seed, k) for k in range(4)]
+        assert seed not in members and len(set(members)) == 4
+    # The victim is initialised from the run's seed (stages/pretrain.py); the attacker's surrogate is not.
+    torch.manual_seed(0)
+    victim = build_backbone("convnet", width=4)
+    torch.manual_seed(surrogate_seed(0))
+    surrogate = build_backbone("convnet", width=4)
+    assert not torch.equal(next(victim.parameters()), next(surrogate.parameters()))

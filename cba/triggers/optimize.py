@@ -113,8 +113,17 @@ def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 SURROGATE_BATCH = 256
-# Seeds of the ensemble's surrogates: seed, seed + stride, ... (far apart, so no two runs share one).
+# Seeds of the ensemble's surrogates: seed + stride, seed + 2 stride, ... (far apart, so no two runs share one).
 SURROGATE_SEED_STRIDE = 7919
+
+
+def surrogate_seed(seed: int, member: int = 0) -> int:
+    """The seed of the attacker's surrogate `member`: its initialisation and data order.
+
+    Never `seed` itself: the victim is initialised from it, and an attacker does not know the victim's
+    weights. A surrogate that trained on the victim's images from the victim's initial weights would be the
+    victim's clean twin, bit for bit."""
+    return seed + SURROGATE_SEED_STRIDE * (member + 1)
 
 
 def _pretrain_surrogate(method: nn.Module, images: np.ndarray, augment: nn.Module, epochs: int, lr: float,
@@ -293,7 +302,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         bar = tqdm(total=total, desc="trigger", unit="step", disable=not progress, mininterval=1.0)
         bar.set_postfix_str("surrogate warm-up")
         # Surrogate k has its own initialisation and data order; k = 0 is the single surrogate of ensemble 1.
-        seeds = [seed + SURROGATE_SEED_STRIDE * k for k in range(config.ensemble)]
+        seeds = [surrogate_seed(seed, k) for k in range(config.ensemble)]
         methods = []
         for member_seed in seeds:
             torch.manual_seed(member_seed)
