@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 image_size=train.images.shape[1])
     elif kind == "sensitive":
         trigger_params = params["trigger"].get("params") or {}
-        pool = attacker_pool(len(train), int(trigger_params.get("surrogate_size", 4000)), seed)
+        pool = attacker_pool(len(train), trigger_params.get("surrogate_size", 4000), seed)
         surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"),
                                     int(trigger_params.get("surrogate_epochs", 10)))
         pattern = sensitive_pattern(surrogate.encoder, train.images[pool], float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     elif kind == "supervised":
-        pool = attacker_pool(len(train), int((params["trigger"].get("params") or {}).get("surrogate_size", 4000)), seed)
+        pool = attacker_pool(len(train), (params["trigger"].get("params") or {}).get("surrogate_size", 4000), seed)
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     else:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings["min_scale"] = args.min_scale
     if args.select == "typical":
         trigger_params = params["trigger"].get("params") or {}
-        pool = attacker_pool(len(train), int(trigger_params.get("surrogate_size", 4000)), seed)
+        pool = attacker_pool(len(train), trigger_params.get("surrogate_size", 4000), seed)
         score = typicality(train, test, target, pool, settings, int(trigger_params.get("surrogate_epochs", 10)))
     else:
         score = grayscale_ratio(train.images)

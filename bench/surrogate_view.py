@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed = int(params.get("seed", 0))
     train_set, test = params_splits(params)
     trigger_params = params["trigger"]["params"]
-    pool = attacker_pool(len(train_set), int(trigger_params["surrogate_size"]), seed)
+    pool = attacker_pool(len(train_set), trigger_params["surrogate_size"], seed)
     images, is_target = train_set.images[pool], train_set.labels[pool] == int(params.get("target_class", 0))
     config = OptimizeConfig(**{k: v for k, v in trigger_params.items() if k != "surrogate_size"})
     surrogate = surrogate_seed(seed)

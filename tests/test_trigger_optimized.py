@@ -82,7 +82,7 @@ def test_an_unfitted_trigger_changes_nothing():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3),
+    ("linf", 0), ("linf", 300), ("linf", "16"), ("rounds", 0), ("trigger_steps", 1.5), ("surrogate_size", 3), ("surrogate_size", "half"),
     ("step_size", 0), ("min_scale", 1.5), ("poison_share", 0), ("poison_share", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
     ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
     ("hard_negatives", "no"), ("w_clean", -1), ("w_neutral", "high"), ("w_neutral", float("nan")),
@@ -98,6 +98,18 @@ def test_all_weights_zero_is_refused():
     with pytest.raises(ConfigError, match="w_target"):
         build_trigger("optimized", {"w_target": 0, "w_agree": 0}, seed=0)
     build_trigger("optimized", {"w_target": 0, "w_agree": 0, "w_match": 1.0}, seed=0)  # matching alone is a goal
+
+
+def test_surrogate_size_all_gives_the_attacker_every_training_image():
+    from cba.triggers.fitting import attacker_pool
+
+    assert build_trigger("optimized", {"surrogate_size": "all"}, seed=0).params["surrogate_size"] == "all"
+    np.testing.assert_array_equal(attacker_pool(500, "all", seed=0), np.arange(500))
+    # "all" is the whole set, the same pool as naming its size.
+    np.testing.assert_array_equal(attacker_pool(500, 500, seed=3), np.arange(500))
+    assert len(attacker_pool(500, 200, seed=0)) == 200
+    with pytest.raises(ConfigError, match="surrogate_size"):
+        attacker_pool(500, 501, seed=0)
 
 
 def test_fit_needs_target_images(attacker_data):

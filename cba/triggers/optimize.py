@@ -76,7 +76,7 @@ class OptimizeConfig:
     linf: float = 16.0  # budget on the 0-255 scale
     surrogate_backbone: str = "convnet"
     surrogate_width: int = 16
-    surrogate_epochs: int = 10  # SimCLR warm-up on the attacker's clean data
+    surrogate_epochs: int = 20  # SimCLR warm-up on the attacker's clean data
     surrogate_lr: float = 0.6
     temperature: float = 0.2
     rounds: int = 8  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
@@ -101,7 +101,7 @@ class OptimizeConfig:
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
     w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
-    w_neutral: float = 5.0  # ... nor read them differently from the clean images at all
+    w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
     form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
     hidden: int = 16  # the generator's channels
     lr: float = 0.002  # the generator's Adam rate

@@ -28,6 +28,11 @@ def _integer(low: int):
     return lambda v: int(v) if is_int(v) and v >= low else None, f"must be an integer >= {low}"
 
 
+def _size_or_all(low: int):
+    return (lambda v: "all" if v == "all" else int(v) if is_int(v) and v >= low else None,
+            f"must be an integer >= {low}, or all")
+
+
 def _number(low: float, high: float, allowed: str, *, open_low: bool = True):
     def check(v):
         inside = is_number(v) and (low < v if open_low else low <= v) and v <= high
@@ -46,7 +51,7 @@ _WEIGHT = _number(0.0, float("inf"), "must be a number >= 0", open_low=False)
 # any learned trigger takes.
 OPTION_CHECKS = {
     "linf": _number(0.0, 255.0, "must be a number in (0, 255] (0-255 pixel scale)"),
-    "surrogate_size": _integer(16), "surrogate_epochs": _integer(0), "surrogate_width": _integer(1),
+    "surrogate_size": _size_or_all(16), "surrogate_epochs": _integer(0), "surrogate_width": _integer(1),
     "surrogate_backbone": _choice(BACKBONE_CHOICES), "rounds": _integer(1), "trigger_steps": _integer(1),
     "batch_size": _integer(2), "resolution": _integer(1), "clusters": _integer(2), "ensemble": _integer(1),
     "hidden": _integer(1),
@@ -68,8 +73,8 @@ class OptimizedTrigger(Trigger):
     form = "universal"  # what the fit optimises (cba.triggers.perturbation)
     defaults = {
         "linf": 16,               # L-inf budget on the 0-255 scale
-        "surrogate_size": 4000,     # unlabelled training images the attacker holds
-        "surrogate_epochs": 10,     # SimCLR warm-up of the surrogate encoder
+        "surrogate_size": "all",    # unlabelled training images the attacker holds (all: BLTO's threat model)
+        "surrogate_epochs": 20,     # SimCLR warm-up of the surrogate encoder (the victim's own schedule)
         "surrogate_backbone": "convnet",
         "surrogate_width": 16,
         "rounds": 8,                # bi-level rounds: a poisoned surrogate epoch, then trigger steps
@@ -88,7 +93,7 @@ class OptimizedTrigger(Trigger):
         "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
         "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
         "w_clean": 0.0,             # a surrogate that never saw a poison should not read triggered images as the target
-        "w_neutral": 5.0,           # ... nor read them any differently from the clean images
+        "w_neutral": 20.0,          # ... nor read them any differently from the clean images
         "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
         "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
         "clip_gradient": "zero",    # the clip's gradient in the fit: zero (exact) | straight_through (clipped pixels still learn)
