@@ -189,7 +189,9 @@ def badnets_runs(supervised_badnets):
     runs = {
         "neural_cleanse": build_defense("neural_cleanse", steps=150, batch_size=16, clean_images=200).run(record),
         "strip": build_defense("strip", max_inputs=250).run(record),
-        "fine_pruning": build_defense("fine_pruning", prune_ratios=[0.0, 0.4, 0.8]).run(record),
+        # Pruning 90% of the last stage, as Liu et al. prune until accuracy drops: at 80% the short fine-tune can
+        # grow the backdoor back on some float streams (one thread on an AVX-512 machine: ASR 1.00 -> 0.86).
+        "fine_pruning": build_defense("fine_pruning", prune_ratios=[0.0, 0.4, 0.8, 0.9], prune_ratio=0.9).run(record),
     }
     runs["unmodified"] = same_state(before, state_of(record.classifier)) and not record.encoder.stages[-1]._forward_hooks
     return runs
@@ -229,8 +231,8 @@ def test_strip_detects_badnets_inputs(badnets_runs):
 def test_fine_pruning_removes_the_badnets_backdoor(badnets_runs):
     out = badnets_runs["fine_pruning"]
     assert out["asr_after"] < out["asr_before"] - 0.3, out
-    assert [row["prune_ratio"] for row in out["curve"]] == [0.0, 0.4, 0.8]
-    assert out["curve"][0]["acc"] == out["acc_before"] and out["prune_ratio"] == 0.8
+    assert [row["prune_ratio"] for row in out["curve"]] == [0.0, 0.4, 0.8, 0.9]
+    assert out["curve"][0]["acc"] == out["acc_before"] and out["prune_ratio"] == 0.9
 
 
 def test_every_defense_lives_in_the_module_dvc_yaml_names():
