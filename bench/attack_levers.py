@@ -67,6 +67,7 @@ from cba.triggers import build_trigger, load_trigger
 from cba.triggers.base import Trigger
 from cba.triggers.ctrl import RGB_TO_YUV
 from cba.triggers.fitting import attacker_pool
+from cba.triggers.optimized import OptimizedTrigger
 
 REPO = Path(__file__).resolve().parents[1]
 LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
@@ -130,6 +131,13 @@ def grayscale_ratio(images: np.ndarray) -> np.ndarray:
     """Per image: luminance contrast over colour contrast. Near 0: grayscale erases the shape."""
     x = images.astype(np.float32) / 255
     return (x @ LUMA).std(axis=(1, 2)) / (np.sqrt((x.std(axis=(1, 2)) ** 2).mean(-1)) + 1e-6)
+
+
+def attacker_settings(params: dict) -> tuple[int | str, int]:
+    """The attacker's data and warm-up as the trigger stage reads them: params.yaml's learned-trigger options,
+    else the learned trigger's own defaults."""
+    options = {**OptimizedTrigger.defaults, **(params["trigger"].get("params") or {})}
+    return options["surrogate_size"], int(options["surrogate_epochs"])
 
 
 def clean_surrogate(train, test, pool: np.ndarray, settings: dict, surrogate_epochs: int):
@@ -210,14 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
         trigger = build_trigger("patch", {"size": size, "location": [centre, centre], "pattern": "random"}, seed=seed,
                                 image_size=train.images.shape[1])
     elif kind == "sensitive":
-        trigger_params = params["trigger"].get("params") or {}
-        pool = attacker_pool(len(train), trigger_params.get("surrogate_size", 4000), seed)
-        surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"),
-                                    int(trigger_params.get("surrogate_epochs", 10)))
+        size, surrogate_epochs = attacker_settings(params)
+        pool = attacker_pool(len(train), size, seed)
+        surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"), surrogate_epochs)
         pattern = sensitive_pattern(surrogate.encoder, train.images[pool], float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     elif kind == "supervised":
-        pool = attacker_pool(len(train), (params["trigger"].get("params") or {}).get("surrogate_size", 4000), seed)
+        pool = attacker_pool(len(train), attacker_settings(params)[0], seed)
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
         trigger = fixed_pattern(pattern, float(amplitude), seed)
     else:
@@ -226,9 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.min_scale is not None:
         settings["min_scale"] = args.min_scale
     if args.select == "typical":
-        trigger_params = params["trigger"].get("params") or {}
-        pool = attacker_pool(len(train), trigger_params.get("surrogate_size", 4000), seed)
-        score = typicality(train, test, target, pool, settings, int(trigger_params.get("surrogate_epochs", 10)))
+        size, surrogate_epochs = attacker_settings(params)
+        score = typicality(train, test, target, attacker_pool(len(train), size, seed), settings, surrogate_epochs)
     else:
         score = grayscale_ratio(train.images)
     with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, score)):

@@ -17,9 +17,7 @@ from cba.triggers.base import Trigger
 
 def attacker_pool(n_images: int, size: int | str, seed: int) -> np.ndarray:
     """The attacker's own images: a seeded random subset of the training split, sorted (`all`: every one)."""
-    if size == "all":
-        return np.arange(n_images)
-    size = int(size)
+    size = n_images if size == "all" else int(size)
     if size > n_images:
         raise ConfigError("surrogate_size", size, f"at most {n_images}, the training-set size")
     return np.sort(np.random.default_rng([seed, 0xA77AC]).permutation(n_images)[:size])
