@@ -86,7 +86,7 @@ def test_an_unfitted_trigger_changes_nothing():
     ("step_size", 0), ("min_scale", 1.5), ("poison_share", 0), ("poison_share", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
     ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
     ("hard_negatives", "no"), ("w_clean", -1), ("w_neutral", "high"), ("w_neutral", float("nan")),
-    ("clip_gradient", "identity"),
+    ("clip_gradient", "identity"), ("clean_head", "svm"),
 ])
 def test_bad_params_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
@@ -119,12 +119,13 @@ def test_fit_needs_target_images(attacker_data):
 
 
 def test_code_defaults_match_params_yaml():
-    """params.yaml is the one source of defaults: the class and the optimiser agree with it."""
+    """params.yaml ships the fit's own defaults; the generated trigger takes them but the grid's and adds its own."""
     from pathlib import Path
 
     import yaml
 
-    from cba.triggers.optimize import OptimizeConfig
+    from cba.triggers.fit_options import OptimizeConfig
+    from cba.triggers.generated import GeneratedTrigger
     from cba.triggers.optimized import OptimizedTrigger
 
     shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["trigger"]
@@ -134,6 +135,9 @@ def test_code_defaults_match_params_yaml():
     for key, value in shipped["params"].items():
         if key != "surrogate_size":  # the stage's choice of data, not the optimiser's
             assert getattr(config, key) == value, key
+    universal_only = {"resolution", "step_size", "w_match", "match"}
+    assert set(GeneratedTrigger.defaults) == (set(OptimizedTrigger.defaults) - universal_only) | {"hidden", "lr"}
+    assert not {"surrogate_lr", "temperature", "per_batch", "form"} & set(GeneratedTrigger.defaults)
 
 
 def test_progress_bar_covers_the_surrogate_and_the_trigger_steps(attacker_data, capsys):
@@ -164,6 +168,18 @@ def test_probe_head_learns_the_pseudo_labels_and_fits_within_budget(attacker_dat
     info = trigger.fit(images, target_mask, progress=False)
     assert np.abs(trigger.perturbation()).max() <= TINY["linf"]
     assert 0.0 <= info["history"][-1]["hit_rate"] <= 1.0
+
+
+def test_the_clean_copy_reads_through_the_head_clean_head_names(attacker_data, fitted):
+    """`clean_head: same` follows `head`; naming the same kind changes nothing, another kind changes the fit."""
+    trigger, _ = fitted  # head centroid, clean_head same
+    same = build_trigger("optimized", {**TINY, "clean_head": "centroid"}, seed=3)
+    same.fit(*attacker_data, progress=False)
+    np.testing.assert_array_equal(same.perturbation(), trigger.perturbation())
+    probe = build_trigger("optimized", {**TINY, "clean_head": "probe"}, seed=3)
+    info = probe.fit(*attacker_data, progress=False)
+    assert not np.array_equal(probe.perturbation(), trigger.perturbation())
+    assert np.abs(probe.perturbation()).max() <= TINY["linf"] and np.isfinite(info["history"][-1]["neutral"])
 
 
 def test_an_ensemble_trains_one_surrogate_per_member_and_stays_deterministic(attacker_data, capsys):

@@ -13,22 +13,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cba.triggers.fit_options import fit_defaults
 from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, apply_generator
 from cba.triggers.registry import TRIGGERS
-
-# Options of the universal pattern that a generator has no use for.
-UNIVERSAL_ONLY = ("resolution", "step_size", "w_match", "match")
-
 
 @TRIGGERS.register("generated")
 class GeneratedTrigger(OptimizedTrigger):
     """x' = clip(x + linf * G(x)); |G| < 1, so the budget holds for every image."""
 
     form = "generator"
-    defaults = {**{k: v for k, v in OptimizedTrigger.defaults.items() if k not in UNIVERSAL_ONLY},
-                "hidden": 16,   # the generator's channels
-                "lr": 0.002}    # its Adam rate during the fit
+    # The universal pattern's options but its grid and signed steps; the generator's width and Adam rate.
+    defaults = {"surrogate_size": "all", **fit_defaults(form)}
 
     def _generator(self) -> PatternGenerator:
         generator = PatternGenerator(self.params["hidden"])

@@ -45,6 +45,9 @@ Options, all off by default but `w_neutral` (docs/results.md has what each did a
   clean one. Where L_clean only forbids the pattern's own pull to the target,
   this forbids every pull: a pattern that looks like some class (a texture
   the probe reads as *checker*) diverts triggered images there on any encoder.
+- `clean_head`: what the frozen copy reads through, for both terms: the same kind of head as `head`, or
+  another. A nearest-centroid head sees only the features' directions; a linear probe on standardised
+  features, like the victim's, also sees the small directions standardisation magnifies.
 
 Every random draw comes from the seed, so the pattern is deterministic on one
 machine.
@@ -53,7 +56,6 @@ machine.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -67,45 +69,9 @@ from cba.evaluate import train_linear_probe
 from cba.models import build_backbone
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
+from cba.triggers.fit_options import OptimizeConfig
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern, stamp
-
-
-@dataclass
-class OptimizeConfig:
-    linf: float = 16.0  # budget on the 0-255 scale
-    surrogate_backbone: str = "convnet"
-    surrogate_width: int = 16
-    surrogate_epochs: int = 20  # SimCLR warm-up on the attacker's clean data
-    surrogate_lr: float = 0.6
-    temperature: float = 0.2
-    rounds: int = 8  # bi-level rounds; each = one poisoned surrogate epoch, then `trigger_steps`
-    bilevel: bool = True  # False: the surrogate stays as the warm-up left it
-    # Share of the attacker's target-class images that carry the pattern in the poisoned surrogate epochs. The
-    # victim's share is its poison count over its target-class images; below 1 the surrogate, like the victim,
-    # also sees clean target images to tell the poisons from.
-    poison_share: float = 1.0
-    trigger_steps: int = 25
-    batch_size: int = 128
-    step_size: float = 0.1  # signed-gradient step, as a fraction of the budget
-    w_target: float = 1.0
-    w_agree: float = 1.0
-    eot: bool = True  # expectation over the augmentation pipeline
-    clusters: int = 10  # centroids the target competes with: the target's own plus k-means of the other images
-    resolution: int = 32  # the pattern is a resolution x resolution grid, bilinearly upsampled to the image
-    head: str = "centroid"  # centroid: nearest centroid by cosine | probe: a linear probe fitted on the pseudo-labels
-    min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop
-    per_batch: bool = False
-    ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them
-    w_match: float = 0.0  # gradient matching: training on the poisons should teach the backdoor (cba.triggers.matching)
-    hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
-    match: str = "differential"  # differential: match what the pattern adds to the poisons' gradient | full: all of it
-    w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
-    w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
-    form: str = "universal"  # universal: one pattern for every image | generator: delta(x) from a small conv net
-    hidden: int = 16  # the generator's channels
-    lr: float = 0.002  # the generator's Adam rate
-    clip_gradient: str = "zero"  # the clip's gradient in the objective: zero (exact) | straight_through
 
 
 def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +282,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         # so the fit's random stream is the same with or without it).
         clean_encoder = copy.deepcopy(methods[0].encoder).eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
-            clean_head = target_head(clean_encoder, data, target_mask, config.clusters, config.head,
+            clean_kind = config.head if config.clean_head == "same" else config.clean_head
+            clean_head = target_head(clean_encoder, data, target_mask, config.clusters, clean_kind,
                                      torch.Generator().manual_seed(seed + 1), hard_negatives=config.hard_negatives)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))

@@ -13,6 +13,7 @@ import torch
 
 from cba.errors import is_int, is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
+from cba.triggers.fit_options import OptimizeConfig, fit_defaults
 
 if TYPE_CHECKING:
     from cba.triggers.perturbation import UniversalPattern
@@ -20,6 +21,7 @@ from cba.triggers.registry import TRIGGERS
 
 BACKBONE_CHOICES = ("convnet", "resnet18")
 HEAD_CHOICES = ("centroid", "probe")
+CLEAN_HEAD_CHOICES = ("same", *HEAD_CHOICES)
 MATCH_CHOICES = ("differential", "full")
 CLIP_GRADIENT_CHOICES = ("zero", "straight_through")  # cba.triggers.perturbation.stamp
 
@@ -61,7 +63,7 @@ OPTION_CHECKS = {
     "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
-    "head": _choice(HEAD_CHOICES), "match": _choice(MATCH_CHOICES), "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
+    "head": _choice(HEAD_CHOICES), "clean_head": _choice(CLEAN_HEAD_CHOICES), "match": _choice(MATCH_CHOICES), "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
 }
 
 
@@ -71,33 +73,9 @@ class OptimizedTrigger(Trigger):
 
     learns_from_data = True
     form = "universal"  # what the fit optimises (cba.triggers.perturbation)
-    defaults = {
-        "linf": 16,               # L-inf budget on the 0-255 scale
-        "surrogate_size": "all",    # unlabelled training images the attacker holds (all: BLTO's threat model)
-        "surrogate_epochs": 20,     # SimCLR warm-up of the surrogate encoder (the victim's own schedule)
-        "surrogate_backbone": "convnet",
-        "surrogate_width": 16,
-        "rounds": 8,                # bi-level rounds: a poisoned surrogate epoch, then trigger steps
-        "trigger_steps": 25,
-        "batch_size": 128,
-        "step_size": 0.1,           # signed-gradient step as a fraction of linf
-        "w_target": 1.0,            # pull of triggered images to the target cluster
-        "w_agree": 1.0,             # agreement of two views of a triggered image
-        "bilevel": True,
-        "poison_share": 1.0,        # share of the attacker's target images the poisoned surrogate epochs poison
-        "eot": True,                # expectation over the augmentation pipeline
-        "min_scale": 0.5,           # the attacker's assumption of the victim's crop scale
-        "clusters": 10,             # the target centroid competes with k-means centroids of the other images
-        "resolution": 32,           # side of the learned grid, upsampled to the image (lower: smoother)
-        "head": "centroid",         # the attacker's stand-in downstream classifier: centroid | probe
-        "ensemble": 1,              # independently initialised surrogates the trigger steps take turns on
-        "w_match": 0.0,             # gradient matching: training on the poisons should teach the backdoor
-        "w_clean": 0.0,             # a surrogate that never saw a poison should not read triggered images as the target
-        "w_neutral": 20.0,          # ... nor read them any differently from the clean images
-        "hard_negatives": False,    # the non-target images nearest the target get a centroid of their own
-        "match": "differential",    # differential (what the pattern adds to the poisons' gradient) | full
-        "clip_gradient": "zero",    # the clip's gradient in the fit: zero (exact) | straight_through (clipped pixels still learn)
-    }
+    # The attacker holds every unlabelled training image (BLTO's threat model), or a seeded subset of this size;
+    # the rest is the fit's own table (cba.triggers.fit_options), so params.yaml, the trigger and the optimiser agree.
+    defaults = {"surrogate_size": "all", **fit_defaults(form)}
 
     def _validate(self) -> None:
         # Each option is checked only where this trigger takes it (the generated trigger drops some).
@@ -117,7 +95,7 @@ class OptimizedTrigger(Trigger):
     def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
             progress: bool = True) -> dict[str, Any]:
         """Learn the pattern from the attacker's images; return the optimisation's figures."""
-        from cba.triggers.optimize import OptimizeConfig, optimize_trigger  # torch-heavy, needed only here
+        from cba.triggers.optimize import optimize_trigger  # torch-heavy, needed only here
 
         images = self._check_images(images)
         target_mask = np.asarray(target_mask, dtype=bool)
