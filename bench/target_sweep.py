@@ -89,14 +89,15 @@ def ratio(poisoned: float, clean: float) -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| target | trigger change | surrogate hit (clean copy) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
+    head = ("| target | trigger change | surrogate hit (clean copy; its probe) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
             "| clean victim linear / kNN ASR | ratio linear / kNN | probe's other landings |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         p, c = r["poisoned"], r["clean"]
         landings = ", ".join(f"{k} {v}" for k, v in p["linear"]["landing"].items())
         lines.append(
-            f"| {r['target']} | {json.dumps(r['change']) if r['change'] else 'none'} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}) "
+            f"| {r['target']} | {json.dumps(r['change']) if r['change'] else 'none'} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}; "
+            f"{r.get('clean_probe_hit_rate', float('nan')):.3f}) "
             f"| {p['linear']['acc']:.3f} / {p['linear']['asr']:.3f} | {p['knn']['acc']:.3f} / {p['knn']['asr']:.3f} "
             f"| {c['linear']['asr']:.3f} / {c['knn']['asr']:.3f} "
             f"| {ratio(p['linear']['asr'], c['linear']['asr']):.1f}x / {ratio(p['knn']['asr'], c['knn']['asr']):.1f}x "
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = {"target": test.classes[target], "target_class": target, "change": change or {},
                "hit_rate": float(last_round.get("hit_rate", float("nan"))),
                "clean_hit_rate": float(last_round.get("clean_hit_rate", float("nan"))),
+               "clean_probe_hit_rate": float(last_round.get("clean_probe_hit_rate", float("nan"))),
                "poisoned": read(poisoned, trigger, target, seed), "clean": read(clean, trigger, target, seed)}
         rows.append(row)
         print(json.dumps(row), flush=True)

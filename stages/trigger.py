@@ -48,10 +48,13 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION)
             fitted = fit_trigger(trig, train.images, train.labels, target, seed, device=pick_device("auto"), progress=progress)
         history = pd.DataFrame(fitted["history"])
         # hit rate: the share of triggered images the attacker's own surrogate sends to the target (a proxy of ASR);
-        # clean hit rate: the same on a copy that never saw a poison (a proxy of what the pattern does on its own).
+        # clean hit rate: the same on a copy that never saw a poison (a proxy of what the pattern does on its own);
+        # clean probe hit rate: that copy read through a linear probe, as the victim's probe reads.
         last = fitted["history"][-1]
         metrics.update(final_objective=fitted["final_objective"], surrogate_hit_rate=last["hit_rate"],
-                       surrogate_clean_hit_rate=last["clean_hit_rate"], fit_seconds=time.perf_counter() - started)
+                       surrogate_clean_hit_rate=last["clean_hit_rate"],
+                       surrogate_clean_probe_hit_rate=last["clean_probe_hit_rate"],
+                       fit_seconds=time.perf_counter() - started)
     else:
         history = pd.DataFrame(columns=["round", "target", "agree", "objective"])  # a fixed trigger learns nothing
     rng = np.random.default_rng(seed)

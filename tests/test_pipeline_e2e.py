@@ -198,6 +198,7 @@ def test_queued_experiments_rerun_only_what_changed_and_read_back(project):
     trigger = json.loads((project / "metrics/trigger.json").read_text())
     assert 0 < trigger["linf"] <= 16 and trigger["psnr"] > 20 and 0 < trigger["ssim"] <= 1
     assert 0 <= trigger["surrogate_hit_rate"] <= 1 and 0 <= trigger["surrogate_clean_hit_rate"] <= 1
+    assert 0 <= trigger["surrogate_clean_probe_hit_rate"] <= 1
     # The experiment's metrics differ from the committed baseline's.
     diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=project, capture_output=True, text=True).stdout)
     assert "metrics/pretrain.json" in diff

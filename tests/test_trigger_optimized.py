@@ -182,6 +182,23 @@ def test_the_clean_copy_reads_through_the_head_clean_head_names(attacker_data, f
     assert np.abs(probe.perturbation()).max() <= TINY["linf"] and np.isfinite(info["history"][-1]["neutral"])
 
 
+def test_probe_hit_rate_counts_the_triggered_images_the_head_reads_as_the_target():
+    from cba.triggers.optimize import probe_hit_rate
+
+    encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # each image's mean colour
+    head = lambda f: torch.stack([f[:, 0] - 0.5, torch.zeros(len(f))], 1)  # target: red above one half
+    x = torch.zeros(10, 3, 4, 4)
+    x[:, 0] = 0.05 + 0.1 * torch.arange(10.0)[:, None, None]  # reds 0.05, 0.15, ..., 0.95
+    assert probe_hit_rate(encoder, head, x, lambda part: torch.zeros_like(part), chunk=3) == pytest.approx(0.5)
+    # +0.2 lifts reds 0.35 and 0.45 above one half; the clip keeps 0.95 at 1, still above.
+    assert probe_hit_rate(encoder, head, x, lambda part: torch.full_like(part, 0.2), chunk=3) == pytest.approx(0.7)
+
+
+def test_every_round_records_the_clean_copys_probe_reading(fitted):
+    _, info = fitted
+    assert all(0.0 <= row["clean_probe_hit_rate"] <= 1.0 for row in info["history"])
+
+
 def test_an_ensemble_trains_one_surrogate_per_member_and_stays_deterministic(attacker_data, capsys):
     params = {**TINY, "ensemble": 2, "rounds": 2, "trigger_steps": 4, "surrogate_epochs": 1}
     first = build_trigger("optimized", params, seed=3)

@@ -79,6 +79,7 @@ def _raw(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 SURROGATE_BATCH = 256
+READOUT = 1000  # non-target images the clean copy's probe reads the pattern on, after every round
 # Seeds of the ensemble's surrogates: seed + stride, seed + 2 stride, ... (far apart, so no two runs share one).
 SURROGATE_SEED_STRIDE = 7919
 
@@ -210,6 +211,15 @@ def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]
     return terms
 
 
+@torch.no_grad()
+def probe_hit_rate(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   perturbation: Callable[[torch.Tensor], torch.Tensor], chunk: int = 500) -> float:
+    """The share of the images `x`, triggered, that `head` reads as the target (class 0)."""
+    hits = sum(int((head(_raw(encoder, stamp(part, perturbation(part)))).argmax(1) == 0).sum())
+               for part in x.split(chunk))
+    return hits / max(1, len(x))
+
+
 def match_term(method: nn.Module, data: torch.Tensor, batch: torch.Tensor, delta: torch.Tensor,
                head: Callable[[torch.Tensor], torch.Tensor], target_pool: torch.Tensor, augment: nn.Module,
                config: OptimizeConfig, gen: torch.Generator) -> torch.Tensor:
@@ -285,7 +295,14 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             clean_kind = config.head if config.clean_head == "same" else config.clean_head
             clean_head = target_head(clean_encoder, data, target_mask, config.clusters, clean_kind,
                                      torch.Generator().manual_seed(seed + 1), hard_negatives=config.hard_negatives)
+            # The copy read through a linear probe whatever `clean_head` is: as the victim's probe reads, so its
+            # hit rate is the attacker's estimate of the ASR a victim without poisons shows (the 3x rule's
+            # baseline), which a nearest-centroid reading underestimates.
+            clean_probe = clean_head if clean_kind == "probe" else target_head(
+                clean_encoder, data, target_mask, config.clusters, "probe", torch.Generator().manual_seed(seed + 2),
+                hard_negatives=config.hard_negatives)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
+        readout = data[others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + 3))[:READOUT]]]
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))
         gen = torch.Generator().manual_seed(seed)
         carriers = poison_carriers(target_mask, config.poison_share, seed)
@@ -334,7 +351,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
                    + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)
-                   + config.w_neutral * sums.get("neutral", 0.0)}
+                   + config.w_neutral * sums.get("neutral", 0.0),
+                   "clean_probe_hit_rate": probe_hit_rate(clean_encoder, clean_probe, readout, perturbation)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()
