@@ -49,7 +49,8 @@ class OptimizeConfig:
     w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
     w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
-    match: str = _only("universal", "differential")  # differential: what the pattern adds to the poisons' gradient | full
+    # differential: match what the pattern adds to the poisons' gradient | full: all of it
+    match: str = _only("universal", "differential")
     clip_gradient: str = "zero"  # the clip's gradient in the objective: zero (exact) | straight_through
     hidden: int = _only("generator", 16)  # the generator's channels
     lr: float = _only("generator", 0.002)  # the generator's Adam rate

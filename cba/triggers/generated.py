@@ -18,6 +18,7 @@ from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, apply_generator
 from cba.triggers.registry import TRIGGERS
 
+
 @TRIGGERS.register("generated")
 class GeneratedTrigger(OptimizedTrigger):
     """x' = clip(x + linf * G(x)); |G| < 1, so the budget holds for every image."""
