@@ -58,7 +58,10 @@ def attack_summary(poison: dict, pretrain: dict, finetune: dict) -> str:
         return {"evaluation": label, "ACC": figures.get("acc"), "ASR": figures.get("asr"),
                 "natural rate": figures.get("natural_rate"), "RA": figures.get("robust_acc")}
 
+    reference = finetune.get("reference") or {}
     rows = [row("linear probe (converged)", finetune.get("linear", {})), row("kNN (k=200)", finetune.get("knn", {})),
+            *(row(f"{label}, reference victim (no poisons)", reference[name])
+              for name, label in (("linear", "linear probe"), ("knn", "kNN")) if reference.get(name)),
             {"evaluation": "kNN, randomly initialised encoder", "ACC": pretrain.get("random_init_knn_acc"),
              "ASR": pretrain.get("random_init_knn_asr")}]
     head = (f"Attack: **{poison.get('trigger')}** trigger, {poison.get('mode')}, {poison.get('poisoned')} of "

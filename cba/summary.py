@@ -1,7 +1,8 @@
 """`metrics/summary.json`: the handful of figures that say what one run found, for `dvc exp show`.
 
 The downstream classifier's ACC, ASR, natural target rate and robust accuracy,
-the same for kNN, and one figure per defense: a detection defense's AUROC, Neural
+the same for kNN, the same trigger's ACC and ASR on the reference victim
+(`ref_*`: the same pretraining without poisons), and one figure per defense: a detection defense's AUROC, Neural
 Cleanse's anomaly index of the true target, a repair's ASR after repair and its
 DER. Keys are short so that a table of experiments stays narrow, and the
 headline ones are capitalised (ACC, ASR, RA, kNN_ACC, ...) so that no other
@@ -41,6 +42,12 @@ def summary_figures(finetune: dict[str, Any], defenses: list[dict[str, Any]]) ->
         "RA": primary.get("robust_acc", linear.get("robust_acc")),
         "kNN_ACC": knn.get("acc"), "kNN_ASR": knn.get("asr"), "kNN_natural": knn.get("natural_rate"),
     }
+    # The same trigger read on the reference victim (no poisons): what the ASR above must exceed threefold.
+    reference = finetune.get("reference") or {}
+    reference_primary = reference.get(finetune.get("primary", "linear")) or {}
+    figures.update({"ref_ACC": reference_primary.get("acc"), "ref_ASR": reference_primary.get("asr"),
+                    "ref_kNN_ACC": (reference.get("knn") or {}).get("acc"),
+                    "ref_kNN_ASR": (reference.get("knn") or {}).get("asr")})
     for result in defenses:
         figures.update(defense_figures(result))
     return {key: value for key, value in figures.items() if isinstance(value, (int, float)) and value == value}

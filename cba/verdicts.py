@@ -10,34 +10,63 @@ from __future__ import annotations
 from typing import Any
 
 TOOK_HOLD_ASR = 0.3  # an evaluation's ASR at least this ...
-TOOK_HOLD_FACTOR = 3.0  # ... and this many times the natural target rate (no trigger) of the same classifier
+TOOK_HOLD_FACTOR = 3.0  # ... and this many times the natural target rate (no trigger) of the same classifier,
+# and this many times the ASR the same trigger reaches on the reference victim (the same pretraining, no poisons)
 SEPARABLE = 0.8  # AUROC at or above which a score separates poisoned from clean
 REPAIR_ASR_FACTOR = 0.5  # a repair works if ASR falls to this fraction or less ...
 REPAIR_ACC_DROP = 0.10  # ... while ACC falls by at most this much
+EVALUATIONS = ("linear", "knn")
+
+
+def backdoor_status(finetune: dict[str, Any], name: str) -> str:
+    """How evaluation `name` reads the trigger: `held` (every bar met), `adversarial` (the ASR and natural-rate bars
+    met, but the reference victim reads the trigger as the target so often that poisoning adds less than
+    TOOK_HOLD_FACTOR times) or `none`."""
+    figures = finetune.get(name) or {}
+    asr = figures.get("asr", 0.0)
+    natural = figures.get("natural_rate") or 0.0  # older metrics lack it: the absolute bar alone then
+    if asr < max(TOOK_HOLD_ASR, TOOK_HOLD_FACTOR * natural):
+        return "none"
+    reference = ((finetune.get("reference") or {}).get(name) or {}).get("asr")
+    return "adversarial" if reference is not None and asr < TOOK_HOLD_FACTOR * reference else "held"
 
 
 def took_hold(finetune: dict[str, Any]) -> list[str]:
     """The evaluations (linear, knn) under which the backdoor took hold."""
-    held = []
-    for name in ("linear", "knn"):
-        figures = finetune.get(name) or {}
-        natural = figures.get("natural_rate") or 0.0  # older metrics lack it: the absolute bar alone then
-        if figures.get("asr", 0.0) >= max(TOOK_HOLD_ASR, TOOK_HOLD_FACTOR * natural):
-            held.append(name)
-    return held
+    return [name for name in EVALUATIONS if backdoor_status(finetune, name) == "held"]
+
+
+def _figures(finetune: dict[str, Any], name: str) -> str:
+    figures, reference = finetune.get(name) or {}, (finetune.get("reference") or {}).get(name) or {}
+    text = f"{name} ASR {figures.get('asr', float('nan')):.3f} (natural rate {figures.get('natural_rate', float('nan')):.3f}"
+    if reference:
+        text += (f"; reference victim {reference.get('asr', float('nan')):.3f}, ACC {figures.get('acc', float('nan')):.3f} "
+                 f"against its {reference.get('acc', float('nan')):.3f}")
+    return text + ")"
 
 
 def claim_verdicts(finetune: dict[str, Any], analysis: dict[str, Any],
                    defenses: list[dict[str, Any]]) -> list[str]:
     """Markdown bullet lines: whether the backdoor took hold, then claims 1, 2 and 3."""
-    held = took_hold(finetune)
-    asr = ", ".join(f"{name} ASR {(finetune.get(name) or {}).get('asr', float('nan')):.3f} "
-                    f"(natural rate {(finetune.get(name) or {}).get('natural_rate', float('nan')):.3f})" for name in ("linear", "knn"))
-    rule = f"ASR ≥ {TOOK_HOLD_ASR} and ≥ {TOOK_HOLD_FACTOR:g}× the natural rate: non-target images sent to the target without the trigger"
-    if not held:
+    status = {name: backdoor_status(finetune, name) for name in EVALUATIONS}
+    held = [name for name in EVALUATIONS if status[name] == "held"]
+    partly = [name for name in EVALUATIONS if status[name] == "adversarial"]
+    asr = ", ".join(_figures(finetune, name) for name in EVALUATIONS)
+    rule = (f"ASR ≥ {TOOK_HOLD_ASR}, ≥ {TOOK_HOLD_FACTOR:g}× the natural rate (non-target images sent to the target "
+            f"without the trigger) and ≥ {TOOK_HOLD_FACTOR:g}× the reference victim's ASR (the same pretraining without "
+            "poisons, the same trigger)")
+    if not held and not partly:
         return [f"- **The backdoor did not take hold** ({asr}; rule: {rule}). The claims below cannot be judged on this run, "
                 "and the defense rows measure a backdoor that is not there."]
-    lines = [f"- **The backdoor took hold** under {' and '.join(held)} evaluation ({asr}; rule: {rule})."]
+    if held:
+        lines = [f"- **The backdoor took hold** under {' and '.join(held)} evaluation ({asr}; rule: {rule})."]
+    else:
+        lines = [f"- **The backdoor took hold only in part** ({asr}; rule: {rule})."]
+    if partly:
+        lines.append(f"- **Under {' and '.join(partly)} evaluation the trigger is partly an adversarial pattern**: the "
+                     f"reference victim, which never saw a poison, reads it as the target too, and poisoning adds less "
+                     f"than {TOOK_HOLD_FACTOR:g}× to that. The claims below are judged on this run all the same; read "
+                     "them as claims about a backdoor that is only partly one.")
     dynamics, features = analysis.get("dynamics") or {}, analysis.get("entanglement") or {}
     loss_auroc, early, clean = dynamics.get("max_loss_auroc"), dynamics.get("backdoor_epoch"), dynamics.get("clean_epoch")
     if loss_auroc is not None:

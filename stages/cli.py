@@ -12,9 +12,9 @@ import sys
 
 import typer
 
-STAGES = ("validate", "trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report", "compare")
+STAGES = ("validate", "trigger", "poison", "pretrain", "reference", "finetune", "analyze", "defend", "report", "compare")
 HELP = ("cba: backdoor attacks on contrastive self-supervised learning, as cached DVC stages.\n\n"
-        "Stages run in order: validate -> trigger -> poison -> pretrain -> finetune -> analyze -> defend NAME (one per defense) -> report. "
+        "Stages run in order: validate -> trigger -> poison -> pretrain -> reference -> finetune -> analyze -> defend NAME (one per defense) -> report. "
         "Each reads params.yaml (override with --params) and writes the artifacts listed in the README. "
         "`cba compare` gathers DVC experiments into one table, mean ± std over seeds.")
 

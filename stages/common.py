@@ -23,6 +23,7 @@ from stages.params import Params
 TRIGGER_DIR = Path("data/trigger")
 POISON_DIR = Path("data/poisoned")
 PRETRAIN_DIR = Path("data/pretrain")
+REFERENCE_DIR = Path("data/reference")  # the reference victim: the pretraining recipe without poisons
 FINETUNE_DIR = Path("data/finetune")
 ANALYSIS_DIR = Path("data/analysis")
 METRICS_DIR = Path("metrics")
@@ -40,6 +41,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 INTERRUPTED = {
     "pretrain": "the last finished epoch is checkpointed in data/pretrain/checkpoints; run `cba pretrain` "
                 "(or `dvc repro`) again to resume from it",
+    "reference": "the last finished epoch is checkpointed in data/reference/checkpoints; run `cba reference` "
+                 "(or `dvc repro`) again to resume from it",
     "": "no artifact was half-written; run the stage (or `dvc repro`) again to redo it",
 }
 

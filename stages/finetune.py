@@ -1,4 +1,4 @@
-"""`cba finetune`: kNN and linear-probe evaluation of the pretrained encoder."""
+"""`cba finetune`: kNN and linear-probe evaluation of the pretrained encoder, and of the reference victim's."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cba.poison import triggered_test_set
 from cba.ssl.io import load_method
 from cba.record import Classifier, classifier_acc_asr, own_head
 from cba.triggers import load_trigger
-from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR,
+from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, REFERENCE_DIR,
                            TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
 from stages.params import Params
 
@@ -54,7 +54,10 @@ def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, trigge
 
 @one_line_errors
 def finetune(params_path: Path = PARAMS_OPTION) -> None:
-    """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr)."""
+    """Fit kNN and a linear probe on clean labelled data; write metrics/finetune.json (acc, asr).
+
+    The same reading of the same trigger on the reference victim (data/reference, `cba reference`) goes under
+    `reference`: the ASR the trigger reaches without any poison, which a backdoor must exceed."""
     params = Params.load(params_path)
     check_outputs(FINETUNE_DIR, METRICS_DIR, DETAILS_DIR)
     config = read_config(params)
@@ -66,8 +69,13 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     # Every input is read and checked before the first output is written.
     method, _ = load_method(PRETRAIN_DIR / "model.safetensors")
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), target, config["seed"])
+    reference_encoder = load_encoder(REFERENCE_DIR / "encoder.safetensors")
+    reference_method, _ = load_method(REFERENCE_DIR / "model.safetensors")
     metrics, fit = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
                                     target, clean.num_classes, triggered_labels=triggered.labels, **config)
+    # The same reading of the same trigger on the reference victim (`cba reference`: no poisons).
+    reference, _ = evaluate_encoder(reference_encoder, clean.images, clean.labels, test.images, test.labels,
+                                    triggered.images, target, clean.num_classes, triggered_labels=triggered.labels, **config)
     save_probe(FINETUNE_DIR / "probe.safetensors", fit.probe)
     metrics["linear"]["probe"] = fit.summary()
     metrics["readout"] = readout(encoder, fit.probe, test, triggered, target, manifest)
@@ -78,6 +86,10 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     if own_head(method) is not None:
         metrics["head"] = classifier_acc_asr(Classifier(method.encoder, own_head(method)), test, triggered, target)
         primary = "head"
+    if own_head(reference_method) is not None:
+        reference["head"] = classifier_acc_asr(Classifier(reference_method.encoder, own_head(reference_method)), test,
+                                               triggered, target)
+    metrics["reference"] = reference
     write_metrics("finetune", {
         "acc": metrics[primary]["acc"], "asr": metrics[primary]["asr"], "primary": primary, **metrics,
         "method": meta.get("method"), "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
@@ -87,3 +99,5 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
                       f"{metrics[name]['natural_rate']:.3f}, RA {metrics[name]['robust_acc']:.3f})"
                       for name, label in (("linear", "linear"), ("knn", "kNN")))
     print(f"finetune: {line}; probe weight decay {fit.weight_decay:g}")
+    print("reference victim (no poisons), same trigger: " + " | ".join(
+        f"{label} ACC {reference[name]['acc']:.3f} ASR {reference[name]['asr']:.3f}" for name, label in (("linear", "linear"), ("knn", "kNN"))))

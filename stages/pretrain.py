@@ -91,16 +91,38 @@ def learning_rate(params: Params, method: str) -> float:
 TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "models")
 
 
-def _fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
+def run_fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
     """Identifies a run for resuming: its settings (the process count among them), the training code and the exact training data."""
     return hashlib.sha256(json.dumps([config.__dict__, extra, source_digest(entries=TRAINING_CODE), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_inputs_agree(ranks: distributed.Ranks) -> str:
-    """Every rank must train on the same poisoned set and score the same trigger; returns the set's digest."""
-    data_digest = file_digest(POISON_DIR / "train.safetensors", "sha256")
+def new_method(config: TrainConfig, extra: dict, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """The untrained method, initialised from the seed, and the augmentation kind it trains with."""
+    torch.manual_seed(config.seed)
+    method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
+                          num_classes=num_classes, **extra["hparams"])
+    return method, method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
+
+
+def victim_augment(kind: str, extra: dict, image_size: int) -> torch.nn.Module:
+    return build_augment(kind, image_size, extra["per_batch"], extra["min_scale"])
+
+
+def save_victim(folder: Path, method: torch.nn.Module, extra: dict, kind: str) -> None:
+    """The trained encoder (what every evaluation reads) and the whole method (what the defenses retrain)."""
+    meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
+    save_encoder(folder / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
+    save_method(folder / "model.safetensors", method, extra["method"], extra["backbone"], extra["width"], extra["hparams"],
+                augmentation=kind, per_batch=extra["per_batch"])
+
+
+def check_inputs_agree(ranks: distributed.Ranks, data_file: Path = POISON_DIR / "train.safetensors",
+                       scores_trigger: bool = True) -> str:
+    """Every rank must train on the same set (and score the same trigger, if it does); returns the set's digest."""
+    data_digest = file_digest(data_file, "sha256")
     if ranks.distributed:
-        distributed.check_same_everywhere(str(POISON_DIR / "train.safetensors"), data_digest)
+        distributed.check_same_everywhere(str(data_file), data_digest)
+    if ranks.distributed and scores_trigger:
         trigger_digest = file_digest(TRIGGER_DIR / TRIGGER_JSON, "sha256") + file_digest(TRIGGER_DIR / TRIGGER_TENSORS, "sha256")
         distributed.check_same_everywhere(str(TRIGGER_DIR), hashlib.sha256(trigger_digest.encode()).hexdigest())
     return data_digest
@@ -128,10 +150,7 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
     check_target(extra["target_class"], train_set)
     check_loss_log(config.epochs, len(train_set))
     manifest = read_manifest(len(train_set))  # checked now: it is used only after training
-    torch.manual_seed(config.seed)
-    method = build_method(extra["method"], build_backbone(extra["backbone"], width=extra["width"]),
-                          num_classes=train_set.num_classes, **extra["hparams"])
-    kind = method.augmentation if extra["augmentation"] == "auto" else extra["augmentation"]
+    method, kind = new_method(config, extra, train_set.num_classes)
     triggered = triggered_test_set(test, load_trigger(TRIGGER_DIR), extra["target_class"], config.seed)
     bank = np.random.default_rng(config.seed).permutation(len(clean))[: extra["eval_bank_size"]]
 
@@ -141,18 +160,15 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
 
     data_digest = check_inputs_agree(ranks)
     random_init = monitor(method.encoder.to(device), 0) if ranks.is_main else {}
-    fingerprint = _fingerprint(config, {**extra, "processes": ranks.world_size}, data_digest)
-    result = train(method, train_set.images, train_set.labels, build_augment(kind, train_set.images.shape[1], extra["per_batch"], extra["min_scale"]),
+    fingerprint = run_fingerprint(config, {**extra, "processes": ranks.world_size}, data_digest)
+    result = train(method, train_set.images, train_set.labels, victim_augment(kind, extra, train_set.images.shape[1]),
                    config, device, evaluate=monitor,
                    checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", fingerprint), progress=progress)
     seconds = result.seconds  # every epoch's time, those restored from a checkpoint included
     if not ranks.is_main:
         return  # rank 0 writes every artifact
 
-    meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
-    save_encoder(PRETRAIN_DIR / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
-    save_method(PRETRAIN_DIR / "model.safetensors", method, extra["method"], extra["backbone"], extra["width"], extra["hparams"],
-                augmentation=kind, per_batch=extra["per_batch"])
+    save_victim(PRETRAIN_DIR, method, extra, kind)
     write_parquet(PRETRAIN_DIR / "losses.parquet", result.loss_frame(manifest["poisoned"].to_numpy()))
     curves = pd.DataFrame(result.curves)
     write_csv(PLOTS_DIR / "pretrain_loss.csv", curves[["epoch", "loss", "lr"]])

@@ -25,7 +25,7 @@ def test_defend_help_lists_every_defense_and_every_flag_has_help():
     text = " ".join(invoke("defend", "--help").stdout.split())
     for name in DEFENSES.names():
         assert name in text
-    for stage in ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report"):
+    for stage in ("trigger", "poison", "pretrain", "reference", "finetune", "analyze", "defend", "report"):
         options = [line for line in invoke(stage, "--help").stdout.splitlines() if line.strip().startswith("│ --")]
         assert options, stage
         for line in options:  # every option line carries words besides the flag and its type

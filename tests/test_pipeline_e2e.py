@@ -79,7 +79,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_writes_every_contracted_artifact(project):
     out = run(["dvc", "repro"], project)
-    stages = {"validate", "trigger", "poison", "pretrain", "finetune", "analyze", "report"} | {f"defend@{d}" for d in DEFENSES}
+    stages = {"validate", "trigger", "poison", "pretrain", "reference", "finetune", "analyze", "report"} | {f"defend@{d}" for d in DEFENSES}
     assert ran_stages(out) == stages
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     for evaluation in ("knn", "linear"):
@@ -101,6 +101,10 @@ def test_repro_writes_every_contracted_artifact(project):
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["ACC"] == finetune["acc"] and summary["ASR"] == finetune["asr"]
     assert summary["RA"] == finetune["linear"]["robust_acc"] and summary["kNN_ASR"] == finetune["knn"]["asr"]
+    # The same trigger read on the reference victim (no poisons): the baseline of the 3x rule.
+    assert summary["ref_ASR"] == finetune["reference"]["linear"]["asr"] and summary["ref_kNN_ASR"] == finetune["reference"]["knn"]["asr"]
+    assert 0 <= finetune["reference"]["linear"]["acc"] <= 1 and 0 <= finetune["reference"]["knn"]["natural_rate"] <= 1
+    assert torch.isfinite(torch.tensor(json.loads((project / "metrics/reference.json").read_text())["final_loss"]))
     assert summary["strip_auroc"] == json.loads((project / "metrics/defense/strip.json").read_text())["auroc"]
     for path in ("data/trigger/trigger.safetensors", "data/trigger/preview.png", "data/poisoned/manifest.parquet",
                  "data/pretrain/encoder.safetensors", "data/pretrain/losses.parquet", "plots/pretrain_loss.csv",
@@ -158,6 +162,27 @@ def test_editing_one_defense_module_reruns_only_that_defense(project):
     module = project / "cba/defenses/strip.py"
     module.write_text(module.read_text() + "\n# an edit that changes the file, not the results\n")
     assert ran_stages(run(["dvc", "repro"], project)) == {"defend@strip", "report"}
+
+
+def test_a_poison_free_run_trains_the_reference_victim_bit_for_bit_and_never_retrains_it(project):
+    """poison_rate 0 reruns the poisons and the victim but not the reference, which depends on neither; the victim
+    it trains is the reference victim byte for byte, so finetune reads the same ASR on both. This is the run the
+    3x rule compares with, without running it."""
+    original = (project / "params.yaml").read_text()
+    reference = (project / "data/reference/encoder.safetensors").read_bytes()
+    params = yaml.safe_load(original)
+    params["poison_rate"] = 0.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = ran_stages(run(["dvc", "repro"], project))
+    assert {"poison", "pretrain", "finetune"} <= ran and not ran & {"reference", "trigger"}, ran
+    assert (project / "data/pretrain/encoder.safetensors").read_bytes() == reference
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    for name in ("linear", "knn"):
+        assert finetune[name]["asr"] == finetune["reference"][name]["asr"], name
+        assert finetune[name]["acc"] == finetune["reference"][name]["acc"], name
+    (project / "params.yaml").write_text(original)
+    run(["dvc", "repro"], project)
+    assert json.loads((project / "metrics/poison.json").read_text())["poisoned"] > 0
 
 
 def wait_for_queue(project: Path, seconds: float = 600) -> str:

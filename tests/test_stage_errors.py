@@ -129,7 +129,7 @@ def test_missing_params_file(workdir):
 
 def test_help_explains_every_option(workdir):
     out = cba(["--help"], workdir).stdout
-    for stage in ("trigger", "poison", "pretrain", "finetune", "analyze", "defend", "report"):
+    for stage in ("trigger", "poison", "pretrain", "reference", "finetune", "analyze", "defend", "report"):
         assert stage in out
     assert "--params" in cba(["pretrain", "--help"], workdir).stdout
 
@@ -193,7 +193,7 @@ def test_a_manifest_of_another_training_set_is_refused_before_any_work(workdir):
     import pandas as pd
 
     write_params(workdir, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
-    for stage in ("trigger", "poison", "pretrain", "finetune"):
+    for stage in ("trigger", "poison", "pretrain", "reference", "finetune"):
         assert cba([stage], workdir).exit_code == 0, stage
     manifest = workdir / "data/poisoned/manifest.parquet"
     pd.read_parquet(manifest).head(100).to_parquet(manifest)
@@ -301,3 +301,12 @@ def test_validate_passes_the_shipped_params_and_writes_a_constant_file(workdir):
     write_params(workdir, **{"pretrain.epochs": 3})
     assert cba(["validate"], workdir).exit_code == 0
     assert (workdir / "data/params_checked.json").read_bytes() == first
+
+
+def test_finetune_without_the_reference_victim_names_it_before_any_output(workdir):
+    """The reading of the reference victim is part of finetune's input check: no metrics are written without it."""
+    write_params(workdir, **{"pretrain.epochs": 1, "pretrain.eval_every": 1})
+    for stage in ("trigger", "poison", "pretrain"):
+        assert cba([stage], workdir).exit_code == 0, stage
+    assert_one_line_error(cba(["finetune"], workdir), "data/reference/encoder.safetensors", "run the stage that writes it")
+    assert not (workdir / "metrics/finetune.json").exists() and not (workdir / "data/finetune").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cba.verdicts import claim_verdicts, took_hold
+from cba.verdicts import backdoor_status, claim_verdicts, took_hold
 
 
 def finetune(linear_asr: float, knn_asr: float, natural: float = 0.05) -> dict:
@@ -40,3 +40,28 @@ def test_a_defense_that_works_breaks_claim_3():
                 {"defense": "fine_pruning", "asr_before": 0.6, "asr_after": 0.1, "acc_before": 0.7, "acc_after": 0.3}]
     line = claim_verdicts(finetune(0.6, 0.4), ANALYSIS, defenses)[-1]
     assert "does not hold for strip, dbd" in line and "fine_pruning" not in line
+
+
+def with_reference(figures: dict, linear_asr: float, knn_asr: float) -> dict:
+    return {**figures, "reference": {"linear": {"acc": 0.68, "asr": linear_asr, "natural_rate": 0.01},
+                                     "knn": {"acc": 0.5, "asr": knn_asr, "natural_rate": 0.01}}}
+
+
+def test_asr_must_beat_the_reference_victims_reading_threefold():
+    """The reference victim never saw a poison: what it reads as the target is the pattern's own doing."""
+    figures = with_reference(finetune(0.6, 0.45, natural=0.01), linear_asr=0.3, knn_asr=0.1)
+    assert took_hold(figures) == ["knn"]  # 0.6 < 3 x 0.3; 0.45 >= 3 x 0.1
+    assert backdoor_status(figures, "linear") == "adversarial" and backdoor_status(figures, "knn") == "held"
+    assert took_hold(with_reference(finetune(0.6, 0.45, natural=0.01), 0.19, 0.15)) == ["linear", "knn"]
+    assert backdoor_status(with_reference(finetune(0.2, 0.45, natural=0.01), 0.01, 0.2), "linear") == "none"
+
+
+def test_a_partly_adversarial_trigger_is_said_so_and_the_claims_carry_the_caveat():
+    lines = claim_verdicts(with_reference(finetune(0.55, 0.48, natural=0.01), 0.31, 0.2), ANALYSIS, [])
+    assert "took hold only in part" in lines[0] and "reference victim 0.310" in lines[0] and "ACC 0.700 against its 0.680" in lines[0]
+    assert "Under linear and knn evaluation the trigger is partly an adversarial pattern" in lines[1]
+    assert "Claim 1" in lines[2] and "Claim 3" in lines[-1]
+    lines = claim_verdicts(with_reference(finetune(0.55, 0.48, natural=0.01), 0.31, 0.1), ANALYSIS, [])
+    assert "took hold** under knn" in lines[0] and "Under linear evaluation" in lines[1]
+    lines = claim_verdicts(with_reference(finetune(0.1, 0.2, natural=0.01), 0.0, 0.0), ANALYSIS, [])
+    assert len(lines) == 1 and "did not take hold" in lines[0]
