@@ -63,11 +63,10 @@ from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
 from cba.record import predict
-from cba.triggers import build_trigger, load_trigger
+from cba.triggers import TRIGGERS, build_trigger, load_trigger
 from cba.triggers.base import Trigger
 from cba.triggers.ctrl import RGB_TO_YUV
 from cba.triggers.fitting import attacker_pool
-from cba.triggers.optimized import OptimizedTrigger
 
 REPO = Path(__file__).resolve().parents[1]
 LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
@@ -134,10 +133,13 @@ def grayscale_ratio(images: np.ndarray) -> np.ndarray:
 
 
 def attacker_settings(params: dict) -> tuple[int | str, int]:
-    """The attacker's data and warm-up as the trigger stage reads them: params.yaml's learned-trigger options,
-    else the learned trigger's own defaults."""
-    options = {**OptimizedTrigger.defaults, **(params["trigger"].get("params") or {})}
-    return options["surrogate_size"], int(options["surrogate_epochs"])
+    """The attacker's data and warm-up as the trigger stage reads them: params.yaml's learned trigger, its options
+    merged with the trigger's defaults and checked by the trigger itself (a fixed trigger: the defaults)."""
+    section = params.get("trigger") or {}
+    learned = section.get("name") in TRIGGERS.names() and TRIGGERS.get(section["name"], key="name").learns_from_data
+    trigger = build_trigger(section["name"] if learned else "optimized", (section.get("params") or {}) if learned else {},
+                            seed=int(params.get("seed", 0)))
+    return trigger.params["surrogate_size"], int(trigger.params["surrogate_epochs"])
 
 
 def clean_surrogate(train, test, pool: np.ndarray, settings: dict, surrogate_epochs: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -136,10 +137,16 @@ def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION
     params = Params.load(params_path)
     check_outputs(PRETRAIN_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     config, extra = read_config(params)
+    run_on_ranks(_pretrain, config, extra, progress)
+
+
+def run_on_ranks(body: Callable[..., None], config: TrainConfig, extra: dict, progress: bool) -> None:
+    """Run a training stage's `body` on this process's rank and device (every rank under torchrun); an error
+    inside names the pretrain option it concerns."""
     ranks, device = distributed.start(extra["device"])
     try:
         with in_section("pretrain.augmentation", ["kind"]), in_section("pretrain", ["method", "backbone", "width", "batch_size"]):
-            _pretrain(config, extra, ranks, device, progress)
+            body(config, extra, ranks, device, progress)
     finally:
         distributed.finish()
 

@@ -17,13 +17,12 @@ import torch
 
 from cba import distributed
 from cba.env import environment
-from cba.errors import in_section
 from cba.train import Checkpointer, TrainConfig, train
 from stages.common import (DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, POISON_DIR, PROGRESS_OPTION, REFERENCE_DIR,
                            check_outputs, load_stage_set, one_line_errors, write_metrics)
 from stages.params import Params
-from stages.pretrain import (run_fingerprint, check_inputs_agree, check_loss_log, new_method, read_config, save_victim,
-                             victim_augment)
+from stages.pretrain import (check_inputs_agree, check_loss_log, new_method, read_config, run_fingerprint, run_on_ranks,
+                             save_victim, victim_augment)
 
 
 @one_line_errors
@@ -33,12 +32,7 @@ def reference(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTIO
     check_outputs(REFERENCE_DIR, METRICS_DIR, DETAILS_DIR)
     config, extra = read_config(params)
     extra.pop("target_class")  # read and checked with the rest, but the reference never sees a trigger
-    ranks, device = distributed.start(extra["device"])
-    try:
-        with in_section("pretrain.augmentation", ["kind"]), in_section("pretrain", ["method", "backbone", "width", "batch_size"]):
-            _reference(config, extra, ranks, device, progress)
-    finally:
-        distributed.finish()
+    run_on_ranks(_reference, config, extra, progress)
 
 
 def _reference(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device: torch.device, progress: bool) -> None:

@@ -126,6 +126,21 @@ def test_attack_levers_selection_poisons_exactly_the_chosen_target_images():
     assert levers.selection("typical", ratio)(labels, 0.3, 0, "clean_label", 0).tolist() == [0, 7, 9]  # highest score
 
 
+def test_attack_levers_reads_the_attackers_settings_as_the_trigger_stage_does():
+    """params.yaml's learned-trigger options over the trigger's defaults, checked by the trigger itself."""
+    from cba.errors import ConfigError
+    from cba.triggers.optimized import OptimizedTrigger
+
+    levers = load("attack_levers")
+    given = {"seed": 0, "trigger": {"name": "optimized", "params": {"surrogate_size": 400, "surrogate_epochs": 3}}}
+    assert levers.attacker_settings(given) == (400, 3)
+    defaults = (OptimizedTrigger.defaults["surrogate_size"], OptimizedTrigger.defaults["surrogate_epochs"])
+    assert levers.attacker_settings({"seed": 0, "trigger": {"name": "optimized"}}) == defaults
+    assert levers.attacker_settings({"seed": 0, "trigger": {"name": "ctrl", "params": {"magnitude": 50}}}) == defaults
+    with pytest.raises(ConfigError, match="surrogate_epochs"):
+        levers.attacker_settings({"seed": 0, "trigger": {"name": "optimized", "params": {"surrogate_epochs": -1}}})
+
+
 def test_attack_levers_patterns_keep_their_budget():
     import numpy as np
 
