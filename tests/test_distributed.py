@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -171,3 +172,15 @@ def test_torchrun_cba_pretrain_writes_once_matches_one_process_and_resumes(tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("resuming from the checkpoint of epoch 2 of 2") == 1
     pd.testing.assert_frame_equal(pd.read_csv(two / "plots/pretrain_loss.csv"), curve_two)
+
+    # The reference victim trains through the same runner: one rank reports and writes, and two processes
+    # end where one does (on the clean set, which every rank checks it shares).
+    single = subprocess.run([*cba_bin.split(), "reference", "--no-progress"], cwd=one, env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    launch[launch.index("pretrain")] = "reference"
+    multi = subprocess.run(launch, cwd=two, env=env, capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout.count("reference simclr without poisons") == 1
+    final_one, final_two = (json.loads((d / "metrics/reference.json").read_text())["final_loss"] for d in (one, two))
+    np.testing.assert_allclose(final_two, final_one, rtol=STAGE_TOLERANCE)
+    assert len(sorted((two / "data/reference/checkpoints").glob("*.safetensors"))) == 2
