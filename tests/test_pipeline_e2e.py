@@ -173,7 +173,7 @@ def test_a_poison_free_run_trains_the_reference_victim_bit_for_bit_and_never_ret
     params = yaml.safe_load(original)
     params["poison_rate"] = 0.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = ran_stages(run(["dvc", "repro"], project))
+    ran = ran_stages(run(["dvc", "repro", "finetune"], project))  # up to the readings: the defenses are not the point
     assert {"poison", "pretrain", "finetune"} <= ran and not ran & {"reference", "trigger"}, ran
     assert (project / "data/pretrain/encoder.safetensors").read_bytes() == reference
     finetune = json.loads((project / "metrics/finetune.json").read_text())
