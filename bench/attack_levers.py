@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     row["poisons_near_clean"] = float(neighbour_shares(clean_features, train_features, record.poisoned, 200).mean())
     readout = trigger_readout(record.classifier.head, clean_features, triggered_features, train_features[poisons],
                               train_features[~record.poisoned & (train.labels == target)], target)
-    row.update({key: readout[key] for key in ("offset_norm", "shift_over_offset", "offset_target_alignment")})
+    # empty when every target image is poisoned: no clean target image to measure the offset from
+    row.update({key: readout.get(key) for key in ("offset_norm", "shift_over_offset", "offset_target_alignment")})
     row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
     if args.clean:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)

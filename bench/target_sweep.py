@@ -16,6 +16,7 @@ before any poison, send to the target).
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 1 3 4      # about 7 min a target, 5 min more for the clean victim
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --trigger-params '{w_neutral: 1}' '{w_neutral: 5}'
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --cache .cache/victims   # the clean victim trains once, ever
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --rates 0.025 0.05 0.098  # one fit, one victim a rate
 
 Prints one line per victim and writes `--out` (JSON, after every target) and the same path with `.md`.
 """
@@ -35,7 +36,7 @@ from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
-from cba.poison import triggered_test_set
+from cba.poison import triggered_test_set, validate_poison
 from cba.record import AttackRecord
 from cba.triggers import Trigger, build_trigger
 from cba.triggers.fitting import fit_trigger
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--trigger-params", type=yaml.safe_load, nargs="+", default=[{}],
                         help="one or more YAML dicts of trigger params to change (each a variant aimed at every target)")
+    parser.add_argument("--rates", type=float, nargs="+", default=None,
+                        help="poison rates, one poisoned victim each for every pattern; default: params.yaml's poison_rate")
     parser.add_argument("--epochs", type=int, default=None, help="victim epochs; default: params.yaml's pretrain.epochs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", type=Path, default=None,
@@ -89,14 +92,14 @@ def ratio(poisoned: float, clean: float) -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| target | trigger change | surrogate hit (clean copy; its probe) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
+    head = ("| target | trigger change | poison rate | surrogate hit (clean copy; its probe) | poisoned linear ACC / ASR | poisoned kNN ACC / ASR "
             "| clean victim linear / kNN ASR | ratio linear / kNN | probe's other landings |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         p, c = r["poisoned"], r["clean"]
         landings = ", ".join(f"{k} {v}" for k, v in p["linear"]["landing"].items())
         lines.append(
-            f"| {r['target']} | {json.dumps(r['change']) if r['change'] else 'none'} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}; "
+            f"| {r['target']} | {json.dumps(r['change']) if r['change'] else 'none'} | {r['poison_rate']:g} | {r['hit_rate']:.3f} ({r['clean_hit_rate']:.3f}; "
             f"{r.get('clean_probe_hit_rate', float('nan')):.3f}) "
             f"| {p['linear']['acc']:.3f} / {p['linear']['asr']:.3f} | {p['knn']['acc']:.3f} / {p['knn']['asr']:.3f} "
             f"| {c['linear']['asr']:.3f} / {c['knn']['asr']:.3f} "
@@ -118,12 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings["device"] = device
     trigger_section = params.get("trigger") or {}
     name, trigger_params = trigger_section.get("name", "optimized"), trigger_section.get("params") or {}
-    rate = float(params.get("poison_rate", 0.05))
+    rates = args.rates if args.rates is not None else [float(params.get("poison_rate", 0.05))]
     targets = args.targets if args.targets is not None else list(range(train_set.num_classes))
     # Bad input fails here, in one line, before the clean victim's minutes of training.
     outside = [t for t in targets if not 0 <= t < train_set.num_classes]
     if outside:
         raise SystemExit(f"--targets {outside}: not a class of {data_name(params)}; allowed 0 to {train_set.num_classes - 1}")
+    for target, rate in ((t, r) for t in targets for r in rates):  # a rate the target class cannot fill, too
+        validate_poison(train_set.labels, train_set.num_classes, rate, target, "clean_label")
     for change in args.trigger_params:
         if not isinstance(change or {}, dict):
             raise SystemExit(f"--trigger-params {change!r}: not a YAML mapping such as '{{w_neutral: 5.0}}'")
@@ -145,10 +150,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The clean victim never applies a trigger, so any trigger object will do for training it.
     clean = victim(build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1]), targets[0], 0.0)
     rows: list[dict[str, Any]] = []
-    for target, change in ((t, c) for t in targets for c in args.trigger_params):
-        trigger, last_round = fitted(target, change or {})
+    fits: dict[tuple[int, int], tuple[Trigger, dict[str, Any]]] = {}
+    for target, (variant, change), rate in ((t, c, r) for t in targets for c in enumerate(args.trigger_params) for r in rates):
+        if (target, variant) not in fits:  # the fit does not depend on the rate: one pattern serves every rate
+            fits[target, variant] = fitted(target, change or {})
+        trigger, last_round = fits[target, variant]
         poisoned = victim(trigger, target, rate)
-        row = {"target": test.classes[target], "target_class": target, "change": change or {},
+        row = {"target": test.classes[target], "target_class": target, "change": change or {}, "poison_rate": rate,
                "hit_rate": float(last_round.get("hit_rate", float("nan"))),
                "clean_hit_rate": float(last_round.get("clean_hit_rate", float("nan"))),
                "clean_probe_hit_rate": float(last_round.get("clean_probe_hit_rate", float("nan"))),
@@ -156,13 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         result = {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
-                                         "trigger_params": trigger_params, "poison_rate": rate,
+                                         "trigger_params": trigger_params, "poison_rates": rates,
                                          "seconds": time.perf_counter() - started,
                                          "victim": {k: v for k, v in settings.items() if k != "device"}}}
         write_json(args.out, result)
         args.out.with_suffix(".md").write_text(
             f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
-            f"Trigger: {name} {trigger_params} with each row's change; poison rate {rate:g}, clean-label.\n\n{table(rows)}\n")
+            f"Trigger: {name} {trigger_params} with each row's change; poison rate "
+            f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
     print(table(rows))
     return {"rows": rows}
 

@@ -281,11 +281,14 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     params["trigger"]["params"].update(yaml.safe_load(TINY_TRIGGER))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "sweep.json"
-    argv = ["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}", "--params", str(tmp_path / "params.yaml"),
-            "--cache", str(tmp_path / "victims"), "--out", str(out)]
+    argv = ["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}", "--rates", "0.05", "0.06",
+            "--params", str(tmp_path / "params.yaml"), "--cache", str(tmp_path / "victims"), "--out", str(out)]
     result = load("target_sweep").main(argv)
     rows = json.loads(out.read_text())["rows"]
-    assert rows == result["rows"] and [(r["target"], r["change"]) for r in rows] == [("ring", {}), ("ring", {"w_neutral": 0.0})]
+    assert rows == result["rows"] and [(r["target"], r["change"], r["poison_rate"]) for r in rows] == [
+        ("ring", {}, 0.05), ("ring", {}, 0.06), ("ring", {"w_neutral": 0.0}, 0.05), ("ring", {"w_neutral": 0.0}, 0.06)]
+    # One fit serves every rate: the attacker's figures are the pattern's, whatever the rate.
+    assert rows[0]["hit_rate"] == rows[1]["hit_rate"] and rows[2]["hit_rate"] == rows[3]["hit_rate"]
     for row in rows:
         for victim in ("poisoned", "clean"):
             for reader in ("linear", "knn"):
@@ -296,8 +299,8 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
     assert len({row["clean"]["linear"]["acc"] for row in rows}) == 1 == len({row["clean"]["knn"]["acc"] for row in rows})
     assert "| ring |" in out.with_suffix(".md").read_text()
-    # The victims are cached: one clean and one per variant. A second sweep loads them and reads the same.
-    assert len(list((tmp_path / "victims").iterdir())) == 3
+    # The victims are cached: one clean and one per variant and rate. A second sweep loads them and reads the same.
+    assert len(list((tmp_path / "victims").iterdir())) == 5
     assert load("target_sweep").main(argv)["rows"] == rows
 
 
@@ -311,11 +314,16 @@ def test_target_sweep_refuses_bad_input_before_training(argv, message):
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
-def test_target_sweep_refuses_a_bad_trigger_option_before_training():
+@pytest.mark.parametrize("argv, message", [
+    (["--trigger-params", "{w_neutral: -1}"], "w_neutral"),
+    (["--rates", "0.05", "1.5"], r"poison_rate=1.5 is not valid: a number in \[0, 1\]"),
+    (["--targets", "4", "--rates", "0.2"], "needs 2000 images from the target class, which holds 980; use at most 0.0980"),
+])
+def test_target_sweep_refuses_a_bad_trigger_option_or_rate_before_training(argv, message):
     from cba.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="w_neutral"):
-        load("target_sweep").main(["--trigger-params", "{w_neutral: -1}", "--out", "/nonexistent/never_written.json"])
+    with pytest.raises(ConfigError, match=message):
+        load("target_sweep").main([*argv, "--out", "/nonexistent/never_written.json"])
 
 
 @pytest.mark.parametrize("bench", ["defense_matrix", "trl_compare"])
