@@ -32,6 +32,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images (bench/trigger_survival.py)"),
            ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit (bench/target_sweep.py)"),
            ("target_sweep_budget", "The default attack at larger budgets (bench/target_sweep.py)"),
+           ("poison_dose", "The default pattern at five poison rates, beside the reference victim (bench/target_sweep.py)"),
            ("target_sweep_resolution", "The default attack with smoother patterns (bench/target_sweep.py)"),
            ("target_sweep_poison_share", "The attacker's surrogate sees clean target images too (bench/target_sweep.py)"),
            ("readout_ceiling", "Each downstream reader's ceiling on the pipeline's encoder (bench/readout_ceiling.py)"),
