@@ -150,28 +150,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The clean victim never applies a trigger, so any trigger object will do for training it.
     clean = victim(build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1]), targets[0], 0.0)
     rows: list[dict[str, Any]] = []
-    fits: dict[tuple[int, int], tuple[Trigger, dict[str, Any]]] = {}
-    for target, (variant, change), rate in ((t, c, r) for t in targets for c in enumerate(args.trigger_params) for r in rates):
-        if (target, variant) not in fits:  # the fit does not depend on the rate: one pattern serves every rate
-            fits[target, variant] = fitted(target, change or {})
-        trigger, last_round = fits[target, variant]
-        poisoned = victim(trigger, target, rate)
-        row = {"target": test.classes[target], "target_class": target, "change": change or {}, "poison_rate": rate,
-               "hit_rate": float(last_round.get("hit_rate", float("nan"))),
-               "clean_hit_rate": float(last_round.get("clean_hit_rate", float("nan"))),
-               "clean_probe_hit_rate": float(last_round.get("clean_probe_hit_rate", float("nan"))),
-               "poisoned": read(poisoned, trigger, target, seed), "clean": read(clean, trigger, target, seed)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        result = {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
-                                         "trigger_params": trigger_params, "poison_rates": rates,
-                                         "seconds": time.perf_counter() - started,
-                                         "victim": {k: v for k, v in settings.items() if k != "device"}}}
-        write_json(args.out, result)
+
+    def save() -> None:  # after every victim, so a stopped sweep keeps what it measured
+        write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
+                                                     "trigger_params": trigger_params, "poison_rates": rates,
+                                                     "seconds": time.perf_counter() - started,
+                                                     "victim": {k: v for k, v in settings.items() if k != "device"}}})
         args.out.with_suffix(".md").write_text(
             f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
             f"Trigger: {name} {trigger_params} with each row's change; poison rate "
             f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
+
+    for target, change in ((t, c or {}) for t in targets for c in args.trigger_params):
+        # The fit and the clean victim's reading do not depend on the rate: one pattern serves every rate.
+        trigger, last_round = fitted(target, change)
+        attacker = {key: float(last_round.get(key, float("nan"))) for key in ("hit_rate", "clean_hit_rate", "clean_probe_hit_rate")}
+        clean_reading = read(clean, trigger, target, seed)
+        for rate in rates:
+            poisoned = victim(trigger, target, rate)
+            row = {"target": test.classes[target], "target_class": target, "change": change, "poison_rate": rate,
+                   **attacker, "poisoned": read(poisoned, trigger, target, seed), "clean": clean_reading}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save()
     print(table(rows))
     return {"rows": rows}
 
