@@ -12,7 +12,7 @@ where `linear_asr` is well above `clean_asr`.
 
 Writes bench/results/trigger_asr.json in the shape `bench/trigger_survival.py --asr-json` reads:
 
-    OMP_NUM_THREADS=2 python bench/trigger_asr.py                        # about 5 min a trigger on two CPU cores
+    OMP_NUM_THREADS=2 python bench/trigger_asr.py --cache .cache/victims  # about 5 min a trigger on two CPU cores
     python bench/trigger_survival.py --asr-json bench/results/trigger_asr.json
 """
 
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="YAML params of the learned trigger (default: params.yaml's trigger.params)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a folder of trained victims (cba.victim_cache): one trained before with the same settings, "
+                             "data, trigger and code is loaded instead of trained (the clean one, above all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/trigger_asr.json"))
     return parser.parse_args(argv)
 
@@ -84,20 +87,22 @@ def main(argv: list[str] | None = None) -> None:
         triggers[name] = build_trigger(trigger_name, trigger_params, seed=seed, image_size=train_set.images.shape[1])
         fit_trigger(triggers[name], train_set.images, train_set.labels, target, seed, device, progress=False)
     started = time.perf_counter()
-    clean = run_attack(train_set, test, triggers[names[0]], mode="clean_label", poison_rate=0.0, **settings)
+    clean = run_attack(train_set, test, triggers[names[0]], mode="clean_label", poison_rate=0.0, cache=args.cache,
+                       **settings)
     print(f"clean victim trained in {time.perf_counter() - started:.0f}s", flush=True)
     results: dict[str, Any] = {}
     for name in names:
         started = time.perf_counter()
-        poisoned = trigger_scores(run_attack(train_set, test, triggers[name], mode="clean_label", poison_rate=rate, **settings),
-                                  triggers[name])
+        poisoned = trigger_scores(run_attack(train_set, test, triggers[name], mode="clean_label", poison_rate=rate,
+                                             cache=args.cache, **settings), triggers[name])
         alone = trigger_scores(clean, triggers[name])
         results[name] = {"linear_asr": poisoned["probe_asr"], "knn_asr": poisoned["knn_asr"], "clean_asr": alone["probe_asr"],
                          "clean_knn_asr": alone["knn_asr"], "linear_acc": poisoned["probe_acc"], "knn_acc": poisoned["knn_acc"],
                          "seconds": time.perf_counter() - started}
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
-    write_json(args.out, {**results, "_run": {"command": command, "env": environment(device), "poison_rate": rate,
-                                              "data": data.get("name", "synthetic"), "train_size": len(train_set)}})
+        # written after every victim, so that a stopped run keeps what it measured
+        write_json(args.out, {**results, "_run": {"command": command, "env": environment(device), "poison_rate": rate,
+                                                  "data": data.get("name", "synthetic"), "train_size": len(train_set)}})
     print(f"written {args.out}")
 
 

@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smallest crop area (default: pretrain.augmentation.min_scale in params.yaml)")
     parser.add_argument("--optimized-dir", type=Path, default=Path("data/trigger"),
                         help="folder of a saved trigger (trigger.json + trigger.safetensors) that learns from data")
-    parser.add_argument("--asr-json", type=Path, default=None,
-                        help="JSON {variant: {knn_asr, linear_asr, clean_asr}} merged in as extra columns")
+    parser.add_argument("--asr-json", type=Path, nargs="+", default=None,
+                        help="JSON {variant: {knn_asr, linear_asr, clean_asr}} merged in as extra columns "
+                             "(several files: a variant in a later one replaces its figures from an earlier one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/trigger_survival.md"))
     args = parser.parse_args(argv)
@@ -108,16 +109,19 @@ def trigger_variants(args: argparse.Namespace, image_size: int) -> tuple[list[tu
     return variants, notes
 
 
-def load_asr(path: Path | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The per-variant ASR figures and the column keys to show, known keys first."""
-    if path is None:
+def load_asr(paths: list[Path] | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The per-variant ASR figures of every file, in order, and the column keys to show, known keys first."""
+    figures: dict[str, dict[str, Any]] = {}
+    for path in paths or []:
+        found = read_json(path)
+        if isinstance(found, dict):  # keys starting with "_" hold run details, not a variant
+            found = {k: {key: v for key, v in entry.items() if key != "seconds"} if isinstance(entry, dict) else entry
+                     for k, entry in found.items() if not k.startswith("_")}
+        if not isinstance(found, dict) or not all(isinstance(v, dict) for v in found.values()):
+            raise SystemExit(f"--asr-json {path}: expected {{variant: {{knn_asr: ..., ...}}}}")
+        figures.update(found)
+    if not figures:
         return {}, []
-    figures = read_json(path)
-    if isinstance(figures, dict):  # keys starting with "_" hold run details, not a variant
-        figures = {k: {key: v for key, v in entry.items() if key != "seconds"} if isinstance(entry, dict) else entry
-                   for k, entry in figures.items() if not k.startswith("_")}
-    if not isinstance(figures, dict) or not all(isinstance(v, dict) for v in figures.values()):
-        raise SystemExit(f"--asr-json {path}: expected {{variant: {{knn_asr: ..., ...}}}}")
     present = {key for entry in figures.values() for key in entry}
     keys = [k for k in ASR_KEYS if k in present] + sorted(present - set(ASR_KEYS))
     return figures, keys
@@ -149,9 +153,16 @@ def tables(rows: list[dict[str, Any]], variants: list[str], asr: dict, asr_keys:
     return "\n".join(blocks)
 
 
+def plain_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's settings as JSON values: paths, alone or in lists, become strings."""
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
 def report(body: str, args: argparse.Namespace, command: str, notes: list[str]) -> str:
     env = environment("cpu")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = plain_settings(args)
     return "\n".join([
         "# Trigger survival under the SSL augmentations",
         "",
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(report(body, args, command, notes))
     write_json(args.out.with_suffix(".json"), {
         "command": command, "environment": environment("cpu"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": plain_settings(args),
         "augmentations": list(DEFAULT_AUGMENTATIONS), "variants": names, "rows": rows,
         "errors": errors, "notes": notes, "asr": asr})
     print()

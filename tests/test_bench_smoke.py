@@ -304,6 +304,25 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     assert load("target_sweep").main(argv)["rows"] == rows
 
 
+def test_trigger_asr_reads_every_trigger_on_its_poisoned_victim_and_one_clean_one(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(width=4, batch_size=64, epochs=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "asr.json"
+    argv = ["--variants", "patch,ctrl_y", "--params", str(tmp_path / "params.yaml"), "--cache", str(tmp_path / "victims"),
+            "--out", str(out)]
+    load("trigger_asr").main(argv)
+    result = json.loads(out.read_text())
+    assert set(result) == {"patch", "ctrl_y", "_run"} and result["_run"]["train_size"] == 200
+    for name in ("patch", "ctrl_y"):
+        assert all(0 <= result[name][k] <= 1 for k in ("linear_asr", "knn_asr", "clean_asr", "clean_knn_asr", "linear_acc"))
+    # One clean victim serves both triggers: the cache holds it and one poisoned victim per trigger.
+    assert len(list((tmp_path / "victims").iterdir())) == 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "12"], "--targets [12]: not a class of synthetic; allowed 0 to 9"),
     (["--trigger-params", "[1, 2]"], "--trigger-params [1, 2]: not a YAML mapping"),

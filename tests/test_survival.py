@@ -160,6 +160,23 @@ def test_bench_writes_both_tables_and_merges_asr(tmp_path):
     assert ctrl_line.endswith("| 0.500 | 0.250 | 0.125 |")
 
 
+def test_bench_merges_several_asr_files_later_ones_winning(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"ctrl": {"knn_asr": 0.5, "linear_asr": 0.25, "clean_asr": 0.125},
+                                 "patch": {"knn_asr": 0.75, "linear_asr": 0.5, "clean_asr": 0.25},
+                                 "_run": {"command": "x"}}))
+    second.write_text(json.dumps({"ctrl": {"knn_asr": 0.0625, "linear_asr": 0.375, "clean_asr": 0.0, "seconds": 9.0}}))
+    out = tmp_path / "ts.md"
+    load_bench().main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
+                       "--asr-json", str(first), str(second), "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert next(line for line in lines if line.startswith("| ctrl |")).endswith("| 0.062 | 0.375 | 0.000 |")
+    assert next(line for line in lines if line.startswith("| patch |")).endswith("| 0.750 | 0.500 | 0.250 |")
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["settings"]["asr_json"] == [str(first), str(second)]
+    assert "seconds" not in result["asr"]["ctrl"] and "_run" not in result["asr"]
+
+
 @pytest.mark.skipif("optimized" not in TRIGGERS, reason="no optimized trigger registered")
 def test_bench_measures_a_saved_optimized_trigger(tmp_path):
     # Unfitted, its pattern is zero: every image is skipped and every cell is empty, not NaN.
