@@ -37,6 +37,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("poison_dose_seed2", "Seed 2 with every plus image poisoned (bench/target_sweep.py)"),
            ("poison_dose_fashion", "Fashion-MNIST: the default attack at 5% and with every coat poisoned (bench/target_sweep.py)"),
            ("budget_fashion", "Fashion-MNIST: the default attack at L-inf 48, 64 and 96 (bench/target_sweep.py)"),
+           ("neutral_off_fashion", "Fashion-MNIST without the neutral term, at L-inf 16 and 48 (bench/target_sweep.py)"),
            ("target_sweep_resolution", "The default attack with smoother patterns (bench/target_sweep.py)"),
            ("target_sweep_poison_share", "The attacker's surrogate sees clean target images too (bench/target_sweep.py)"),
            ("readout_ceiling", "Each downstream reader's ceiling on the pipeline's encoder (bench/readout_ceiling.py)"),
