@@ -18,7 +18,8 @@ the trigger or the target class, so its key leaves them out and one clean
 victim serves every trigger.
 
 A cached victim is checked when it is loaded: the rebuilt record's ACC and
-ASR must equal the ones stored with it. An entry that fails the check, or
+ASR must equal the ones stored with it (a clean victim's ACC only: its ASR
+depends on the trigger it is read with, which its key leaves out). An entry that fails the check, or
 cannot be read, is trained again and replaced. Entries are written whole
 (to a temporary folder, then renamed), so a reader never sees half of one.
 Two processes that may train the same victim at once should share a lock

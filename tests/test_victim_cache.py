@@ -74,6 +74,19 @@ def test_one_clean_victim_serves_every_trigger_and_target(data, tmp_path, traini
     assert again.trigger is other and again.target_class == 2  # the record reads the trigger it was given
 
 
+@pytest.mark.parametrize("damage, retrained", [("asr", False), ("acc", True)])
+def test_a_clean_victim_is_checked_by_its_accuracy_alone(data, tmp_path, trainings, damage, retrained):
+    # Its stored ASR was read with the trigger it was first trained beside; another trigger reads another ASR.
+    clean = {**TINY, "poison_rate": 0.0}
+    first = run_attack(*data, build_trigger("patch", {"size": 3}, seed=0), **clean, cache=tmp_path)
+    entry, = tmp_path.iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["baseline"][damage] += 0.5
+    (entry / "meta.json").write_text(json.dumps(meta))
+    again = run_attack(*data, build_trigger("blend", {}, seed=0), **clean, cache=tmp_path)
+    assert len(trainings) == 1 + retrained and same_weights(first, again)
+
+
 def test_the_key_covers_the_code(data):
     trigger = build_trigger("patch", {"size": 3}, seed=0)
     device = torch.device("cpu")
