@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clean = victim(build_trigger(name, trigger_params, seed=seed, image_size=train_set.images.shape[1]), targets[0], 0.0)
     rows: list[dict[str, Any]] = []
 
+    run = {"command": command, "env": environment(device), "trigger": name, "trigger_params": trigger_params,
+           "poison_rates": rates, "victim": {k: v for k, v in settings.items() if k != "device"}}
+
     def save() -> None:  # after every victim, so a stopped sweep keeps what it measured
-        write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(device), "trigger": name,
-                                                     "trigger_params": trigger_params, "poison_rates": rates,
-                                                     "seconds": time.perf_counter() - started,
-                                                     "victim": {k: v for k, v in settings.items() if k != "device"}}})
+        write_json(args.out, {"rows": rows, "_run": {**run, "seconds": time.perf_counter() - started}})
         args.out.with_suffix(".md").write_text(
             f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
             f"Trigger: {name} {trigger_params} with each row's change; poison rate "

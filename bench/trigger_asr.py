@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     clean = run_attack(train_set, test, triggers[names[0]], mode="clean_label", poison_rate=0.0, cache=args.cache,
                        **settings)
     print(f"clean victim trained in {time.perf_counter() - started:.0f}s", flush=True)
+    run = {"command": command, "env": environment(device), "poison_rate": rate, "data": data.get("name", "synthetic"),
+           "train_size": len(train_set)}
     results: dict[str, Any] = {}
     for name in names:
         started = time.perf_counter()
@@ -101,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                          "seconds": time.perf_counter() - started}
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
         # written after every victim, so that a stopped run keeps what it measured
-        write_json(args.out, {**results, "_run": {"command": command, "env": environment(device), "poison_rate": rate,
-                                                  "data": data.get("name", "synthetic"), "train_size": len(train_set)}})
+        write_json(args.out, {**results, "_run": run})
     print(f"written {args.out}")
 
 

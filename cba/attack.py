@@ -23,7 +23,7 @@ from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method
 from cba.train import TrainConfig, train
 from cba.triggers import Trigger
-from cba.victim_cache import load_victim, save_victim, victim_key
+from cba.victim_cache import load_victim, matches_stored, save_victim, victim_key
 
 
 def params_splits(params: dict[str, Any], **options: Any) -> tuple[ImageSet, ImageSet]:
@@ -129,10 +129,7 @@ def run_attack(
         stored = load_victim(entry, model)
         if stored is not None:
             record = record_of(model, stored["losses"], stored["curves"], stored["train_seconds"])
-            # A clean victim's key leaves out the trigger and the target, so only its ACC is the same whatever
-            # trigger it is read with; its stored ASR belongs to the trigger it was first trained beside.
-            checked = ("acc",) if poison_rate == 0 else tuple(stored["baseline"])
-            if all(record.baseline.get(k) == stored["baseline"].get(k) for k in checked):
+            if matches_stored(settings, record.baseline, stored["baseline"]):
                 return record
     model = new_model()  # fresh weights: a rejected cache entry may have been loaded into the last one
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else model.default_lr,

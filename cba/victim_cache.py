@@ -62,12 +62,24 @@ def trigger_digest(trigger: Trigger) -> str:
                           + _array_digest(*(tensors[k].numpy() for k in sorted(tensors))).encode()).hexdigest()
 
 
+def _is_clean(settings: dict[str, Any]) -> bool:
+    """A victim without poisons: its key, and so its check, leave out the trigger and the target."""
+    return float(settings.get("poison_rate", 0)) == 0
+
+
+def matches_stored(settings: dict[str, Any], rebuilt: dict[str, float], stored: dict[str, float]) -> bool:
+    """Whether a loaded victim's before-repair figures are the stored ones: all of them, or a clean victim's ACC
+    alone, since its ASR depends on the trigger it is read with, which its key leaves out."""
+    checked = ("acc",) if _is_clean(settings) else tuple(stored)
+    return all(rebuilt.get(k) == stored.get(k) for k in checked)
+
+
 def victim_key(settings: dict[str, Any], train: ImageSet, test: ImageSet, trigger: Trigger, device: torch.device,
                code: str | None = None) -> str:
     """The cache key of a victim trained with `settings` (run_attack's keywords) on `train`.
 
     The test set is part of it because the entry's stored ACC/ASR, which a load must reproduce, are read on it."""
-    clean = float(settings.get("poison_rate", 0)) == 0
+    clean = _is_clean(settings)
     chosen = {k: v for k, v in settings.items() if not (clean and k == "target_class")}
     parts = [chosen, _array_digest(train.images, train.labels), _array_digest(test.images, test.labels),
              None if clean else trigger_digest(trigger), torch.device(device).type, code or source_digest()]
