@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                               train_features[~record.poisoned & (train.labels == target)], target)
     # empty when every target image is poisoned: no clean target image to measure the offset from
     row.update({key: readout.get(key) for key in ("offset_norm", "shift_over_offset", "offset_target_alignment")})
-    row["final_loss"] = float(record.curves[-1]["loss"])  # a NaN here would make every ASR meaningless
+    row["final_loss"] = record.final_loss  # a NaN here would make every ASR meaningless
     if args.clean:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)
         row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])

@@ -81,12 +81,6 @@ def data_name(params: dict[str, Any]) -> str:
     return (params.get("data") or {}).get("name", "synthetic")
 
 
-def final_loss(record: AttackRecord) -> float:
-    """Mean per-sample loss of the last epoch (finite: training stops on a non-finite loss)."""
-    losses = record.losses
-    return float(losses.loc[losses["epoch"] == losses["epoch"].max(), "loss"].mean())
-
-
 def ratio(poisoned: float, clean: float) -> float:
     return poisoned / max(clean, 1e-3)
 
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def victim(trigger: Trigger, target: int, poison_rate: float) -> AttackRecord:
         record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=poison_rate,
                             **{**settings, "target_class": target}, cache=args.cache)
-        print(f"victim (target {target}, rate {poison_rate:g}) trained, final loss {final_loss(record):.3f}",
+        print(f"victim (target {target}, rate {poison_rate:g}) trained, final loss {record.final_loss:.3f}",
               flush=True)
         return record
 

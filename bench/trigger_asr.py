@@ -89,17 +89,19 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     clean = run_attack(train_set, test, triggers[names[0]], mode="clean_label", poison_rate=0.0, cache=args.cache,
                        **settings)
-    print(f"clean victim trained in {time.perf_counter() - started:.0f}s", flush=True)
+    print(f"clean victim trained in {time.perf_counter() - started:.0f}s, final loss {clean.final_loss:.3f}", flush=True)
     run = {"command": command, "env": environment(device), "poison_rate": rate, "data": data.get("name", "synthetic"),
            "train_size": len(train_set)}
     results: dict[str, Any] = {}
     for name in names:
         started = time.perf_counter()
-        poisoned = trigger_scores(run_attack(train_set, test, triggers[name], mode="clean_label", poison_rate=rate,
-                                             cache=args.cache, **settings), triggers[name])
-        alone = trigger_scores(clean, triggers[name])
+        victim = run_attack(train_set, test, triggers[name], mode="clean_label", poison_rate=rate, cache=args.cache,
+                            **settings)
+        poisoned, alone = trigger_scores(victim, triggers[name]), trigger_scores(clean, triggers[name])
+        # the final losses: a victim whose loss went non-finite has no meaningful ASR
         results[name] = {"linear_asr": poisoned["probe_asr"], "knn_asr": poisoned["knn_asr"], "clean_asr": alone["probe_asr"],
                          "clean_knn_asr": alone["knn_asr"], "linear_acc": poisoned["probe_acc"], "knn_acc": poisoned["knn_acc"],
+                         "final_loss": victim.final_loss, "clean_final_loss": clean.final_loss,
                          "seconds": time.perf_counter() - started}
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
         # written after every victim, so that a stopped run keeps what it measured

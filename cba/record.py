@@ -102,6 +102,19 @@ class AttackRecord:
     def num_classes(self) -> int:
         return self.test.num_classes
 
+    @property
+    def final_loss(self) -> float:
+        """The training loss of the last epoch (NaN if unknown).
+
+        Training stops on a non-finite loss, but a bench that reports an ASR
+        should still show this: a collapsed victim's ASR means nothing."""
+        if self.losses is not None and len(self.losses):  # the mean over samples, not over batches
+            last = self.losses["epoch"] == self.losses["epoch"].max()
+            return float(self.losses.loc[last, "loss"].mean())
+        if self.curves and "loss" in self.curves[-1]:
+            return float(self.curves[-1]["loss"])
+        return float("nan")
+
 
 def classifier_acc_asr(model: Callable[[torch.Tensor], torch.Tensor], record_or_test: AttackRecord | ImageSet,
                        triggered: ImageSet | None = None, target_class: int | None = None) -> dict[str, float]:

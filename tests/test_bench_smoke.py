@@ -319,6 +319,9 @@ def test_trigger_asr_reads_every_trigger_on_its_poisoned_victim_and_one_clean_on
     assert set(result) == {"patch", "ctrl_y", "_run"} and result["_run"]["train_size"] == 200
     for name in ("patch", "ctrl_y"):
         assert all(0 <= result[name][k] <= 1 for k in ("linear_asr", "knn_asr", "clean_asr", "clean_knn_asr", "linear_acc"))
+        # SimCLR's NT-Xent at batch 64 starts near log(127) and one epoch cannot take it near zero
+        assert 1 < result[name]["final_loss"] < 6 and 1 < result[name]["clean_final_loss"] < 6
+    assert result["patch"]["clean_final_loss"] == result["ctrl_y"]["clean_final_loss"]
     # One clean victim serves both triggers: the cache holds it and one poisoned victim per trigger.
     assert len(list((tmp_path / "victims").iterdir())) == 3
 

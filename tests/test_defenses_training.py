@@ -168,7 +168,7 @@ def test_abl_isolates_badnets(supervised_badnets):
 
 def test_abl_unlearning_ascends_the_loss_of_the_isolated_samples(supervised_badnets):
     """ABL's second phase must raise the loss of what it isolated (it does not, on this fixture, remove the
-    backdoor: the clean task goes first, see docs/results.md), and must leave the record's model as it was."""
+    backdoor: the clean task goes first, see docs/results/claims.md), and must leave the record's model as it was."""
     record = supervised_badnets
     abl = build_defense("abl", loss_source="log")
     loss, _ = abl.isolation_losses(record)

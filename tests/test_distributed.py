@@ -156,7 +156,7 @@ def test_torchrun_cba_pretrain_writes_once_matches_one_process_and_resumes(tmp_p
 
     curve_one = pd.read_csv(one / "plots/pretrain_loss.csv")
     curve_two = pd.read_csv(two / "plots/pretrain_loss.csv")
-    # The stage's data makes float-order differences grow about tenfold a step (docs/results.md), so the
+    # The stage's data makes float-order differences grow about tenfold a step (docs/results/cross-checks.md), so the
     # stage is held to 1% of the loss; the exact agreement is the job of the train()-level tests above.
     np.testing.assert_allclose(curve_two["loss"], curve_one["loss"], rtol=STAGE_TOLERANCE)
     log_one = pd.read_parquet(one / "data/pretrain/losses.parquet")

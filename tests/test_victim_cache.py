@@ -50,6 +50,10 @@ def test_a_cached_victim_is_loaded_not_retrained(data, tmp_path, trainings):
     assert same_weights(first, again) and again.baseline == first.baseline
     assert again.losses.equals(first.losses) and again.curves == first.curves
     np.testing.assert_array_equal(again.poisoned, first.poisoned)
+    # The final loss, which a bench prints beside every ASR, is the last epoch's mean over its samples.
+    last = first.losses[first.losses["epoch"] == TINY["epochs"]]
+    assert np.isfinite(first.final_loss) and first.final_loss == pytest.approx(float(last["loss"].mean()))
+    assert again.final_loss == first.final_loss
     # Without a cache the same settings train the same victim: the cache changes nothing but the time.
     uncached = run_attack(*data, trigger, **TINY)
     assert len(trainings) == 2 and same_weights(first, uncached) and uncached.baseline == first.baseline

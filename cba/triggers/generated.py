@@ -1,7 +1,7 @@
 """A learned sample-specific trigger: x' = clip(x + linf * G(x)), G a small convolutional generator.
 
 The universal learned trigger adds the same evidence to every image, and the
-image's own content keeps deciding its class (docs/results.md). A generator,
+image's own content keeps deciding its class (docs/results/linear-probe.md). A generator,
 as in BLTO (Sun et al. ICLR 2024), can shape each image's perturbation to its
 content. It is fitted by the same bi-level objective as `optimized`
 (`cba.triggers.optimize`); its weights are the trigger's tensors, saved as

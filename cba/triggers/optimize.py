@@ -28,7 +28,7 @@ SimCLR, then alternates (the bi-level part):
   A, A1, A2 are independent draws of the same kornia pipeline the victim uses
   (`eot=False` drops them: the pattern is optimised on raw images only).
 
-Options, all off by default but `w_neutral` (docs/results.md has what each did at the default budget):
+Options, all off by default but `w_neutral` (docs/results/levers.md has what each did at the default budget):
 
 - `ensemble`: several independently initialised surrogates, each warmed up and
   poisoned alike; the trigger steps take turns on them;
