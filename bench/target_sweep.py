@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rate in rates:
             poisoned = victim(trigger, target, rate)
             row = {"target": test.classes[target], "target_class": target, "change": change, "poison_rate": rate,
-                   **attacker, "poisoned": read(poisoned, trigger, target, seed), "clean": clean_reading}
+                   **attacker, "poisoned": read(poisoned, trigger, target, seed), "clean": clean_reading,
+                   # a victim whose loss went non-finite has no meaningful ASR
+                   "final_loss": {"poisoned": poisoned.final_loss, "clean": clean.final_loss}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             save()

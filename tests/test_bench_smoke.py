@@ -296,6 +296,8 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
                 assert all(0 <= m[k] <= 1 for k in ("acc", "asr", "natural_rate"))
                 assert row["target"] not in m["landing"] and len(m["landing"]) == 2
         assert 0 <= row["hit_rate"] <= 1 and 0 <= row["clean_hit_rate"] <= 1 and 0 <= row["clean_probe_hit_rate"] <= 1
+        assert all(1 < loss < 6 for loss in row["final_loss"].values())  # NT-Xent at batch 64, after one epoch
+    assert len({row["final_loss"]["clean"] for row in rows}) == 1
     # One clean victim reads every pattern: its clean accuracy cannot differ between targets.
     assert len({row["clean"]["linear"]["acc"] for row in rows}) == 1 == len({row["clean"]["knn"]["acc"] for row in rows})
     assert "| ring |" in out.with_suffix(".md").read_text()
