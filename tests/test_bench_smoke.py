@@ -1,6 +1,6 @@
 """The bench scripts run end to end on tiny settings and write the tables they promise.
 
-Their figures at real sizes are in the README; here only that each script works
+Their figures at real sizes are in docs/results.md; here only that each script works
 and that every row and cell it reports is filled from a real run."""
 
 from __future__ import annotations
