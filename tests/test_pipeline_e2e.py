@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -139,6 +140,31 @@ def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
     assert near["poison_rate"] == pytest.approx(manifest["poisoned"].mean())
     assert all(0 <= near[key] <= 1 for key in ("clean", "triggered", "target_near_poisons", "target_near_clean_target"))
 
+
+
+def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path):
+    """At scale 1 the bench's readings are the pipeline's own (victim and reference); other scales add s times
+    the learned pattern."""
+    spec = importlib.util.spec_from_file_location("bench_trigger_scale", REPO / "bench/trigger_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--root", str(project), "--scales", "1", "2", "--out", str(tmp_path / "scale.json")])
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    one, two = result["rows"]
+    for name in ("linear", "knn"):
+        assert one["poisoned"][name]["asr"] == pytest.approx(finetune[name]["asr"])
+        assert one["reference"][name]["asr"] == pytest.approx(finetune["reference"][name]["asr"])
+        # the clean images are read the same whatever the scale: one probe per encoder
+        assert two["poisoned"][name]["acc"] == one["poisoned"][name]["acc"]
+    assert (one["linf"], two["linf"]) == (16, 32) and "| 2 | 32 |" in (tmp_path / "scale.md").read_text()
+    from cba.triggers import load_trigger
+    learned = load_trigger(project / "data/trigger")
+    doubled = bench.scaled(learned, 2.0)
+    grey = np.full((1, 32, 32, 3), 128, dtype=np.uint8)  # mid-grey: no clip within +-32
+    added = doubled.apply(grey).astype(float) - learned.apply(grey).astype(float)
+    assert np.abs(added - (learned.apply(grey).astype(float) - 128)).max() <= 1  # twice the pattern, up to rounding
+    with pytest.raises(SystemExit, match="exceed the 0-255 range"):
+        bench.scaled(learned, 20.0)
 
 def test_finetune_param_reruns_only_downstream_stages(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
