@@ -43,6 +43,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("readout_ceiling", "Each downstream reader's ceiling on the pipeline's encoder (bench/readout_ceiling.py)"),
            ("trigger_scale", "The pipeline's pattern at other test-time amplitudes, on the victim and the reference (bench/trigger_scale.py)"),
            ("trigger_scale_seed1", "Seed 1: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
+           ("trigger_scale_seed2", "Seed 2: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
            ("trigger_scale_fashion", "Fashion-MNIST: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
            ("target_sweep_fashion_min_scale02", "Fashion-MNIST with CTRL's smaller crop, min_scale 0.2 (bench/target_sweep.py)"),
            ("maturity_default_avx2", "The default backdoor as the encoder matures, 40 epochs, beside a victim without poisons (bench/maturity.py)"),
