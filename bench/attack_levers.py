@@ -39,6 +39,7 @@ The levers:
   often a view holds only one half (never above 1/3: a larger crop always spans the seam).
 
     OMP_NUM_THREADS=2 python bench/attack_levers.py --pattern pipeline --select gray    # about 5 min
+    OMP_NUM_THREADS=2 python bench/attack_levers.py --pattern tint:32 --clean --cache .cache/victims   # the clean twin trains once
 """
 
 from __future__ import annotations
@@ -64,19 +65,12 @@ from cba.fit import fit
 from cba.models import build_backbone
 from cba.record import predict
 from cba.triggers import TRIGGERS, build_trigger, load_trigger
-from cba.triggers.base import Trigger
 from cba.triggers.ctrl import RGB_TO_YUV
+from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.fitting import attacker_pool
 
 REPO = Path(__file__).resolve().parents[1]
 LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
-
-
-def fixed_pattern(pattern: np.ndarray, linf: float, seed: int) -> Trigger:
-    """An additive trigger with a given pattern: the learned trigger's class, its fit skipped."""
-    trigger = build_trigger("optimized", {"linf": linf}, seed=seed, image_size=pattern.shape[0])
-    trigger.set_tensors({"pattern": torch.from_numpy(np.clip(pattern, -linf, linf).astype(np.float32))}, source="pattern")
-    return trigger
 
 
 def tint_pattern(size: int, amplitude: float) -> np.ndarray:
@@ -202,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-scale", type=float, default=None, help="default: params.yaml's augmentation.min_scale")
     parser.add_argument("--clean", action="store_true", help="also score the pattern on a victim trained without poisons")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a folder of trained victims (cba.victim_cache): the clean twin, and a randomly selected "
+                             "poisoned victim, trained before with the same settings, data, trigger and code are loaded")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
@@ -211,9 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     if kind == "pipeline":
         trigger = load_trigger(REPO / "data" / "trigger")
     elif kind == "disc":
-        trigger = fixed_pattern(disc_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
+        trigger = OptimizedTrigger.from_pattern(disc_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
     elif kind == "tint":
-        trigger = fixed_pattern(tint_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
+        trigger = OptimizedTrigger.from_pattern(tint_pattern(train.images.shape[1], float(amplitude)), float(amplitude), seed)
     elif kind == "patch":
         size = int(amplitude)
         centre = (train.images.shape[1] - size) // 2
@@ -224,11 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
         pool = attacker_pool(len(train), size, seed)
         surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"), surrogate_epochs)
         pattern = sensitive_pattern(surrogate.encoder, train.images[pool], float(amplitude), seed)
-        trigger = fixed_pattern(pattern, float(amplitude), seed)
+        trigger = OptimizedTrigger.from_pattern(pattern, float(amplitude), seed)
     elif kind == "supervised":
         pool = attacker_pool(len(train), attacker_settings(params)[0], seed)
         pattern = supervised_pattern(train.images[pool], train.labels[pool] == target, float(amplitude), seed)
-        trigger = fixed_pattern(pattern, float(amplitude), seed)
+        trigger = OptimizedTrigger.from_pattern(pattern, float(amplitude), seed)
     else:
         sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S, tint:A or sensitive:A")
     settings = victim_settings(params, "simclr")
@@ -239,8 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
         score = typicality(train, test, target, attacker_pool(len(train), size, seed), settings, surrogate_epochs)
     else:
         score = grayscale_ratio(train.images)
+    # The cache key holds no selection rule, so only the pipeline's own (random) choice of poisons may be cached.
+    poisoned_cache = args.cache if args.select == "random" else None
     with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, score)):
-        record = run_attack(train, test, trigger, mode=args.mode, poison_rate=rate, **settings)
+        record = run_attack(train, test, trigger, mode=args.mode, poison_rate=rate, cache=poisoned_cache, **settings)
     row = {"pattern": args.pattern, "select": args.select, "rate": rate, "mode": args.mode,
            "min_scale": settings["min_scale"], **trigger_scores(record, trigger)}
     poisons = np.flatnonzero(record.poisoned)
@@ -261,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     row.update({key: readout.get(key) for key in ("offset_norm", "shift_over_offset", "offset_target_alignment")})
     row["final_loss"] = record.final_loss  # a NaN here would make every ASR meaningless
     if args.clean:
-        clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, **settings), trigger)
+        clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, cache=args.cache, **settings),
+                               trigger)
         row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     return row

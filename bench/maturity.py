@@ -1,7 +1,7 @@
 """How a backdoor changes as the victim's encoder matures: ACC and ASR every few epochs, poisoned beside clean.
 
-One SimCLR victim trains as `cba pretrain` would (params.yaml's data, seed, target_class and pretrain
-section), for `--epochs` instead of pretrain.epochs, on the training set poisoned with one trigger; every
+One victim trains as `cba pretrain` would (params.yaml's data, seed, target_class and pretrain
+section, its method unless `--method` names another), for `--epochs` instead of pretrain.epochs, on the training set poisoned with one trigger; every
 `--every` epochs the encoder is read as `cba finetune` reads it: the converged linear probe and kNN, both
 fitted on the clean labelled training set (`cba.evaluate.evaluate_encoder`). With `--clean` a second
 victim trains the same way without poisons and is read with the same trigger: the 3x rule's baseline at
@@ -36,6 +36,7 @@ from cba.evaluate import evaluate_encoder, pick_device
 from cba.errors import ConfigError
 from cba.io import read_json, write_json, write_png
 from cba.poison import triggered_test_set
+from cba.ssl import METHODS
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--width", type=int, default=None, help="default: params.yaml's pretrain.width")
+    parser.add_argument("--method", default=None, choices=METHODS.names(),
+                        help="the victim's pretraining method; default: params.yaml's pretrain.method")
     parser.add_argument("--rate", type=float, default=None, help="poison rate; default: params.yaml's poison_rate")
     parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
@@ -121,7 +124,7 @@ def plot_runs(runs: list[dict[str, Any]], path: Path, title: str) -> None:
 def _title(result: dict[str, Any]) -> str:
     run = result.get("_run", {})
     victim = run.get("victim", {})
-    return (f"{run.get('trigger', '?')} trigger, target class {victim.get('target_class', '?')}, "
+    return (f"{victim.get('method', 'simclr')}, {run.get('trigger', '?')} trigger, target class {victim.get('target_class', '?')}, "
             f"{victim.get('epochs', '?')} epochs, read every {victim.get('eval_every', '?')}")
 
 
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = yaml.safe_load(args.params.read_text()) or {}
     train_set, test = params_splits(params)
     device = pick_device(args.device)
-    settings = {**victim_settings(params, "simclr"), "epochs": args.epochs, "eval_every": args.every, "device": device}
+    settings = {**victim_settings(params, args.method), "epochs": args.epochs, "eval_every": args.every, "device": device}
     if args.width:
         settings["width"] = args.width
     if args.trigger_params is None:
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.out, result)
     plot_runs(runs, args.out.with_suffix(".png"), _title(result))
     args.out.with_suffix(".md").write_text(
-        f"# ASR as the encoder matures\n\nCommand: `{command}`\n\nTrigger: {trigger.name} {trigger.params}\n\n"
+        f"# ASR as the encoder matures\n\nCommand: `{command}`\n\nVictim: {settings['method']}\n\n"
+        f"Trigger: {trigger.name} {trigger.params}\n\n"
         f"{table(runs)}\n")
     print(table(runs))
     return result

@@ -33,12 +33,13 @@ import yaml
 
 from cba.data.io import load_imageset
 from cba.env import command_line, environment
-from cba.evaluate import evaluate_encoder
+from cba.evaluate import evaluate_features, extract_features
 from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
-from cba.triggers import build_trigger, load_trigger
+from cba.triggers import load_trigger
 from cba.triggers.base import Trigger
+from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = ("params.yaml", "data/trigger", "data/pretrain/encoder.safetensors", "data/reference/encoder.safetensors",
           "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors")
@@ -70,9 +71,7 @@ def scaled(trigger: Trigger, scale: float) -> Trigger:
     if linf > 255:
         raise SystemExit(f"--scales {scale}: the pattern would exceed the 0-255 range (L-inf {linf:g}); allowed up to "
                          f"{255 / float(trigger.params['linf']):g}")
-    out = build_trigger("optimized", {"linf": linf}, seed=0, image_size=trigger.tensors()["pattern"].shape[0])
-    out.set_tensors({"pattern": trigger.tensors()["pattern"] * scale}, source="pattern")
-    return out
+    return OptimizedTrigger.from_pattern(trigger.tensors()["pattern"].numpy() * scale, linf, seed=trigger.seed)
 
 
 def top_landing(counts: list[int], target: int, classes: list[str]) -> str:
@@ -107,10 +106,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     readings: dict[str, dict[float, dict]] = {}
     for victim, path in VICTIMS.items():
         encoder, probe, readings[victim] = load_encoder(root / path), None, {}
+        # The clean features are the same at every scale: extracted once, with the probe fitted once on them.
+        clean_feats, test_feats = extract_features(encoder, clean.images), extract_features(encoder, test.images)
         for scale, scaled_trigger in triggers.items():
             triggered = triggered_test_set(test, scaled_trigger, target, seed)
-            metrics, fit = evaluate_encoder(encoder, clean.images, clean.labels, test.images, test.labels, triggered.images,
-                                            target, clean.num_classes, probe=probe, **options)
+            metrics, fit = evaluate_features(clean_feats, clean.labels, test_feats, test.labels,
+                                             extract_features(encoder, triggered.images), target, clean.num_classes,
+                                             probe=probe, **options)
             probe = fit.probe  # one probe per encoder: the scale changes only what it reads
             readings[victim][scale] = {name: {"acc": metrics[name]["acc"], "asr": metrics[name]["asr"],
                                               "landing": top_landing(metrics[name]["landing"], target, test.classes)}

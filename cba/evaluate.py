@@ -7,6 +7,8 @@ target. ACC is measured on the clean test set.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -109,19 +111,28 @@ def knn_backdoor_metrics(
 
 def evaluate_encoder(
     encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
+    triggered_images: np.ndarray, target_class: int, num_classes: int, **options: Any,
+) -> tuple[dict[str, dict], ProbeFit]:
+    """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean labelled data.
+
+    Extracts the three sets' features and reads them with `evaluate_features`, which takes the same `options`."""
+    return evaluate_features(extract_features(encoder, train_images), train_labels, extract_features(encoder, test_images),
+                             test_labels, extract_features(encoder, triggered_images), target_class, num_classes, **options)
+
+
+def evaluate_features(
+    train_feats: torch.Tensor, train_labels: np.ndarray, test_feats: torch.Tensor, test_labels: np.ndarray,
+    trig_feats: torch.Tensor, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
     triggered_labels: np.ndarray | None = None, probe_options: dict | None = None, seed: int = 0,
     probe: LinearProbe | None = None,
 ) -> tuple[dict[str, dict], ProbeFit]:
-    """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean labelled data.
+    """ACC and ASR by kNN and by the converged linear probe, from features already extracted by one encoder.
 
     Per classifier: `acc`, `asr`, `natural_rate` (non-target clean images sent to the target: the floor ASR must
     clear), `landing` (how many triggered images each class received) and, given the triggered images' true
     labels, `robust_acc` (triggered images still classified as their true class, BackdoorBench's RA). A `probe`
-    already fitted to this encoder's features is used as it is instead of fitting one."""
-    train_feats = extract_features(encoder, train_images)
-    test_feats = extract_features(encoder, test_images)
-    trig_feats = extract_features(encoder, triggered_images)
+    already fitted to this encoder's features is used as it is instead of fitting one. Readers of several
+    triggered sets on one encoder extract the clean features once and call this per set."""
     labels = torch.as_tensor(train_labels)
     fit = ProbeFit(probe, float("nan")) if probe is not None else \
         fit_linear_probe(train_feats, labels, num_classes, seed=seed, **(probe_options or {}))

@@ -29,6 +29,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 (bench/maturity.py)"),
+           ("maturity_fashion_byol", "Fashion-MNIST: a BYOL victim, poisoned beside clean, read every 5 epochs (bench/maturity.py)"),
            ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images (bench/trigger_survival.py)"),
            ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit (bench/target_sweep.py)"),
            ("target_sweep_budget", "The default attack at larger budgets (bench/target_sweep.py)"),

@@ -79,6 +79,22 @@ def test_natural_rate_counts_clean_non_target_images_sent_to_the_target():
         assert metrics[name]["asr"] == 1.0 and metrics[name]["natural_rate"] == 1.0
 
 
+def test_evaluate_features_on_extracted_features_is_evaluate_encoder():
+    """Readers of several triggered sets extract the clean features once: the figures must not change."""
+    from cba.evaluate import evaluate_encoder, evaluate_features, extract_features
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, 6))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(60) % 3
+    triggered = np.clip(images[:20].astype(int) + 40, 0, 255).astype(np.uint8)
+    direct, fit = evaluate_encoder(encoder, images, labels, images[:30], labels[:30], triggered, 1, 3, k=5)
+    feats = [extract_features(encoder, x) for x in (images, images[:30], triggered)]
+    again, _ = evaluate_features(feats[0], labels, feats[1], labels[:30], feats[2], 1, 3, k=5, probe=fit.probe)
+    assert again == direct
+
+
 def _blobs(n=600, dim=12, classes=4, spread=2.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, dim, generator=gen) * spread

@@ -10,6 +10,7 @@ from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.survival import survival_table
 from cba.triggers import build_trigger, load_trigger, save_trigger
+from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.stealth import stealth_metrics
 from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
 
@@ -79,6 +80,22 @@ def test_save_and_load_keep_the_learned_pattern(fitted, tmp_path):
 def test_an_unfitted_trigger_changes_nothing():
     clean = generate(4, seed=1).images
     np.testing.assert_array_equal(build_trigger("optimized", {}, seed=0).apply(clean), clean)
+
+
+def test_from_pattern_adds_the_given_pattern_clipped_to_its_budget_and_saves_as_an_optimized_trigger(tmp_path):
+    pattern = np.zeros((32, 32, 3), np.float32)
+    pattern[:8] = 30.0  # beyond the budget: clipped to +8
+    pattern[8:16] = -5.0
+    trigger = OptimizedTrigger.from_pattern(pattern, 8, seed=2)
+    clean = np.full((3, 32, 32, 3), 100, np.uint8)
+    diff = trigger.apply(clean).astype(int) - clean
+    assert (diff[:, :8] == 8).all() and (diff[:, 8:16] == -5).all() and (diff[:, 16:] == 0).all()
+    save_trigger(trigger, tmp_path / "t")
+    np.testing.assert_array_equal(load_trigger(tmp_path / "t").apply(clean), trigger.apply(clean))
+    with pytest.raises(ConfigError, match="pattern"):
+        OptimizedTrigger.from_pattern(np.zeros((32, 16, 3)), 8)
+    with pytest.raises(ConfigError, match="linf"):
+        OptimizedTrigger.from_pattern(pattern, 300)
 
 
 @pytest.mark.parametrize("key, value", [

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cba.errors import is_int, is_number
+from cba.errors import ConfigError, is_int, is_number
 from cba.triggers.base import Trigger, map_in_chunks, to_uint8
 from cba.triggers.fit_options import OptimizeConfig, fit_defaults
 
@@ -92,6 +92,18 @@ class OptimizedTrigger(Trigger):
 
     def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"pattern": np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)}
+
+    @classmethod
+    def from_pattern(cls, pattern: np.ndarray, linf: float, seed: int = 0) -> "OptimizedTrigger":
+        """A trigger of this kind that adds a given (H, W, 3) pattern, clipped to +-`linf`, with no fit.
+
+        For patterns made elsewhere: by hand, by another attack, or a learned one rescaled."""
+        pattern = np.asarray(pattern, dtype=np.float32)
+        if pattern.ndim != 3 or pattern.shape[0] != pattern.shape[1] or pattern.shape[2] != 3:
+            raise ConfigError("pattern", f"shape {pattern.shape}", "must be (H, W, 3) with H == W")
+        trigger = cls(seed=seed, image_size=pattern.shape[0], linf=float(linf))
+        trigger._arrays = {"pattern": np.clip(pattern, -float(linf), float(linf))}
+        return trigger
 
     def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
             progress: bool = True) -> dict[str, Any]:
