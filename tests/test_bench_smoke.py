@@ -196,6 +196,26 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     assert row["offset_norm"] > 0 and -1 <= row["offset_target_alignment"] <= 1
 
 
+def test_attack_levers_caches_the_clean_twin_and_only_randomly_selected_poisoned_victims(tmp_path):
+    """The cache key holds no selection rule: a poisoned victim whose poisons a lever chose must never be cached,
+    or a later run with the pipeline's random choice would load it."""
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(epochs=1, width=4, batch_size=64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    levers, cache = load("attack_levers"), tmp_path / "victims"
+    common = ["--pattern", "disc:16", "--clean", "--cache", str(cache), "--params", str(tmp_path / "params.yaml")]
+    gray = levers.main(["--select", "gray", *common])
+    assert len(list(cache.iterdir())) == 1  # the clean twin alone
+    again = levers.main(["--select", "gray", *common])
+    assert again == gray  # the clean twin loaded, the gray-selected victim trained again the same way
+    random = levers.main(["--select", "random", *common])
+    assert len(list(cache.iterdir())) == 2 and random["clean_knn_asr"] == gray["clean_knn_asr"]
+    assert levers.main(["--select", "random", *common]) == random
+
+
 def test_attack_levers_typical_selection_end_to_end(tmp_path):
     import yaml
 
