@@ -1,4 +1,4 @@
-"""Levers on the contrastive backdoor, one SimCLR victim each at the pipeline's budget.
+"""Levers on the contrastive backdoor, one SSL victim each at the pipeline's budget (SimCLR unless `--method`).
 
 A run poisons the pipeline's training set (params.yaml: data, seed, target_class; `--rate` for the
 poison rate) with one pattern, trains the victim `cba pretrain` would train, and prints one JSON row:
@@ -64,6 +64,7 @@ from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
 from cba.record import predict
+from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger, load_trigger
 from cba.triggers.ctrl import RGB_TO_YUV
 from cba.triggers.optimized import OptimizedTrigger
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
     parser.add_argument("--min-scale", type=float, default=None, help="default: params.yaml's augmentation.min_scale")
     parser.add_argument("--clean", action="store_true", help="also score the pattern on a victim trained without poisons")
+    parser.add_argument("--method", default=None, choices=[m for m in METHODS.names() if not METHODS.get(m).uses_labels],
+                        help="the victim's SSL method; default: params.yaml's pretrain.method (the attacker's own "
+                             "surrogates stay SimCLR)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims (cba.victim_cache): the clean twin, and a randomly selected "
@@ -204,6 +208,13 @@ def main(argv: list[str] | None = None) -> dict:
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
     train, test = params_splits(params)
+    # The victim's settings; the attacker's own surrogates stay SimCLR whatever the victim trains with.
+    settings, attacker = victim_settings(params, args.method), victim_settings(params, "simclr")
+    if METHODS.get(settings["method"]).uses_labels:
+        sys.exit(f"pretrain.method={settings['method']!r}: this bench poisons an SSL victim; choose one of "
+                 f"{', '.join(m for m in METHODS.names() if not METHODS.get(m).uses_labels)} with --method")
+    if args.min_scale is not None:
+        settings["min_scale"] = attacker["min_scale"] = args.min_scale
     kind, _, amplitude = args.pattern.partition(":")
     if kind == "pipeline":
         trigger = load_trigger(REPO / "data" / "trigger")
@@ -228,19 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
         trigger = OptimizedTrigger.from_pattern(pattern, float(amplitude), seed)
     else:
         sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S, tint:A or sensitive:A")
-    settings = victim_settings(params, "simclr")
-    if args.min_scale is not None:
-        settings["min_scale"] = args.min_scale
     if args.select == "typical":
         size, surrogate_epochs = attacker_settings(params)
-        score = typicality(train, test, target, attacker_pool(len(train), size, seed), settings, surrogate_epochs)
+        score = typicality(train, test, target, attacker_pool(len(train), size, seed), attacker, surrogate_epochs)
     else:
         score = grayscale_ratio(train.images)
     # The cache key holds no selection rule, so only the pipeline's own (random) choice of poisons may be cached.
     poisoned_cache = args.cache if args.select == "random" else None
     with mock.patch.object(cba.poison, "choose_poison_indices", selection(args.select, score)):
         record = run_attack(train, test, trigger, mode=args.mode, poison_rate=rate, cache=poisoned_cache, **settings)
-    row = {"pattern": args.pattern, "select": args.select, "rate": rate, "mode": args.mode,
+    row = {"pattern": args.pattern, "method": settings["method"], "select": args.select, "rate": rate, "mode": args.mode,
            "min_scale": settings["min_scale"], **trigger_scores(record, trigger)}
     poisons = np.flatnonzero(record.poisoned)
     row["probe_on_poisons"] = float((predict(record.classifier, record.train.images[poisons]) == target).float().mean())
