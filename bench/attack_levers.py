@@ -1,7 +1,8 @@
 """Levers on the contrastive backdoor, one SSL victim each at the pipeline's budget (SimCLR unless `--method`).
 
 A run poisons the pipeline's training set (params.yaml: data, seed, target_class; `--rate` for the
-poison rate) with one pattern, trains the victim `cba pretrain` would train, and prints one JSON row:
+poison rate) with one pattern, trains the victim `cba pretrain` would train, and prints one JSON row (`--out`
+also appends it, with the command and the environment, to a JSONL file):
 
 - `probe_acc`/`probe_asr`, `knn_acc`/`knn_asr`: as `cba finetune` measures them (clean labels);
 - `probe_on_poisons`: the share of poisoned training images the victim's own probe reads as the target;
@@ -60,6 +61,7 @@ import cba.poison
 from cba.analysis.readout import neighbour_shares, trigger_readout
 from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
+from cba.env import command_line, environment
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the victim's SSL method; default: params.yaml's pretrain.method (the attacker's own "
                              "surrogates stay SimCLR)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a JSONL file the row is appended to, with the command and the environment that made it")
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims (cba.victim_cache): the clean twin, and a randomly selected "
                              "poisoned victim, trained before with the same settings, data, trigger and code are loaded")
@@ -271,7 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, cache=args.cache, **settings),
                                trigger)
         row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    print(line)
+    if args.out is not None:  # appended, so that one file collects a series of levers
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        provenance = {"command": command_line(argv), "env": environment(torch.device("cpu"))}
+        with args.out.open("a") as out:
+            out.write(json.dumps({**json.loads(line), **provenance}) + "\n")
     return row
 
 

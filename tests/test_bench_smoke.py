@@ -211,9 +211,13 @@ def test_attack_levers_caches_the_clean_twin_and_only_randomly_selected_poisoned
     assert len(list(cache.iterdir())) == 1  # the clean twin alone
     again = levers.main(["--select", "gray", *common])
     assert again == gray  # the clean twin loaded, the gray-selected victim trained again the same way
-    random = levers.main(["--select", "random", *common])
+    random = levers.main(["--select", "random", *common, "--out", str(tmp_path / "levers.jsonl")])
     assert len(list(cache.iterdir())) == 2 and random["clean_knn_asr"] == gray["clean_knn_asr"]
-    assert levers.main(["--select", "random", *common]) == random
+    assert levers.main(["--select", "random", *common, "--out", str(tmp_path / "levers.jsonl")]) == random
+    lines = [json.loads(line) for line in (tmp_path / "levers.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[0] == lines[1]  # appended, not overwritten; the same row from the cache
+    assert lines[0]["select"] == "random" and "--select random" in lines[0]["command"]
+    assert lines[0]["env"]["torch"] == torch.__version__ and lines[0]["knn_asr"] == round(random["knn_asr"], 4)
 
 
 def test_attack_levers_typical_selection_end_to_end(tmp_path):
