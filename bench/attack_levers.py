@@ -74,6 +74,7 @@ from cba.triggers.fitting import attacker_pool
 
 REPO = Path(__file__).resolve().parents[1]
 LUMA = RGB_TO_YUV[0].astype(np.float32)  # the Y row: luminance
+SSL_METHODS = [name for name in METHODS.names() if not METHODS.get(name).uses_labels]  # the victims this bench poisons
 
 
 def tint_pattern(size: int, amplitude: float) -> np.ndarray:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", default="clean_label", choices=("clean_label", "composite"))
     parser.add_argument("--min-scale", type=float, default=None, help="default: params.yaml's augmentation.min_scale")
     parser.add_argument("--clean", action="store_true", help="also score the pattern on a victim trained without poisons")
-    parser.add_argument("--method", default=None, choices=[m for m in METHODS.names() if not METHODS.get(m).uses_labels],
+    parser.add_argument("--method", default=None, choices=SSL_METHODS,
                         help="the victim's SSL method; default: params.yaml's pretrain.method (the attacker's own "
                              "surrogates stay SimCLR)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
@@ -214,11 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = params_splits(params)
     # The victim's settings; the attacker's own surrogates stay SimCLR whatever the victim trains with.
     settings, attacker = victim_settings(params, args.method), victim_settings(params, "simclr")
-    if METHODS.get(settings["method"]).uses_labels:
+    if settings["method"] not in SSL_METHODS:
         sys.exit(f"pretrain.method={settings['method']!r}: this bench poisons an SSL victim; choose one of "
-                 f"{', '.join(m for m in METHODS.names() if not METHODS.get(m).uses_labels)} with --method")
+                 f"{', '.join(SSL_METHODS)} with --method")
     if args.min_scale is not None:
-        settings["min_scale"] = attacker["min_scale"] = args.min_scale
+        settings["min_scale"] = args.min_scale
     kind, _, amplitude = args.pattern.partition(":")
     if kind == "pipeline":
         trigger = load_trigger(REPO / "data" / "trigger")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif kind == "sensitive":
         size, surrogate_epochs = attacker_settings(params)
         pool = attacker_pool(len(train), size, seed)
-        surrogate = clean_surrogate(train, test, pool, victim_settings(params, "simclr"), surrogate_epochs)
+        surrogate = clean_surrogate(train, test, pool, attacker, surrogate_epochs)
         pattern = sensitive_pattern(surrogate.encoder, train.images[pool], float(amplitude), seed)
         trigger = OptimizedTrigger.from_pattern(pattern, float(amplitude), seed)
     elif kind == "supervised":
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S, tint:A or sensitive:A")
     if args.select == "typical":
         size, surrogate_epochs = attacker_settings(params)
-        score = typicality(train, test, target, attacker_pool(len(train), size, seed), attacker, surrogate_epochs)
+        score = typicality(train, test, target, attacker_pool(len(train), size, seed),
+                           {**attacker, "min_scale": settings["min_scale"]}, surrogate_epochs)
     else:
         score = grayscale_ratio(train.images)
     # The cache key holds no selection rule, so only the pipeline's own (random) choice of poisons may be cached.
@@ -275,13 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
         clean = trigger_scores(run_attack(train, test, trigger, mode=args.mode, poison_rate=0.0, cache=args.cache, **settings),
                                trigger)
         row.update(clean_probe_asr=clean["probe_asr"], clean_knn_asr=clean["knn_asr"])
-    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-    print(line)
+    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    print(json.dumps(rounded))
     if args.out is not None:  # appended, so that one file collects a series of levers
         args.out.parent.mkdir(parents=True, exist_ok=True)
         provenance = {"command": command_line(argv), "env": environment(torch.device("cpu"))}
         with args.out.open("a") as out:
-            out.write(json.dumps({**json.loads(line), **provenance}) + "\n")
+            out.write(json.dumps({**rounded, **provenance}) + "\n")
     return row
 
 

@@ -103,15 +103,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trigger = load_trigger(root / "data/trigger")
     triggers = {scale: scaled(trigger, scale) for scale in args.scales}  # bad input fails before any reading
     clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
+    # The triggered test sets do not depend on the victim: built once per scale, read by both.
+    triggered = {scale: triggered_test_set(test, scaled_trigger, target, seed).images
+                 for scale, scaled_trigger in triggers.items()}
     readings: dict[str, dict[float, dict]] = {}
     for victim, path in VICTIMS.items():
         encoder, probe, readings[victim] = load_encoder(root / path), None, {}
         # The clean features are the same at every scale: extracted once, with the probe fitted once on them.
         clean_feats, test_feats = extract_features(encoder, clean.images), extract_features(encoder, test.images)
-        for scale, scaled_trigger in triggers.items():
-            triggered = triggered_test_set(test, scaled_trigger, target, seed)
+        for scale, images in triggered.items():
             metrics, fit = evaluate_features(clean_feats, clean.labels, test_feats, test.labels,
-                                             extract_features(encoder, triggered.images), target, clean.num_classes,
+                                             extract_features(encoder, images), target, clean.num_classes,
                                              probe=probe, **options)
             probe = fit.probe  # one probe per encoder: the scale changes only what it reads
             readings[victim][scale] = {name: {"acc": metrics[name]["acc"], "asr": metrics[name]["asr"],
@@ -123,13 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"scale": scale, "linf": float(trigger.params["linf"]) * scale, "poisoned": poisoned,
                      "reference": reference,
                      "ratio": {name: poisoned[name]["asr"] / max(reference[name]["asr"], 1e-3) for name in ("linear", "knn")}})
-    command = command_line(argv)
+    command, data = command_line(argv), (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),
                                                  "trigger": trigger.name, "linf": float(trigger.params["linf"]),
                                                  "target_class": target, "seed": seed,
-                                                 "data": (params.get("data") or {}).get("name", "synthetic")}})
+                                                 "data": data}})
     text = table(rows)
-    data = (params.get("data") or {}).get("name", "synthetic")
     args.out.with_suffix(".md").write_text(
         f"# The trigger at other test-time amplitudes\n\nCommand: `{command}`\n\nData: {data}; target {test.classes[target]}; "
         f"the poisons carry the pattern at L-inf {float(trigger.params['linf']):g}.\n\n{text}\n")

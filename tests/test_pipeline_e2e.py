@@ -141,7 +141,6 @@ def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
     assert all(0 <= near[key] <= 1 for key in ("clean", "triggered", "target_near_poisons", "target_near_clean_target"))
 
 
-
 def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path):
     """At scale 1 the bench's readings are the pipeline's own (victim and reference); other scales add s times
     the learned pattern."""
