@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     if settings["method"] not in SSL_METHODS:
         sys.exit(f"pretrain.method={settings['method']!r}: this bench poisons an SSL victim; choose one of "
                  f"{', '.join(SSL_METHODS)} with --method")
-    if args.min_scale is not None:
-        settings["min_scale"] = args.min_scale
+    if args.min_scale is not None:  # the victim's crop, and the attacker's surrogates learn under the same one
+        settings["min_scale"] = attacker["min_scale"] = args.min_scale
     kind, _, amplitude = args.pattern.partition(":")
     if kind == "pipeline":
         trigger = load_trigger(REPO / "data" / "trigger")
@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--pattern={args.pattern!r} is not valid: pipeline, disc:A, supervised:A, patch:S, tint:A or sensitive:A")
     if args.select == "typical":
         size, surrogate_epochs = attacker_settings(params)
-        score = typicality(train, test, target, attacker_pool(len(train), size, seed),
-                           {**attacker, "min_scale": settings["min_scale"]}, surrogate_epochs)
+        score = typicality(train, test, target, attacker_pool(len(train), size, seed), attacker, surrogate_epochs)
     else:
         score = grayscale_ratio(train.images)
     # The cache key holds no selection rule, so only the pipeline's own (random) choice of poisons may be cached.

@@ -5,21 +5,16 @@ defenses work (`bench/art_crosscheck.py` prints the full comparison)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from benches import load
+
 pytest.importorskip("art")
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def rows(supervised_badnets):
-    spec = importlib.util.spec_from_file_location("bench_art_crosscheck", BENCH / "art_crosscheck.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.crosscheck(supervised_badnets, repeats=5)
+    return load("art_crosscheck").crosscheck(supervised_badnets, repeats=5)
 
 
 def test_spectral_signatures_agree_with_art(rows):

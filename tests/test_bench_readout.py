@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_bench_smoke import load
+from benches import load
 
 
 def test_readout_ceiling_rates_on_hand_made_features():

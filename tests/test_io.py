@@ -74,8 +74,6 @@ def test_same_tensors_give_the_same_bytes(tmp_path):
     ({"backbone": "convnet", "width": "8"}, "wrong shape"),  # the weights are width 4's
 ])
 def test_hostile_encoder_files_are_one_line(tmp_path, meta, fragment):
-    import torch
-
     from cba.errors import ConfigError
     from cba.io import save_tensors
     from cba.models import build_backbone

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from benches import load
 from cba.compare import flatten, runs_from_exp_show
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,16 @@ def run(cmd: list[str], cwd: Path) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
+
+
+@pytest.fixture
+def stage_threads():
+    """In-process re-readings of a stage's figures use the stages' one thread (`run` sets OMP_NUM_THREADS=1):
+    a second thread sums in another order, and a probe's ASR can move by one image."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def ran_stages(output: str) -> set[str]:
@@ -121,11 +131,9 @@ def test_second_repro_runs_nothing(project):
     assert ran_stages(run(["dvc", "repro"], project)) == set()
 
 
-def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
+def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path, stage_threads):
     """The bench's ASR column is the pipeline's ASR, recomputed from the stage outputs."""
-    spec = importlib.util.spec_from_file_location("bench_readout_ceiling", REPO / "bench/readout_ceiling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("readout_ceiling")
     result = bench.main(["--root", str(project), "--out", str(tmp_path / "ceiling.json")])
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     knn = next(row for name, row in result["rows"].items() if name.startswith("kNN"))
@@ -141,12 +149,10 @@ def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path):
     assert all(0 <= near[key] <= 1 for key in ("clean", "triggered", "target_near_poisons", "target_near_clean_target"))
 
 
-def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path):
+def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path, stage_threads):
     """At scale 1 the bench's readings are the pipeline's own (victim and reference); other scales add s times
     the learned pattern."""
-    spec = importlib.util.spec_from_file_location("bench_trigger_scale", REPO / "bench/trigger_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("trigger_scale")
     result = bench.main(["--root", str(project), "--scales", "1", "2", "--out", str(tmp_path / "scale.json")])
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     one, two = result["rows"]

@@ -3,7 +3,6 @@ through the same code path the bench uses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from benches import load
 from cba.survival import (DEFAULT_AUGMENTATIONS, MEASURES, build_augmentation, measure, paired_views,
                           shift_correlation, survival_table)
 from cba.triggers import TRIGGERS, build_trigger, save_trigger
@@ -135,19 +135,11 @@ def test_images_the_trigger_leaves_unchanged_are_skipped_not_nan():
     assert nothing["images"] == 0 and all(math.isnan(nothing[key]) for key in MEASURES)
 
 
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "trigger_survival.py"
-    spec = importlib.util.spec_from_file_location("bench_trigger_survival", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_writes_both_tables_and_merges_asr(tmp_path):
     asr = tmp_path / "asr.json"
     asr.write_text(json.dumps({"ctrl": {"knn_asr": 0.5, "linear_asr": 0.25, "clean_asr": 0.125}}))
     out = tmp_path / "ts.md"
-    load_bench().main(["--test-size", "16", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
+    load("trigger_survival").main(["--test-size", "16", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
                        "--asr-json", str(asr), "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     assert {"ctrl", "ctrl_low8", "ctrl_y", "patch"} <= set(result["variants"])
@@ -167,7 +159,7 @@ def test_bench_merges_several_asr_files_later_ones_winning(tmp_path):
                                  "_run": {"command": "x"}}))
     second.write_text(json.dumps({"ctrl": {"knn_asr": 0.0625, "linear_asr": 0.375, "clean_asr": 0.0, "seconds": 9.0}}))
     out = tmp_path / "ts.md"
-    load_bench().main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
+    load("trigger_survival").main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
                        "--asr-json", str(first), str(second), "--out", str(out)])
     lines = out.read_text().splitlines()
     assert next(line for line in lines if line.startswith("| ctrl |")).endswith("| 0.062 | 0.375 | 0.000 |")
@@ -183,7 +175,7 @@ def test_bench_measures_a_saved_optimized_trigger(tmp_path):
     folder = tmp_path / "trigger"
     save_trigger(build_trigger("optimized", {}, seed=0, image_size=SIZE), folder)
     out = tmp_path / "ts.md"
-    load_bench().main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(folder), "--out", str(out)])
+    load("trigger_survival").main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(folder), "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     rows = [row for row in result["rows"] if row["trigger"] == "optimized"]
     assert len(rows) == len(DEFAULT_AUGMENTATIONS) and all(row["survival"] is None for row in rows)
@@ -193,7 +185,7 @@ def test_bench_measures_a_saved_optimized_trigger(tmp_path):
 def test_bench_stops_in_one_line_on_a_missing_data_set(tmp_path, capsys):
     out = tmp_path / "ts.md"
     with pytest.raises(SystemExit) as stop:
-        load_bench().main(["--data", "fashion_mnist", "--root", str(tmp_path / "absent"), "--test-size", "8",
+        load("trigger_survival").main(["--data", "fashion_mnist", "--root", str(tmp_path / "absent"), "--test-size", "8",
                            "--draws", "1", "--out", str(out)])
     message = str(stop.value)
     assert "--root" in message and str(tmp_path / "absent") in message and "\n" not in message
@@ -215,7 +207,7 @@ def test_bench_measures_on_the_named_data_set(tmp_path):
     root = tmp_path / "fashion"
     _write_idx_test_split(root, 12)
     out = tmp_path / "ts.md"
-    load_bench().main(["--data", "fashion_mnist", "--root", str(root), "--test-size", "12", "--draws", "1",
+    load("trigger_survival").main(["--data", "fashion_mnist", "--root", str(root), "--test-size", "12", "--draws", "1",
                        "--optimized-dir", str(tmp_path / "none"), "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["settings"]["data"] == "fashion_mnist" and "the fashion_mnist test split (12 images)" in out.read_text()
