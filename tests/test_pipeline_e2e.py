@@ -217,38 +217,47 @@ def test_a_poison_free_run_trains_the_reference_victim_bit_for_bit_and_never_ret
 
 
 def wait_for_queue(project: Path, seconds: float = 600) -> str:
-    """`dvc queue status` once no experiment is queued or running."""
+    """`dvc queue status` once no experiment is queued or running (polled every few seconds: each poll is a
+    DVC process, which competes with the experiments for the cores)."""
     deadline = time.monotonic() + seconds
     status = run(["dvc", "queue", "status"], project)
     while re.search(r"\b(Queued|Running)\b", status) and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(5)
         status = run(["dvc", "queue", "status"], project)
     return status
 
 
 def test_queued_experiments_rerun_only_what_changed_and_read_back(project):
-    """Two experiments queued on a pretraining param run two at a time (`dvc queue start -j 2`). Each reruns
-    pretraining and what follows, never the trigger or the poison; `dvc exp show`, `cba compare`, `dvc exp apply`,
-    `dvc metrics diff` and `dvc plots show` read them; and returning to the baseline leaves nothing to run."""
+    """Two experiments queued, run two at a time (`dvc queue start -j 2`): a pretraining param reruns pretraining
+    and what follows, never the trigger or the poison; a defense param reruns that defense alone. `dvc exp show`,
+    `cba compare`, `dvc exp apply`, `dvc metrics diff` and `dvc plots show` read them; and returning to the
+    baseline leaves nothing to run."""
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     pattern = (project / "data/trigger/trigger.safetensors").read_bytes()
-    run(["dvc", "exp", "run", "--queue", "-S", "pretrain.epochs=3,4"], project)
+    overlays = yaml.safe_load((project / "params.yaml").read_text())["defense"]["strip"]["n_overlays"]
+    run(["dvc", "exp", "run", "--queue", "-S", "pretrain.epochs=3"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", f"defense.strip.n_overlays={overlays + 2}"], project)
     run(["dvc", "queue", "start", "-j", "2"], project)
     status = wait_for_queue(project)
     assert "Failed" not in status and status.count("Success") == 2, status
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True).stdout)
-    runs = {row["params"]["pretrain.epochs"]: row for row in runs_from_exp_show(shown)}
-    assert set(runs) == {2, 3, 4}  # the baseline commit and the two experiments
-    for epochs in (3, 4):
-        ran = ran_stages(run(["dvc", "queue", "logs", runs[epochs]["name"]], project))
-        assert "pretrain" in ran and "validate" in ran and "trigger" not in ran and "poison" not in ran, ran
-        assert all(0 <= runs[epochs]["metrics"][key] <= 1 for key in ("ACC", "ASR", "kNN_ACC", "kNN_ASR"))
+    runs = {(row["params"]["pretrain.epochs"], row["params"]["defense.strip.n_overlays"]): row
+            for row in runs_from_exp_show(shown)}
+    assert set(runs) == {(2, overlays), (3, overlays), (2, overlays + 2)}  # the baseline commit and the experiments
+    pretraining, defense = runs[3, overlays], runs[2, overlays + 2]
+    ran = ran_stages(run(["dvc", "queue", "logs", pretraining["name"]], project))
+    assert "pretrain" in ran and "validate" in ran and "trigger" not in ran and "poison" not in ran, ran
+    assert ran_stages(run(["dvc", "queue", "logs", defense["name"]], project)) == {"validate", "defend@strip", "report"}
+    for row in (pretraining, defense):
+        assert all(0 <= row["metrics"][key] <= 1 for key in ("ACC", "ASR", "kNN_ACC", "kNN_ASR"))
+    assert defense["metrics"]["ASR"] == runs[2, overlays]["metrics"]["ASR"]  # the victim is the baseline's
     table = run(["cba", "compare", "--by", "pretrain.epochs", "--metrics", "ASR,kNN_ASR"], project)
-    assert all(f"| {epochs} | 1 | 0 |" in table for epochs in (2, 3, 4)), table
+    # Columns: the varying params in name order (defense.strip.n_overlays, pretrain.epochs), then n and seeds.
+    assert all(f"| {n} | {epochs} | 1 | 0 |" in table for epochs, n in runs), table
     assert (project / "experiments/compare.png").stat().st_size > 0
 
-    run(["dvc", "exp", "apply", runs[3]["name"]], project)
+    run(["dvc", "exp", "apply", pretraining["name"]], project)
     assert (project / "data/trigger/trigger.safetensors").read_bytes() == pattern
     assert json.loads((project / "metrics/pretrain.json").read_text())["epochs"] == 3
     trigger = json.loads((project / "metrics/trigger.json").read_text())
