@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims (cba.victim_cache): the clean twin, and a randomly selected "
                              "poisoned victim, trained before with the same settings, data, trigger and code are loaded")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' and the attacker's surrogates' training)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = params_splits(params)
     # The victim's settings; the attacker's own surrogates stay SimCLR whatever the victim trains with.
     settings, attacker = victim_settings(params, args.method), victim_settings(params, "simclr")
+    settings["progress"] = attacker["progress"] = not args.quiet
     if settings["method"] not in SSL_METHODS:
         sys.exit(f"pretrain.method={settings['method']!r}: this bench poisons an SSL victim; choose one of "
                  f"{', '.join(SSL_METHODS)} with --method")

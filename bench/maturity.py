@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="save the refitted trigger to this folder (loadable as data/trigger is)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/maturity.json"))
     parser.add_argument("--plot-from", type=Path, default=None,
                         help="redraw the figure of an earlier run from its JSON (written beside it as .png); no training")
@@ -142,14 +143,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = yaml.safe_load(args.params.read_text()) or {}
     train_set, test = params_splits(params)
     device = pick_device(args.device)
-    settings = {**victim_settings(params, args.method), "epochs": args.epochs, "eval_every": args.every, "device": device}
+    settings = {**victim_settings(params, args.method), "epochs": args.epochs, "eval_every": args.every, "device": device,
+                "progress": not args.quiet}
     if args.width:
         settings["width"] = args.width
     if args.trigger_params is None:
         trigger = load_trigger(args.trigger)
     else:
         trigger = build_trigger(args.trigger_name, args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
-        fit = fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device)
+        fit = fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device,
+                          progress=not args.quiet)
         print("trigger fit, last round: " + json.dumps(fit["history"][-1]), flush=True)
         if args.save_trigger:
             save_trigger(trigger, args.save_trigger)

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--matching-steps", type=int, default=0)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the surrogate's training)")
     args = parser.parse_args(argv)
     command = command_line(argv)
     started = time.perf_counter()
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_config = TrainConfig(epochs=args.epochs, batch_size=SURROGATE_BATCH, lr=config.surrogate_lr,
                                warmup_epochs=min(2, args.epochs // 4), seed=surrogate, eval_every=args.every)
     train(method, images, np.zeros(len(images), dtype=np.int64), build_augment("ssl", images.shape[1], False,
-          config.min_scale), train_config, torch.device("cpu"), evaluate=evaluate, progress=False)
+          config.min_scale), train_config, torch.device("cpu"), evaluate=evaluate, progress=not args.quiet)
     result: dict[str, Any] = {"separability": rows}
     if args.matching_steps:
         data = to_float(images)

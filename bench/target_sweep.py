@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims (cba.victim_cache): a victim trained before with the same "
                              "settings, data, trigger and code is loaded instead of trained (the clean one, above all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/target_sweep.json"))
     return parser.parse_args(argv)
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = victim_settings(params, "simclr")
     if args.epochs:
         settings["epochs"] = args.epochs
-    settings["device"] = device
+    settings.update(device=device, progress=not args.quiet)
     trigger_section = params.get("trigger") or {}
     name, trigger_params = trigger_section.get("name", "optimized"), trigger_section.get("params") or {}
     rates = args.rates if args.rates is not None else [float(params.get("poison_rate", 0.05))]
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def fitted(target: int, change: dict[str, Any]) -> tuple[Trigger, dict[str, Any]]:
         trigger = build_trigger(name, {**trigger_params, **change}, seed=seed, image_size=train_set.images.shape[1])
-        fit = fit_trigger(trigger, train_set.images, train_set.labels, target, seed, device, progress=False)
+        fit = fit_trigger(trigger, train_set.images, train_set.labels, target, seed, device, progress=not args.quiet)
         return trigger, (fit or {}).get("history", [{}])[-1]
 
     # The clean victim never applies a trigger, so any trigger object will do for training it.
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     run = {"command": command, "env": environment(device), "trigger": name, "trigger_params": trigger_params,
-           "poison_rates": rates, "victim": {k: v for k, v in settings.items() if k != "device"}}
+           "poison_rates": rates, "victim": {k: v for k, v in settings.items() if k not in ("device", "progress")}}
 
     def save() -> None:  # after every victim, so a stopped sweep keeps what it measured
         write_json(args.out, {"rows": rows, "_run": {**run, "seconds": time.perf_counter() - started}})

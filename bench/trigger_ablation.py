@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="YAML overrides of params.yaml's trigger.params for every variant")
     parser.add_argument("--seed", type=int, default=params.get("seed", 0))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/trigger_ablation.md"))
     args = parser.parse_args(argv)
     args.variant_list = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.base_params = {**base, **(args.trigger_params or {})}
     # The pipeline's victim; the command line overrides its size and seed.
     args.victim = {**victim_settings(params, "simclr"), "width": args.width, "epochs": args.epochs, "seed": args.seed,
-                   "target_class": args.target_class}
+                   "target_class": args.target_class, "progress": not args.quiet}
     args.min_scale = args.victim["min_scale"]
     return args
 
@@ -92,7 +93,8 @@ def make_trigger(variant: str, args: argparse.Namespace, train_set, device: torc
         signs = np.random.default_rng([args.seed, 0xBAD]).choice([-1.0, 1.0], size=trigger.perturbation().shape)
         trigger.set_tensors({"pattern": torch.from_numpy((signs * linf).astype(np.float32))})
         return trigger, {"fit_s": 0.0}
-    info = fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device, progress=False)
+    info = fit_trigger(trigger, train_set.images, train_set.labels, args.target_class, args.seed, device,
+                       progress=not args.quiet)
     return trigger, {"fit_s": time.perf_counter() - started, "hit_rate": info["history"][-1]["hit_rate"],
                      "history": info["history"]}
 

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims (cba.victim_cache): one trained before with the same settings, "
                              "data, trigger and code is loaded instead of trained (the clean one, above all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/trigger_asr.json"))
     return parser.parse_args(argv)
 
@@ -78,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in chosen]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(chosen)} or all")
-    settings = {**victim_settings(params, "simclr"), "device": device}
+    settings = {**victim_settings(params, "simclr"), "device": device, "progress": not args.quiet}
     if args.epochs:
         settings["epochs"] = args.epochs
     triggers = {}
     for name in names:
         trigger_name, trigger_params = chosen[name]
         triggers[name] = build_trigger(trigger_name, trigger_params, seed=seed, image_size=train_set.images.shape[1])
-        fit_trigger(triggers[name], train_set.images, train_set.labels, target, seed, device, progress=False)
+        fit_trigger(triggers[name], train_set.images, train_set.labels, target, seed, device, progress=not args.quiet)
     started = time.perf_counter()
     clean = run_attack(train_set, test, triggers[names[0]], mode="clean_label", poison_rate=0.0, cache=args.cache,
                        **settings)

@@ -78,7 +78,7 @@ def test_attack_levers_sensitive_pattern_moves_the_encoder_more_than_a_random_on
     assert cosine(pattern) < cosine(random_signs)
 
 
-def test_attack_levers_min_scale_reaches_the_attackers_surrogate_too(tmp_path):
+def test_attack_levers_min_scale_reaches_the_attackers_surrogate_too(tmp_path, capsys):
     """`--min-scale` is the crop that the victim and the attacker's surrogate both train under."""
     from unittest import mock
 
@@ -91,12 +91,14 @@ def test_attack_levers_min_scale_reaches_the_attackers_surrogate_too(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     levers = load("attack_levers")
     with mock.patch.object(levers, "clean_surrogate", wraps=levers.clean_surrogate) as surrogate:
-        row = levers.main(["--pattern", "sensitive:8", "--min-scale", "0.3", "--params", str(tmp_path / "params.yaml")])
+        row = levers.main(["--pattern", "sensitive:8", "--min-scale", "0.3", "--quiet",
+                           "--params", str(tmp_path / "params.yaml")])
     assert surrogate.call_count == 1 and surrogate.call_args.args[3]["min_scale"] == 0.3
+    assert "pretrain" not in capsys.readouterr().err  # --quiet: neither the surrogate's bar nor the victim's
     assert row["min_scale"] == 0.3 and row["final_loss"] == row["final_loss"]
 
 
-def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
+def test_attack_levers_runs_one_victim_end_to_end(tmp_path, capsys):
     import yaml
 
     params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
@@ -109,6 +111,7 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path):
     assert row["final_loss"] == row["final_loss"]  # finite, not NaN
     assert 0 <= row["poisons_near_clean"] <= 1 and 0 <= row["poisons_near_triggered"] <= 1
     assert row["offset_norm"] > 0 and -1 <= row["offset_target_alignment"] <= 1
+    assert "pretrain: 100%" in capsys.readouterr().err  # the victim's progress bar, as plain lines off a terminal
 
 
 def test_attack_levers_caches_the_clean_twin_and_only_randomly_selected_poisoned_victims(tmp_path):
