@@ -13,6 +13,16 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored afterwards: tiny tensors gain nothing from a second one, and
+    an in-process re-reading of a stage's figures must sum in the order the stages' one thread does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LONGEST_FIRST = ("test_pipeline_e2e.py",)
 # The slow tier: whole pipelines, several processes, bench scripts and trained fixtures. `pytest -m "not slow"`
 # runs the rest (the fast tier) in under a minute; plain `pytest`, as CI runs it, runs both.

@@ -53,16 +53,6 @@ def run(cmd: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture
-def stage_threads():
-    """In-process re-readings of a stage's figures use the stages' one thread (`run` sets OMP_NUM_THREADS=1):
-    a second thread sums in another order, and a probe's ASR can move by one image."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -131,8 +121,9 @@ def test_second_repro_runs_nothing(project):
     assert ran_stages(run(["dvc", "repro"], project)) == set()
 
 
-def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path, stage_threads):
-    """The bench's ASR column is the pipeline's ASR, recomputed from the stage outputs."""
+def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path, one_thread):
+    """The bench's ASR column is the pipeline's ASR, recomputed from the stage outputs (on the stages' one
+    thread: `run` sets OMP_NUM_THREADS=1, and a second thread sums in another order)."""
     bench = load("readout_ceiling")
     result = bench.main(["--root", str(project), "--out", str(tmp_path / "ceiling.json")])
     finetune = json.loads((project / "metrics/finetune.json").read_text())
@@ -149,7 +140,7 @@ def test_readout_ceiling_reads_the_pipelines_own_asr(project, tmp_path, stage_th
     assert all(0 <= near[key] <= 1 for key in ("clean", "triggered", "target_near_poisons", "target_near_clean_target"))
 
 
-def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path, stage_threads):
+def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_pattern(project, tmp_path, one_thread):
     """At scale 1 the bench's readings are the pipeline's own (victim and reference); other scales add s times
     the learned pattern."""
     bench = load("trigger_scale")

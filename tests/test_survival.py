@@ -22,14 +22,8 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds overhead, and stalls
-    badly when the other core is busy. Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny: a second intra-op thread only adds overhead, and stalls badly when the other core is busy.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mid_grey(n: int = 8, seed: int = 0) -> torch.Tensor:
