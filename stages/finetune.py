@@ -18,7 +18,7 @@ from cba.ssl.io import load_method
 from cba.record import Classifier, classifier_acc_asr, own_head
 from cba.triggers import load_trigger
 from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, REFERENCE_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics, read_manifest)
 from stages.params import Params
 
 

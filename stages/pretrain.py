@@ -26,8 +26,8 @@ from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
 from cba.triggers.base import JSON_FILE as TRIGGER_JSON, TENSORS_FILE as TRIGGER_TENSORS
-from stages.common import (PROGRESS_OPTION, DETAILS_DIR, MANIFEST_COLUMNS, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, read_table, write_metrics, read_manifest)
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics, read_manifest)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
