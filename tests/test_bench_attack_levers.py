@@ -10,6 +10,21 @@ import torch
 from benches import BENCH, load
 
 
+def tiny_params(tmp_path, trigger: dict | None = None, **trigger_params) -> dict:
+    """params.yaml at a size that trains in seconds, written to tmp_path/params.yaml: 200 training images, one
+    epoch at width 4; `trigger` replaces the trigger section, `trigger_params` update its params."""
+    import yaml
+
+    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 200, "test_size": 60}
+    params["pretrain"].update(epochs=1, width=4, batch_size=64)
+    if trigger is not None:
+        params["trigger"] = trigger
+    params["trigger"]["params"].update(trigger_params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
 def test_attack_levers_selection_poisons_exactly_the_chosen_target_images():
     import numpy as np
 
@@ -82,13 +97,7 @@ def test_attack_levers_min_scale_reaches_the_attackers_surrogate_too(tmp_path, c
     """`--min-scale` is the crop that the victim and the attacker's surrogate both train under."""
     from unittest import mock
 
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(epochs=1, width=4, batch_size=64)
-    params["trigger"] = {"name": "optimized", "params": {"surrogate_epochs": 1}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_params(tmp_path, trigger={"name": "optimized", "params": {"surrogate_epochs": 1}})
     levers = load("attack_levers")
     with mock.patch.object(levers, "clean_surrogate", wraps=levers.clean_surrogate) as surrogate:
         row = levers.main(["--pattern", "sensitive:8", "--min-scale", "0.3", "--quiet",
@@ -99,12 +108,7 @@ def test_attack_levers_min_scale_reaches_the_attackers_surrogate_too(tmp_path, c
 
 
 def test_attack_levers_runs_one_victim_end_to_end(tmp_path, capsys):
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(epochs=1, width=4, batch_size=64)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = tiny_params(tmp_path)
     row = load("attack_levers").main(["--pattern", "disc:16", "--select", "gray", "--params", str(tmp_path / "params.yaml")])
     assert row["pattern"] == "disc:16" and row["rate"] == params["poison_rate"]
     assert 0 <= row["probe_asr"] <= 1 and 0 <= row["knn_asr"] <= 1 and 0 <= row["probe_on_poisons"] <= 1
@@ -117,12 +121,7 @@ def test_attack_levers_runs_one_victim_end_to_end(tmp_path, capsys):
 def test_attack_levers_caches_the_clean_twin_and_only_randomly_selected_poisoned_victims(tmp_path):
     """The cache key holds no selection rule: a poisoned victim whose poisons a lever chose must never be cached,
     or a later run with the pipeline's random choice would load it."""
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(epochs=1, width=4, batch_size=64)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_params(tmp_path)
     levers, cache = load("attack_levers"), tmp_path / "victims"
     common = ["--pattern", "disc:16", "--clean", "--cache", str(cache), "--params", str(tmp_path / "params.yaml")]
     gray = levers.main(["--select", "gray", *common])
@@ -139,25 +138,14 @@ def test_attack_levers_caches_the_clean_twin_and_only_randomly_selected_poisoned
 
 
 def test_attack_levers_typical_selection_end_to_end(tmp_path):
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(epochs=1, width=4, batch_size=64)
-    params["trigger"]["params"].update(surrogate_size=100, surrogate_epochs=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_params(tmp_path, surrogate_size=100, surrogate_epochs=1)
     levers = load("attack_levers")
     row = levers.main(["--pattern", "disc:16", "--select", "typical", "--params", str(tmp_path / "params.yaml")])
     assert row["select"] == "typical" and 0 <= row["target_near_poisons"] <= 1 and 0 <= row["knn_asr"] <= 1
 
 
 def test_attack_levers_composite_mode_with_a_patch(tmp_path):
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(epochs=1, width=4, batch_size=64)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_params(tmp_path)
     row = load("attack_levers").main(["--pattern", "patch:6", "--mode", "composite", "--min-scale", "0.2",
                                       "--params", str(tmp_path / "params.yaml")])
     assert row["mode"] == "composite" and row["min_scale"] == 0.2 and 0 <= row["probe_asr"] <= 1

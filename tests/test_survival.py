@@ -134,7 +134,7 @@ def test_bench_writes_both_tables_and_merges_asr(tmp_path):
     asr.write_text(json.dumps({"ctrl": {"knn_asr": 0.5, "linear_asr": 0.25, "clean_asr": 0.125}}))
     out = tmp_path / "ts.md"
     load("trigger_survival").main(["--test-size", "16", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
-                       "--asr-json", str(asr), "--out", str(out)])
+                                   "--asr-json", str(asr), "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     assert {"ctrl", "ctrl_low8", "ctrl_y", "patch"} <= set(result["variants"])
     assert "optimized" not in result["variants"] and any("optimized: skipped" in n for n in result["notes"])
@@ -154,7 +154,7 @@ def test_bench_merges_several_asr_files_later_ones_winning(tmp_path):
     second.write_text(json.dumps({"ctrl": {"knn_asr": 0.0625, "linear_asr": 0.375, "clean_asr": 0.0, "seconds": 9.0}}))
     out = tmp_path / "ts.md"
     load("trigger_survival").main(["--test-size", "10", "--draws", "1", "--optimized-dir", str(tmp_path / "none"),
-                       "--asr-json", str(first), str(second), "--out", str(out)])
+                                   "--asr-json", str(first), str(second), "--out", str(out)])
     lines = out.read_text().splitlines()
     assert next(line for line in lines if line.startswith("| ctrl |")).endswith("| 0.062 | 0.375 | 0.000 |")
     assert next(line for line in lines if line.startswith("| patch |")).endswith("| 0.750 | 0.500 | 0.250 |")
@@ -180,7 +180,7 @@ def test_bench_stops_in_one_line_on_a_missing_data_set(tmp_path, capsys):
     out = tmp_path / "ts.md"
     with pytest.raises(SystemExit) as stop:
         load("trigger_survival").main(["--data", "fashion_mnist", "--root", str(tmp_path / "absent"), "--test-size", "8",
-                           "--draws", "1", "--out", str(out)])
+                                       "--draws", "1", "--out", str(out)])
     message = str(stop.value)
     assert "--root" in message and str(tmp_path / "absent") in message and "\n" not in message
     assert not out.exists() and "trigger_survival:" not in capsys.readouterr().out  # nothing measured
@@ -202,7 +202,7 @@ def test_bench_measures_on_the_named_data_set(tmp_path):
     _write_idx_test_split(root, 12)
     out = tmp_path / "ts.md"
     load("trigger_survival").main(["--data", "fashion_mnist", "--root", str(root), "--test-size", "12", "--draws", "1",
-                       "--optimized-dir", str(tmp_path / "none"), "--out", str(out)])
+                                   "--optimized-dir", str(tmp_path / "none"), "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["settings"]["data"] == "fashion_mnist" and "the fashion_mnist test split (12 images)" in out.read_text()
     patch = [row for row in result["rows"] if row["trigger"] == "patch"]
