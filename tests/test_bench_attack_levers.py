@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from benches import BENCH, load
 
@@ -13,8 +14,6 @@ from benches import BENCH, load
 def tiny_params(tmp_path, trigger: dict | None = None, **trigger_params) -> dict:
     """params.yaml at a size that trains in seconds, written to tmp_path/params.yaml: 200 training images, one
     epoch at width 4; `trigger` replaces the trigger section, `trigger_params` update its params."""
-    import yaml
-
     params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
     params["data"]["options"] = {"train_size": 200, "test_size": 60}
     params["pretrain"].update(epochs=1, width=4, batch_size=64)
