@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import typer
 
@@ -19,6 +19,9 @@ from cba.errors import ConfigError, in_section
 from cba.io import read_json, write_json
 from cba.triggers import TRIGGERS, Trigger, build_trigger
 from stages.params import Params
+
+if TYPE_CHECKING:  # pandas loads only in the stages that read tables
+    import pandas as pd
 
 TRIGGER_DIR = Path("data/trigger")
 POISON_DIR = Path("data/poisoned")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from cba.triggers import load_trigger
 from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, REFERENCE_DIR,
                            TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics, read_manifest)
 from stages.params import Params
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def read_config(params: Params) -> dict:
