@@ -52,7 +52,7 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 5
 
 
 @torch.no_grad()
-def knn_predict(
+def knn_votes(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
@@ -62,18 +62,32 @@ def knn_predict(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Weighted kNN on cosine similarity (Wu et al. 2018): each of the k nearest
-    neighbours votes for its label with weight exp(similarity / temperature)."""
+    neighbours votes for its label with weight exp(similarity / temperature).
+    Returns the (N, num_classes) vote totals."""
     bank = F.normalize(train_features.float(), dim=1)
     labels = torch.as_tensor(train_labels).long()
     k = min(k, len(bank))
-    preds = []
+    votes = []
     for start in range(0, len(test_features), chunk):
         q = F.normalize(test_features[start : start + chunk].float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes)
-        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+        part = torch.zeros(len(q), num_classes)
+        part.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        votes.append(part)
+    return torch.cat(votes) if votes else torch.empty(0, num_classes)
+
+
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """The class with the most weighted votes (`knn_votes`), per test feature."""
+    return knn_votes(train_features, train_labels, test_features, num_classes, k, temperature, chunk).argmax(1).long()
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:

@@ -162,6 +162,31 @@ def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_patte
     with pytest.raises(SystemExit, match="exceed the 0-255 range"):
         bench.scaled(learned, 20.0)
 
+def test_hit_overlap_reads_the_pipelines_asrs_and_splits_the_hits(project, tmp_path, one_thread):
+    """The bench's ASRs are the pipeline's (victim and reference, recomputed from the stage outputs); its hit
+    counts add up to them; with --rates it reads a victim trained at that rate against the same reference, and
+    with --trigger-params a pattern refitted with the change."""
+    bench = load("hit_overlap")
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    rate = yaml.safe_load((project / "params.yaml").read_text())["poison_rate"]
+    rates = ["--rates", str(rate), "--cache", str(tmp_path / "victims"), "--quiet"]
+    for extra in ([], rates, [*rates, "--trigger-params", "{rounds: 1}"]):
+        result = bench.main(["--root", str(project), *extra, "--out", str(tmp_path / "overlap.json")])
+        rows = {row["reader"]: row["compare"] for row in result["rows"]}
+        assert set(rows) == {"linear", "knn"}
+        for name, row in rows.items():
+            if "--trigger-params" not in extra:  # the pipeline's pattern: the reference reads what finetune read
+                assert row["asr_reference"] == pytest.approx(finetune["reference"][name]["asr"])
+            if not extra:
+                assert row["asr_poisoned"] == pytest.approx(finetune[name]["asr"])
+            assert row["both"] + row["poisoned_only"] == round(row["asr_poisoned"] * row["n"])
+            assert row["both"] + row["reference_only"] == round(row["asr_reference"] * row["n"])
+            assert np.isfinite([row["slope"], row["push"], row["pull"]]).all()
+        assert (f"| rate {rate:g} | linear |" if extra else "| the pipeline's (") in (tmp_path / "overlap.md").read_text()
+    written = json.loads((tmp_path / "overlap.json").read_text())["_run"]
+    assert written["trigger_change"] == {"rounds": 1}
+
+
 def test_finetune_param_reruns_only_downstream_stages(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["knn"]["k"] = 50
