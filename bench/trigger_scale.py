@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from cba.attack import reader_options
 from cba.data.io import load_imageset
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_features, extract_features
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.root
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
-    knn = (params.get("finetune") or {}).get("knn") or {}
-    linear = (params.get("finetune") or {}).get("linear") or {}
-    options = {"k": int(knn.get("k", 200)), "temperature": float(knn.get("temperature", 0.1)), "seed": seed,
-               "probe_options": {key: linear[key] for key in ("weight_decays", "val_fraction", "max_iter") if key in linear}}
+    options = reader_options(params)
     trigger = load_trigger(root / "data/trigger")
     triggers = {scale: scaled(trigger, scale) for scale in args.scales}  # bad input fails before any reading
     clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))

@@ -88,6 +88,16 @@ def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[s
     }
 
 
+def reader_options(params: dict[str, Any]) -> dict[str, Any]:
+    """`cba.evaluate.evaluate_features` keywords for the kNN and the linear probe a params.yaml dict gives
+    `cba finetune`, so that a bench reads an encoder exactly as the pipeline does."""
+    finetune = params.get("finetune") or {}
+    knn, linear = finetune.get("knn") or {}, finetune.get("linear") or {}
+    return {"k": int(knn.get("k", 200)), "temperature": float(knn.get("temperature", 0.1)),
+            "seed": int(params.get("seed", 0)),
+            "probe_options": {key: linear[key] for key in ("weight_decays", "val_fraction", "max_iter") if key in linear}}
+
+
 def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,

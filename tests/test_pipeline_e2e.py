@@ -164,13 +164,13 @@ def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_patte
 
 def test_hit_overlap_reads_the_pipelines_asrs_and_splits_the_hits(project, tmp_path, one_thread):
     """The bench's ASRs are the pipeline's (victim and reference, recomputed from the stage outputs); its hit
-    counts add up to them; with --rates it reads a victim trained at that rate against the same reference, and
-    with --trigger-params a pattern refitted with the change."""
+    counts add up to them; with --rates and --trigger-params it reads a victim trained at that rate with a pattern
+    refitted with the change, against the same reference."""
     bench = load("hit_overlap")
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     rate = yaml.safe_load((project / "params.yaml").read_text())["poison_rate"]
     rates = ["--rates", str(rate), "--cache", str(tmp_path / "victims"), "--quiet"]
-    for extra in ([], rates, [*rates, "--trigger-params", "{rounds: 1}"]):
+    for extra in ([], [*rates, "--trigger-params", "{rounds: 1}"]):
         result = bench.main(["--root", str(project), *extra, "--out", str(tmp_path / "overlap.json")])
         rows = {row["reader"]: row["compare"] for row in result["rows"]}
         assert set(rows) == {"linear", "knn"}
