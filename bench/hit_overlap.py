@@ -33,7 +33,9 @@ poisons add to every image on average, the backdoor proper (the *scatter*,
 the residuals' standard deviation, says how far single images stray from
 the line). Amplification would show as a slope above 1 and no push.
 
-Run in the repository root after `dvc repro` (seconds). `--rates` reads
+Run in the repository root after `dvc repro` (seconds), with the thread
+count the pipeline ran with (the probe's float sums, and with them single
+readings, change with it). `--rates` reads
 victims poisoned at other rates with the pipeline's trigger instead, each
 trained as `cba pretrain` trains one (or loaded from `--cache`), against the
 same reference victim:
@@ -152,6 +154,22 @@ def compare(poisoned: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -
     }
 
 
+def by_class(poisoned: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray,
+             classes: list[str], slope: float) -> dict[str, dict[str, float]]:
+    """Per true class of the triggered images: both victims' ASR, the push that class gets (its mean poisoned
+    shift less slope x its reference shift: what the poisons add to that class beyond the pull), its pull (its
+    mean reference shift) and where its clean images start on the poisoned victim (their mean margin)."""
+    shift_p, shift_r = poisoned["triggered"] - poisoned["clean"], reference["triggered"] - reference["clean"]
+    out = {}
+    for c in np.unique(labels):
+        rows = labels == c
+        out[classes[c]] = {"poisoned": float((poisoned["triggered"][rows] > 0).mean()),
+                           "reference": float((reference["triggered"][rows] > 0).mean()),
+                           "push": float((shift_p[rows] - slope * shift_r[rows]).mean()),
+                           "clean_margin": float(poisoned["clean"][rows].mean()), "pull": float(shift_r[rows].mean())}
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| victim | reader | ASR poisoned / reference | hit by both / poisoned only / reference only "
              "| reference's hits kept | ASR over the reference's misses, by its margin, lowest fifth first "
@@ -199,10 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for name, encoder in victims.items():
         poisoned = victim_margins(encoder(), clean, images, target, options)
-        rows += [{"victim": name, "reader": reader, "compare": compare(poisoned[reader], reference[reader]),
-                  "by_class": {test.classes[c]: {"poisoned": float((poisoned[reader]["triggered"][triggered.labels == c] > 0).mean()),
-                                                 "reference": float((reference[reader]["triggered"][triggered.labels == c] > 0).mean())}
-                               for c in np.unique(triggered.labels)}} for reader in READERS]
+        for reader in READERS:
+            compared = compare(poisoned[reader], reference[reader])
+            rows.append({"victim": name, "reader": reader, "compare": compared,
+                         "by_class": by_class(poisoned[reader], reference[reader], triggered.labels, test.classes,
+                                              compared["slope"])})
     command, data = command_line(argv), (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),
                                                  "trigger": trigger.name, "trigger_change": args.trigger_params,
@@ -211,13 +230,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     classes = list(rows[0]["by_class"])
     class_lines = ["| victim | reader | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
     class_lines += [f"| {row['victim']} | {row['reader']} | " + " | ".join(
-        f"{row['by_class'][c]['poisoned']:.2f} / {row['by_class'][c]['reference']:.2f}" for c in classes) + " |"
+        f"{row['by_class'][c]['poisoned']:.2f} / {row['by_class'][c]['reference']:.2f} "
+        f"({row['by_class'][c]['pull']:.2g} → {row['by_class'][c]['push']:.2g})"
+        for c in classes) + " |"
         for row in rows]
     args.out.with_suffix(".md").write_text(
         f"# Which triggered images the backdoor adds\n\nCommand: `{command}`\n\nData: {data}; target "
         f"{test.classes[target]}; {len(triggered.labels)} triggered non-target test images; margins in logits "
         f"(linear) and vote shares (kNN).\n\n{text}\n\nASR per true class of the triggered image, poisoned / "
-        f"reference:\n\n" + "\n".join(class_lines) + "\n")
+        f"reference (that class's pull → push):\n\n" + "\n".join(class_lines) + "\n")
     print(text)
     print("\n".join(class_lines))
     return {"rows": rows}

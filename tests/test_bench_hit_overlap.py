@@ -44,6 +44,19 @@ def test_a_constant_push_and_an_amplified_pull_are_told_apart():
     assert len(bands) == bench.BANDS and bands[0] < bands[-1]
 
 
+def test_each_class_gets_its_own_push():
+    bench = load("hit_overlap")
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    clean = np.array([-5.0, -4.0, -5.0, -4.0, -5.0, -4.0])
+    pull = np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+    reference = {"clean": clean, "triggered": clean + pull}
+    poisoned = {"clean": clean, "triggered": clean + pull + np.array([1.0, 1.0, 3.0, 3.0, 4.5, 4.5])}
+    rows = bench.by_class(poisoned, reference, labels, ["a", "b", "c"], slope=1.0)
+    assert {name: row["push"] for name, row in rows.items()} == pytest.approx({"a": 1.0, "b": 3.0, "c": 4.5})
+    assert rows["a"]["poisoned"] == 0.0 and rows["b"]["poisoned"] == 0.5 and rows["c"]["poisoned"] == 1.0
+    assert all(row["reference"] == 0.0 for row in rows.values())
+
+
 def test_knn_votes_are_what_knn_predict_argmaxes():
     gen = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(50, 8, generator=gen), torch.randn(20, 8, generator=gen)
