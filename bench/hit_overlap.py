@@ -35,13 +35,11 @@ the line). Amplification would show as a slope above 1 and no push.
 
 Run in the repository root after `dvc repro` (seconds), with the thread
 count the pipeline ran with (the probe's float sums, and with them single
-readings, change with it). `--rates` reads
-victims poisoned at other rates with the pipeline's trigger instead, each
-trained as `cba pretrain` trains one (or loaded from `--cache`), against the
-same reference victim:
-
-`--trigger-params` refits the pattern with a change to params.yaml's
-trigger params first (as `cba trigger` fits it; minutes), for those victims:
+readings, change with it). `--rates` reads victims poisoned at other rates
+with the pipeline's trigger instead, each trained as `cba pretrain` trains
+one (or loaded from `--cache`), against the same reference victim;
+`--trigger-params` first refits the pattern with a change to params.yaml's
+trigger params (as `cba trigger` fits it; minutes) for those victims:
 
     python bench/hit_overlap.py
     OMP_NUM_THREADS=2 python bench/hit_overlap.py --rates 0.01 0.05 0.098 --cache .cache/victims
