@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import yaml
 
-from cba.attack import params_splits, reader_options, run_attack, victim_settings
+from cba.attack import reader_options, run_attack, victim_settings
 from cba.data.io import load_imageset
 from cba.env import command_line, environment
 from cba.evaluate import extract_features, fit_linear_probe, knn_votes
@@ -124,6 +124,11 @@ def victim_margins(encoder: torch.nn.Module, clean, images: dict[str, np.ndarray
     return out
 
 
+def shift(margins: dict[str, np.ndarray]) -> np.ndarray:
+    """What the trigger does to each image's target margin: triggered minus clean."""
+    return margins["triggered"] - margins["clean"]
+
+
 def compare(poisoned: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
     """How the poisoned victim's hits (triggered margin > 0) sit beside the reference victim's, and the split of
     its shifts into the reference's pull and a push of its own."""
@@ -133,7 +138,7 @@ def compare(poisoned: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -
     # Bands of the reference margin over the images it misses: band 1 lowest (furthest from the target).
     edges = np.quantile(r[missed], np.linspace(0, 1, BANDS + 1)[1:-1]) if missed.any() else []
     band = np.digitize(r, edges)
-    shift_p, shift_r = p - poisoned["clean"], r - reference["clean"]
+    shift_p, shift_r = shift(poisoned), shift(reference)
     slope, push = np.polyfit(shift_r, shift_p, 1)
     return {
         "n": int(len(p)), "asr_poisoned": float(hit_p.mean()), "asr_reference": float(hit_r.mean()),
@@ -157,7 +162,7 @@ def by_class(poisoned: dict[str, np.ndarray], reference: dict[str, np.ndarray], 
     """Per true class of the triggered images: both victims' ASR, the push that class gets (its mean poisoned
     shift less slope x its reference shift: what the poisons add to that class beyond the pull), its pull (its
     mean reference shift) and where its clean images start on the poisoned victim (their mean margin)."""
-    shift_p, shift_r = poisoned["triggered"] - poisoned["clean"], reference["triggered"] - reference["clean"]
+    shift_p, shift_r = shift(poisoned), shift(reference)
     out = {}
     for c in np.unique(labels):
         rows = labels == c
@@ -207,10 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         victims = {f"the pipeline's ({float(params.get('poison_rate', 0.05)):g})":
                    lambda: load_encoder(root / "data/pretrain/encoder.safetensors")}
     else:
-        train_set, split_test = params_splits(params)
+        # The stage outputs hold the pipeline's clean splits: the victims train on them, as `cba pretrain` does.
         settings = {**victim_settings(params), "progress": not args.quiet}
         victims = {f"rate {rate:g}": (lambda rate=rate: run_attack(
-            train_set, split_test, trigger, mode="clean_label", poison_rate=rate, cache=args.cache, **settings).encoder)
+            clean, test, trigger, mode="clean_label", poison_rate=rate, cache=args.cache, **settings).encoder)
             for rate in args.rates}
     rows = []
     for name, encoder in victims.items():
