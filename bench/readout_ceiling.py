@@ -125,6 +125,7 @@ def knn_by_k(bank: torch.Tensor, labels: torch.Tensor, clean_test: torch.Tensor,
 
 
 def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
+    from cba.attack import reader_options
     from cba.data.io import load_imageset
     from cba.models.io import load_encoder
     from cba.poison import triggered_test_set
@@ -133,8 +134,8 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
 
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     target, seed = int(params.get("target_class", 0)), int(params.get("seed", 0))
-    knn = (params.get("finetune") or {}).get("knn") or {}
-    k, temperature = int(knn.get("k", 200)), float(knn.get("temperature", 0.1))
+    options = reader_options(params)
+    k, temperature = options["k"], options["temperature"]
     encoder = load_encoder(root / NEEDED[0])
     probe = load_probe(root / NEEDED[1])
     trigger = load_trigger(root / NEEDED[2])

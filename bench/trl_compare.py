@@ -56,9 +56,10 @@ from cba.env import command_line, environment
 from cba.attack import read_pipeline_args, params_splits, run_attack, victim_settings
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
+from cba.analysis.dynamics import cosine_to_init
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
-from cba.models import BACKBONES
+from cba.models import BACKBONES, build_backbone
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
@@ -66,6 +67,7 @@ from cba.triggers.fitting import fit_trigger
 
 COLUMNS = [
     ("method", "method"), ("mode", "poison"), ("lr", "lr"), ("knn_acc", "kNN ACC"), ("knn_asr", "kNN ASR"),
+    ("init_knn_acc", "kNN ACC at init"), ("init_cosine", "weights' cosine to init"),
     ("probe_acc", "probe ACC"), ("probe_asr", "probe ASR"), ("head_acc", "head ACC"), ("head_asr", "head ASR"),
     ("max_loss_auroc", "max loss AUROC (epoch)"), ("separability_auroc", "feature sep. AUROC"),
     ("silhouette", "silhouette"), ("backdoor_epoch", "backdoor epoch"), ("clean_epoch", "clean epoch"),
@@ -154,6 +156,9 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
         print(f"  {name} epoch {epoch}: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}", flush=True)
         return row
 
+    torch.manual_seed(seed)  # the encoder `run_attack` starts from (it seeds, then builds the backbone first)
+    initial = build_backbone(args.backbone, width=args.width)
+    at_init = monitor(initial, 0)
     lr = (args.supervised_lr if METHODS.get(name).uses_labels else args.ssl_lr) or METHODS.get(name).default_lr
     print(f"== {name}: {mode}, {round(args.poison_rate * len(train_set))} poisoned of {len(train_set)}, lr {lr}", flush=True)
     record = run_attack(train_set, test, trigger, method=name, mode=mode, poison_rate=args.poison_rate, target_class=target,
@@ -169,6 +174,8 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
     row: dict[str, Any] = {
         "method": name, "mode": mode, "lr": lr, "knn_acc": metrics["knn"]["acc"], "knn_asr": metrics["knn"]["asr"],
         "probe_acc": metrics["linear"]["acc"], "probe_asr": metrics["linear"]["asr"],
+        # Did the encoder learn at all: the same kNN on the untrained encoder, and how far its weights turned.
+        "init_knn_acc": at_init["knn_acc"], "init_cosine": cosine_to_init(record.encoder, initial),
     }
     if name == "supervised":  # its own (poisoned) head, beside the clean-label probe
         head = classifier_acc_asr(record.classifier, record)
@@ -241,7 +248,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
         "supervised); ~0.5 = learned together with the clean task (contrastive). Feature sep. AUROC ~1 / "
         "silhouette > 0 = poisoned features form their own cluster (claim 2, supervised); ~0.5 / ~0 = inside "
         "the target class. Epochs: first evaluated epoch with kNN ASR > 50 % (backdoor) and with kNN ACC >= "
-        "90 % of final (clean); – = never. Judge entanglement only where ASR shows the backdoor took hold.",
+        "90 % of final (clean); – = never. Judge entanglement only where ASR shows the backdoor took hold. "
+        "kNN ACC at init: the same kNN (and bank) on the encoder before its first step; weights' cosine to init: "
+        "the mean cosine between each layer's trained and initial weights (1 = unchanged). A method whose kNN ACC "
+        "stays near its init value did not learn the clean task, whether or not its weights moved.",
         "",
     ])
 

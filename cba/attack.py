@@ -16,7 +16,7 @@ import yaml
 from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.data.base import ImageSet
-from cba.evaluate import knn_backdoor_metrics
+from cba.evaluate import KNN_K, KNN_TEMPERATURE, knn_backdoor_metrics
 from cba.models import build_backbone
 from cba.poison import poison_dataset, triggered_test_set
 from cba.record import AttackRecord, build_record, classifier_acc_asr
@@ -93,7 +93,7 @@ def reader_options(params: dict[str, Any]) -> dict[str, Any]:
     `cba finetune`, so that a bench reads an encoder exactly as the pipeline does."""
     finetune = params.get("finetune") or {}
     knn, linear = finetune.get("knn") or {}, finetune.get("linear") or {}
-    return {"k": int(knn.get("k", 200)), "temperature": float(knn.get("temperature", 0.1)),
+    return {"k": int(knn.get("k", KNN_K)), "temperature": float(knn.get("temperature", KNN_TEMPERATURE)),
             "seed": int(params.get("seed", 0)),
             "probe_options": {key: linear[key] for key in ("weight_decays", "val_fraction", "max_iter") if key in linear}}
 

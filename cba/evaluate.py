@@ -17,6 +17,10 @@ from torch import nn
 from cba.errors import ConfigError
 from cba.probe import LinearProbe, ProbeFit, fit_linear_probe, probe_predict, train_linear_probe  # noqa: F401 (re-exported)
 
+# The kNN reader's defaults (finetune.knn in params.yaml): k neighbours, votes weighted by exp(cosine / temperature).
+KNN_K = 200
+KNN_TEMPERATURE = 0.1
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -57,8 +61,8 @@ def knn_votes(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Weighted kNN on cosine similarity (Wu et al. 2018): each of the k nearest
@@ -82,8 +86,8 @@ def knn_predict(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """The class with the most weighted votes (`knn_votes`), per test feature."""
@@ -112,7 +116,7 @@ def attack_success_rate(preds_on_triggered: torch.Tensor, target_class: int) -> 
 
 def knn_backdoor_metrics(
     encoder: nn.Module, bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
+    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
 ) -> dict[str, float]:
     """kNN ACC on clean test images and kNN ASR on triggered non-target ones,
     with a memory bank of clean labelled images."""
@@ -136,7 +140,7 @@ def evaluate_encoder(
 
 def evaluate_features(
     train_feats: torch.Tensor, train_labels: np.ndarray, test_feats: torch.Tensor, test_labels: np.ndarray,
-    trig_feats: torch.Tensor, target_class: int, num_classes: int, k: int = 200, temperature: float = 0.1,
+    trig_feats: torch.Tensor, target_class: int, num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
     triggered_labels: np.ndarray | None = None, probe_options: dict | None = None, seed: int = 0,
     probe: LinearProbe | None = None,
 ) -> tuple[dict[str, dict], ProbeFit]:

@@ -11,7 +11,7 @@ from cba.env import environment
 from cba.analysis.readout import trigger_readout
 from cba.data.base import ImageSet
 from cba.errors import in_section
-from cba.evaluate import evaluate_encoder, extract_features
+from cba.evaluate import KNN_K, KNN_TEMPERATURE, evaluate_encoder, extract_features
 from cba.probe import MAX_ITER, VAL_FRACTION, WEIGHT_DECAYS, LinearProbe, check_probe_options, save_probe
 from cba.models.io import encoder_metadata, load_encoder
 from cba.poison import triggered_test_set
@@ -35,8 +35,8 @@ def read_config(params: Params) -> dict:
     with in_section("finetune.linear", options):
         check_probe_options(**options)
     return {
-        "k": params.integer("finetune.knn.k", 200, low=1),
-        "temperature": params.number("finetune.knn.temperature", 0.1, low=0.0, open_low=True),
+        "k": params.integer("finetune.knn.k", KNN_K, low=1),
+        "temperature": params.number("finetune.knn.temperature", KNN_TEMPERATURE, low=0.0, open_low=True),
         "probe_options": options,
         "seed": params.integer("seed", 0, low=0, high=2**32 - 1),
     }

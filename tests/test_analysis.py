@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cba.analysis import (
     centroid_distance_ratio,
@@ -255,3 +257,22 @@ def test_trigger_readout_on_hand_made_features():
     aside = trigger_readout(probe, clean_test, triggered, torch.tensor([[0.0, 3.0]]), clean_target, target=0)
     assert aside["offset_target_alignment"] == pytest.approx(0.0, abs=1e-6)
     assert trigger_readout(probe, clean_test, triggered, poisoned[:0], clean_target, target=0) == {}
+
+
+def test_cosine_to_init_reads_turned_weights_and_ignores_their_scale():
+    from cba.analysis.dynamics import cosine_to_init
+    from cba.models import build_backbone
+
+    torch.manual_seed(0)
+    initial = build_backbone("convnet", width=4)
+    same = copy.deepcopy(initial)
+    assert cosine_to_init(same, initial) == pytest.approx(1.0)
+    with torch.no_grad():
+        for p in same.parameters():
+            p.mul_(3.0)  # what weight growth under batch norm does: the same function, the same direction
+    assert cosine_to_init(same, initial) == pytest.approx(1.0)
+    torch.manual_seed(1)
+    other = build_backbone("convnet", width=4)  # every layer drawn afresh: unrelated directions
+    assert abs(cosine_to_init(other, initial)) < 0.2
+    with pytest.raises(ConfigError, match="initial"):
+        cosine_to_init(other, build_backbone("convnet", width=8))

@@ -27,6 +27,9 @@ def test_trl_compare_writes_one_row_per_method(tmp_path):
     for row in rows:
         assert 0 <= row["knn_acc"] <= 1 and 0 <= row["knn_asr"] <= 1 and 0 <= row["max_loss_auroc"] <= 1
         assert [c["epoch"] for c in row["curves"]] == [1, 2] and "knn_acc" in row["curves"][0]
+        # Two epochs of training turn the weights, but not all the way round.
+        assert 0 <= row["init_knn_acc"] <= 1 and 0 < row["init_cosine"] < 1
+    assert rows[0]["init_knn_acc"] == rows[1]["init_knn_acc"]  # one seed, one backbone: the same untrained encoder
     assert rows[1]["head_acc"] is not None and "head_acc" not in rows[0]
     text = out.read_text()
     assert "| simclr | clean_label |" in text and "| supervised | dirty_label |" in text
@@ -280,3 +283,36 @@ def test_stage_startup_names_the_heavy_packages_a_module_loads():
     assert bench.heavy_packages("stages.defend") == []
     assert bench.heavy_packages("stages.pretrain") == []
     assert bench.heavy_packages("kornia.augmentation") == ["kornia"]
+
+
+def test_reader_floor_reads_the_pipelines_untrained_encoder_and_raw_pixels(tmp_path):
+    """The random-init row is the encoder `cba pretrain` starts from: the same weights, saved by the pipeline's
+    own initialisation and read back through --encoder, give the same figures to the last digit."""
+    import yaml
+
+    from cba.models.io import save_encoder
+    from cba.train import TrainConfig
+    from cba.triggers import build_trigger, save_trigger
+    from stages.pretrain import new_method
+
+    params = {"seed": 3, "target_class": 2, "data": {"name": "synthetic", "options": {"train_size": 300, "test_size": 100}},
+              "pretrain": {"method": "simclr", "backbone": "convnet", "width": 4},
+              "finetune": {"linear": {"max_iter": 50}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    save_trigger(build_trigger("patch", {"size": 4}, seed=3), tmp_path / "trigger")
+    method, _ = new_method(TrainConfig(seed=3), {"method": "simclr", "backbone": "convnet", "width": 4, "hparams": {},
+                                                 "augmentation": "auto"}, num_classes=10)
+    save_encoder(tmp_path / "init.safetensors", method.encoder, "convnet", 4)
+    out = tmp_path / "floor.json"
+    bench = load("reader_floor")
+    result = bench.main(["--params", str(tmp_path / "params.yaml"), "--trigger", str(tmp_path / "trigger"),
+                         "--encoder", f"saved init={tmp_path / 'init.safetensors'}", "--out", str(out)])
+    rows = {row["reader"]: row for row in result["rows"]}
+    assert list(rows) == ["raw pixels", "random init (convnet, width 4, seed 3)", "saved init"]
+    for name in ("knn", "linear"):
+        assert rows["saved init"][name] == rows["random init (convnet, width 4, seed 3)"][name]
+        assert all(0 <= rows["raw pixels"][name][key] <= 1 for key in ("acc", "asr", "natural_rate"))
+    assert rows["raw pixels"]["knn"] != rows["saved init"]["knn"]  # pixels are not the encoder's features
+    assert "| raw pixels |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        bench.main(["--params", str(tmp_path / "params.yaml"), "--encoder", "no-equals-sign", "--out", str(out)])

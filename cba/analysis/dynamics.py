@@ -14,6 +14,9 @@ columns ``epoch`` (1-based), ``index``, ``poisoned`` (bool) and ``loss``.
   maximum over training says how exploitable the dynamics are.
 - ``learning_epochs``: when the backdoor (ASR > 0.5) and the clean task
   (ACC >= 90 % of its final value) are learned, from the per-epoch curves.
+- ``cosine_to_init``: how far training turned a network's weights from where
+  they started (1: not at all), which tells an encoder that did not train
+  from one that trained towards features the task does not need.
 
 NaN losses (samples not seen in an epoch) are ignored everywhere.
 """
@@ -29,6 +32,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from cba.errors import ConfigError
 from cba.io import write_png
@@ -166,3 +170,16 @@ def plot_loss_auroc(auroc: pd.DataFrame, curves: Sequence[dict] | None, path: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     write_png(path, figure)
+
+
+def cosine_to_init(trained: nn.Module, initial: nn.Module) -> float:
+    """The mean, over the weight tensors of rank 2 or more (convolutions, linear layers), of the cosine between
+    each tensor after training and at initialisation. Scale-free on purpose: a layer followed by batch norm
+    computes the same function at any scale of its weights, and SGD with weight decay changes that scale
+    on its own, so only the direction says whether the layer learned."""
+    start = dict(initial.named_parameters())
+    weights = {name: w for name, w in trained.named_parameters() if w.dim() >= 2}
+    if not weights or any(name not in start or start[name].shape != w.shape for name, w in weights.items()):
+        raise ConfigError("initial", type(initial).__name__, "the same architecture as the trained network")
+    pairs = [(w.detach().flatten().double(), start[name].detach().flatten().double()) for name, w in weights.items()]
+    return float(np.mean([float(a @ b / (a.norm() * b.norm())) for a, b in pairs]))
