@@ -19,6 +19,7 @@ from stages.params import Params
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
+           ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder (bench/reader_floor.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),
            ("target_sweep_neutral", "The target the sweep found best, with the neutral term (bench/target_sweep.py)"),
            ("target_sweep_seed2", "The default attack on a third seed (bench/target_sweep.py)"),
@@ -27,6 +28,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep_circle_neutral", "The default attack aimed at circle (bench/target_sweep.py)"),
            ("target_sweep_fashion", "The default attack on real data, Fashion-MNIST (bench/target_sweep.py)"),
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
+           ("reader_floor_fashion", "Fashion-MNIST: what the readers get from raw pixels and the untrained encoder (bench/reader_floor.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 (bench/maturity.py)"),
            ("maturity_fashion_byol", "Fashion-MNIST: a BYOL victim, poisoned beside clean, read every 5 epochs (bench/maturity.py)"),
