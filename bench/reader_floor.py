@@ -15,7 +15,7 @@ trigger's ASR on readers that never saw a poison nor learned a feature, so a pat
 no learning at all shows here too.
 
     OMP_NUM_THREADS=2 python bench/reader_floor.py --encoder poisoned=data/pretrain/encoder.safetensors \\
-        --encoder reference=data/reference/encoder.safetensors     # about a minute on two cores
+        --encoder reference=data/reference/encoder.safetensors     # about two minutes on two cores
 
 With the default paths, the two encoder rows repeat `metrics/finetune.json`'s readings (a check that the
 bench reads as the pipeline does). Writes `--out` (JSON) and the same path with `.md`.
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params = yaml.safe_load(args.params.read_text()) or {}
         trigger = load_trigger(args.trigger)
         loaded = {label: load_encoder(path).eval() for label, path in encoders.items()}
+        train, test = params_splits(params)  # a missing or corrupt data set is one line here, before any reading
     except (OSError, ConfigError) as exc:
         raise SystemExit(str(exc).splitlines()[0]) from None
     options = reader_options(params)
     target = int(params.get("target_class", 0))
-    train, test = params_splits(params)
     triggered = triggered_test_set(test, trigger, target, options["seed"])
     settings = victim_settings(params)
     readers = {"raw pixels": pixels,

@@ -316,3 +316,6 @@ def test_reader_floor_reads_the_pipelines_untrained_encoder_and_raw_pixels(tmp_p
     assert "| raw pixels |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         bench.main(["--params", str(tmp_path / "params.yaml"), "--encoder", "no-equals-sign", "--out", str(out)])
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"data": {"name": "fashion_mnist", "root": str(tmp_path / "none")}}))
+    with pytest.raises(SystemExit, match="root="):
+        bench.main(["--params", str(tmp_path / "missing.yaml"), "--trigger", str(tmp_path / "trigger"), "--out", str(out)])

@@ -181,5 +181,6 @@ def cosine_to_init(trained: nn.Module, initial: nn.Module) -> float:
     weights = {name: w for name, w in trained.named_parameters() if w.dim() >= 2}
     if not weights or any(name not in start or start[name].shape != w.shape for name, w in weights.items()):
         raise ConfigError("initial", type(initial).__name__, "the same architecture as the trained network")
-    pairs = [(w.detach().flatten().double(), start[name].detach().flatten().double()) for name, w in weights.items()]
+    pairs = [(w.detach().cpu().flatten().double(), start[name].detach().cpu().flatten().double())
+             for name, w in weights.items()]
     return float(np.mean([float(a @ b / (a.norm() * b.norm())) for a, b in pairs]))
