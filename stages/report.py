@@ -31,6 +31,7 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("reader_floor_fashion", "Fashion-MNIST: what the readers get from raw pixels and the untrained encoder (bench/reader_floor.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 (bench/maturity.py)"),
+           ("maturity_fashion_width32", "Fashion-MNIST: the poisoned victim at twice the width, read every 10 epochs (bench/maturity.py)"),
            ("maturity_fashion_byol", "Fashion-MNIST: a BYOL victim, poisoned beside clean, read every 5 epochs (bench/maturity.py)"),
            ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images (bench/trigger_survival.py)"),
            ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit (bench/target_sweep.py)"),
