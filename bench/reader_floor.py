@@ -32,12 +32,11 @@ import numpy as np
 import torch
 import yaml
 
-from cba.attack import params_splits, reader_options, victim_settings
+from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
 from cba.env import command_line, environment
 from cba.errors import ConfigError
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
-from cba.models import build_backbone
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
 from cba.triggers import load_trigger
@@ -75,13 +74,6 @@ def pixels(images: np.ndarray) -> torch.Tensor:
     return to_float(images).flatten(1)
 
 
-def random_encoder(params: dict[str, Any]) -> torch.nn.Module:
-    """The backbone `cba pretrain` starts from: torch seeded with the seed, the backbone built before any head."""
-    settings = victim_settings(params)
-    torch.manual_seed(settings["seed"])
-    return build_backbone(settings["backbone"], width=settings["width"]).eval()
-
-
 def read_row(label: str, extract, train, test, triggered, target: int, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     metrics, _ = evaluate_features(extract(train.images), train.labels, extract(test.images), test.labels,
@@ -116,10 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = int(params.get("target_class", 0))
     triggered = triggered_test_set(test, trigger, target, options["seed"])
     settings = victim_settings(params)
-    readers = {"raw pixels": pixels,
-               f"random init ({settings['backbone']}, width {settings['width']}, seed {settings['seed']})":
-                   lambda images, encoder=random_encoder(params): extract_features(encoder, images)}
-    readers.update({label: (lambda images, encoder=encoder: extract_features(encoder, images)) for label, encoder in loaded.items()})
+    untrained = {f"random init ({settings['backbone']}, width {settings['width']}, seed {settings['seed']})":
+                 initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()}
+    readers = {"raw pixels": pixels, **{label: (lambda images, encoder=encoder: extract_features(encoder, images))
+                                        for label, encoder in {**untrained, **loaded}.items()}}
     rows = [read_row(label, extract, train, test, triggered, target, options) for label, extract in readers.items()]
     data = params.get("data") or {}
     result = {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),

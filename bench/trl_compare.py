@@ -53,13 +53,13 @@ import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
 from cba.env import command_line, environment
-from cba.attack import read_pipeline_args, params_splits, run_attack, victim_settings
+from cba.attack import initial_backbone, read_pipeline_args, params_splits, run_attack, victim_settings
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.analysis.dynamics import cosine_to_init
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
-from cba.models import BACKBONES, build_backbone
+from cba.models import BACKBONES
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
@@ -156,8 +156,7 @@ def run_method(name: str, args: argparse.Namespace, train_set, test, triggered, 
         print(f"  {name} epoch {epoch}: kNN ACC {row['knn_acc']:.3f} ASR {row['knn_asr']:.3f}", flush=True)
         return row
 
-    torch.manual_seed(seed)  # the encoder `run_attack` starts from (it seeds, then builds the backbone first)
-    initial = build_backbone(args.backbone, width=args.width)
+    initial = initial_backbone(args.backbone, args.width, seed)  # the encoder `run_attack` starts from
     at_init = monitor(initial, 0)
     lr = (args.supervised_lr if METHODS.get(name).uses_labels else args.ssl_lr) or METHODS.get(name).default_lr
     print(f"== {name}: {mode}, {round(args.poison_rate * len(train_set))} poisoned of {len(train_set)}, lr {lr}", flush=True)

@@ -98,6 +98,13 @@ def reader_options(params: dict[str, Any]) -> dict[str, Any]:
             "probe_options": {key: linear[key] for key in ("weight_decays", "val_fraction", "max_iter") if key in linear}}
 
 
+def initial_backbone(backbone: str, width: int, seed: int) -> torch.nn.Module:
+    """The encoder a victim starts from, as `cba pretrain` builds it: torch seeded with `seed`, the backbone built
+    before any head, so the heads' draws come after and never change it."""
+    torch.manual_seed(seed)
+    return build_backbone(backbone, width=width)
+
+
 def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
@@ -119,8 +126,7 @@ def run_attack(
     mask[poisoned.indices] = True
 
     def new_model() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return build_method(method, build_backbone(backbone, width=width), num_classes=train_set.num_classes,
+        return build_method(method, initial_backbone(backbone, width, seed), num_classes=train_set.num_classes,
                             **(hparams or {}))
 
     def record_of(model: torch.nn.Module, losses: Any, curves: list, seconds: float | None) -> AttackRecord:
