@@ -54,7 +54,6 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import cba.poison
@@ -65,6 +64,7 @@ from cba.env import command_line, environment
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
+from cba.overrides import add_params_options, params_from_args
 from cba.record import predict
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger, load_trigger
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default=None, choices=SSL_METHODS,
                         help="the victim's SSL method; default: params.yaml's pretrain.method (the attacker's own "
                              "surrogates stay SimCLR)")
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    add_params_options(parser, REPO / "params.yaml")
     parser.add_argument("--out", type=Path, default=None,
                         help="a JSONL file the row is appended to, with the command and the environment that made it")
     parser.add_argument("--cache", type=Path, default=None,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "poisoned victim, trained before with the same settings, data, trigger and code are loaded")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' and the attacker's surrogates' training)")
     args = parser.parse_args(argv)
-    params = yaml.safe_load(args.params.read_text())
+    params = params_from_args(args, parser)
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
     train, test = params_splits(params)

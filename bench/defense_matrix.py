@@ -46,6 +46,7 @@ from cba.defenses.neural_cleanse import reverse_engineer
 from cba.env import command_line, environment
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
+from cba.overrides import add_params_options
 from cba.ssl import METHODS
 from cba.triggers import build_trigger
 from cba.triggers.fitting import fit_trigger
@@ -84,8 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="default: params.yaml's")
     parser.add_argument("--attacks", default="all", help=f"comma-separated subset of {','.join(ATTACKS)}, or all")
     parser.add_argument("--defenses", default="all", help=f"comma-separated subset of {','.join(DEFENSES.names())}, or all")
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml",
-                        help="the pipeline's settings: data, attack, pretrain and defense.<name>")
+    add_params_options(parser, REPO / "params.yaml", help="the pipeline's settings: data, attack, pretrain and defense.<name>")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="YAML params of the learned trigger's column (default: params.yaml's trigger.params)")
     parser.add_argument("--fast", action="store_true", help="shrink the expensive defenses: " + "; ".join(

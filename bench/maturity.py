@@ -35,6 +35,7 @@ from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.errors import ConfigError
 from cba.io import read_json, write_json, write_png
+from cba.overrides import add_params_options, params_from_args
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the saved trigger to load when --trigger-params is not given")
     parser.add_argument("--save-trigger", type=Path, default=None,
                         help="save the refitted trigger to this folder (loadable as data/trigger is)")
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    add_params_options(parser, REPO / "params.yaml")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/maturity.json"))
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"written {args.plot_from.with_suffix('.png')}")
         return result
     command = command_line(argv)
-    params = yaml.safe_load(args.params.read_text()) or {}
+    params = params_from_args(args)
     train_set, test = params_splits(params)
     device = pick_device(args.device)
     settings = {**victim_settings(params, args.method), "epochs": args.epochs, "eval_every": args.every, "device": device,

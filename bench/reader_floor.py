@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
 from cba.env import command_line, environment
@@ -38,6 +37,7 @@ from cba.errors import ConfigError
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
 from cba.models.io import load_encoder
+from cba.overrides import add_params_options, read_params
 from cba.poison import triggered_test_set
 from cba.triggers import load_trigger
 
@@ -46,8 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml",
-                        help="the data set, seed, target class, backbone and readers to use")
+    add_params_options(parser, REPO / "params.yaml", help="the data set, seed, target class, backbone and readers to use")
     parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
                         help="a saved trigger folder (as `cba trigger` writes it): the ASR column's pattern")
     parser.add_argument("--encoder", action="append", default=[], metavar="LABEL=PATH",
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = command_line(argv)
     encoders = named_encoders(args.encoder)
     try:
-        params = yaml.safe_load(args.params.read_text()) or {}
+        params = read_params(args.params, args.sets)
         trigger = load_trigger(args.trigger)
         loaded = {label: load_encoder(path).eval() for label, path in encoders.items()}
         train, test = params_splits(params)  # a missing or corrupt data set is one line here, before any reading

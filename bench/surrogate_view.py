@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -40,6 +39,7 @@ from cba.augment import build_augment
 from cba.attack import params_splits
 from cba.env import command_line, environment
 from cba.models import build_backbone
+from cba.overrides import add_params_options, params_from_args
 from cba.ssl import build_method
 from cba.survival import to_float
 from cba.train import TrainConfig, train
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=10, help="surrogate warm-up epochs")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--matching-steps", type=int, default=0)
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    add_params_options(parser, REPO / "params.yaml")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the surrogate's training)")
     args = parser.parse_args(argv)
     command = command_line(argv)
     started = time.perf_counter()
-    params = yaml.safe_load(args.params.read_text())
+    params = params_from_args(args, parser)
     seed = int(params.get("seed", 0))
     train_set, test = params_splits(params)
     trigger_params = params["trigger"]["params"]

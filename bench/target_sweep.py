@@ -36,6 +36,7 @@ from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
+from cba.overrides import add_params_options, params_from_args
 from cba.poison import triggered_test_set, validate_poison
 from cba.record import AttackRecord
 from cba.triggers import Trigger, build_trigger
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="default: every class")
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    add_params_options(parser, REPO / "params.yaml")
     parser.add_argument("--trigger-params", type=yaml.safe_load, nargs="+", default=[{}],
                         help="one or more YAML dicts of trigger params to change (each a variant aimed at every target)")
     parser.add_argument("--rates", type=float, nargs="+", default=None,
@@ -106,7 +107,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = command_line(argv)
-    params = yaml.safe_load(args.params.read_text()) or {}
+    params = params_from_args(args)
     train_set, test = params_splits(params)
     seed = int(params.get("seed", 0))
     device = pick_device(args.device)

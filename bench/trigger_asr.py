@@ -30,6 +30,7 @@ from cba.data import load_dataset
 from cba.env import command_line, environment
 from cba.evaluate import pick_device
 from cba.io import write_json
+from cba.overrides import add_params_options, params_from_args
 from cba.triggers import TRIGGERS, build_trigger
 from cba.triggers.fitting import fit_trigger
 
@@ -40,7 +41,7 @@ CTRL_VARIANTS = {"ctrl_low8": {"positions": [[8, 8]]}, "ctrl_y": {"channels": ["
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", default="all", help="comma-separated trigger variants, or all")
-    parser.add_argument("--params", type=Path, default=PARAMS)
+    add_params_options(parser, PARAMS)
     parser.add_argument("--train-size", type=int, default=None, help="default: params.yaml's data.options.train_size")
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's pretrain.epochs")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
@@ -65,7 +66,7 @@ def variants(params: dict[str, Any], override: dict | None) -> dict[str, tuple[s
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = command_line(argv)
-    params = yaml.safe_load(args.params.read_text()) or {}
+    params = params_from_args(args)
     data = params.get("data") or {}
     options = dict(data.get("options") or {})
     if args.train_size is not None:

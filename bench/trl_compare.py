@@ -60,6 +60,7 @@ from cba.analysis.dynamics import cosine_to_init
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES
+from cba.overrides import add_params_options
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # None: the pipeline's value from --params (cba.attack.pipeline_defaults)
-    parser.add_argument("--params", type=Path, default=PARAMS, help="the pipeline's settings")
+    add_params_options(parser, PARAMS)
     parser.add_argument("--train-size", type=int, default=None, help="training images (default: data.options')")
     parser.add_argument("--test-size", type=int, default=None, help="test images (default: data.options')")
     parser.add_argument("--epochs", type=int, default=None, help="default: pretrain.epochs")

@@ -11,13 +11,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
 from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.data.base import ImageSet
 from cba.evaluate import KNN_K, KNN_TEMPERATURE, knn_backdoor_metrics
 from cba.models import build_backbone
+from cba.overrides import params_from_args
 from cba.poison import poison_dataset, triggered_test_set
 from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method
@@ -49,11 +49,9 @@ def pipeline_defaults(params: dict[str, Any]) -> dict[str, Any]:
 def read_pipeline_args(parser: Any, args: Any) -> None:
     """A bench's `--params` file read into `args.pipeline`, and its flags left at None filled from it.
 
-    Bad input stops through `parser.error`, in one line, before any training: a missing file, a poison rate
-    outside [0, 1]."""
-    if not args.params.is_file():
-        parser.error(f"--params {args.params}: no such file; give a params.yaml")
-    args.pipeline = yaml.safe_load(args.params.read_text()) or {}
+    Bad input stops through `parser.error`, in one line, before any training: a missing file, a bad `--set`, a
+    poison rate outside [0, 1]."""
+    args.pipeline = params_from_args(args, parser)
     fill_pipeline_defaults(args, args.pipeline)
     if not 0 <= args.poison_rate <= 1:
         parser.error(f"--poison-rate {args.poison_rate}: outside [0, 1]")

@@ -6,7 +6,6 @@ Every lookup names its dotted key, so a bad value fails with one line such as
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from pathlib import Path
@@ -15,17 +14,9 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from cba.errors import DEVICE_CHOICES, ConfigError, is_device
+from cba.overrides import TOP_LEVEL, closest
 
 _MISSING = object()
-# The sections and scalars params.yaml may hold at its top level.
-TOP_LEVEL = ("seed", "poison_rate", "target_class", "data", "trigger", "poison", "pretrain", "finetune", "analyze",
-             "defenses", "defense")
-
-
-def closest(name: str, known: Iterable[str]) -> str:
-    """', did you mean X?' for a likely typo, else ''."""
-    match = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {match[0]}?" if match else ""
 
 
 class _StrictLoader(yaml.SafeLoader):

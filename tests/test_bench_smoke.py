@@ -107,15 +107,12 @@ def test_throughput_times_both_pipelines_and_breaks_down_cba_step(tmp_path):
 
 
 def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
-    import yaml
-
-    params = yaml.safe_load((BENCH.parent / "params.yaml").read_text())
-    params["data"]["options"] = {"train_size": 200, "test_size": 60}
-    params["pretrain"].update(width=4, batch_size=64)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "maturity.json"
     result = load("maturity").main(["--epochs", "2", "--every", "1", "--clean", "--trigger-params", TINY_TRIGGER,
-                                    "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+                                    "--set", "data.options={train_size: 200, test_size: 60}", "--set", "pretrain.width=4",
+                                    "--set", "pretrain.batch_size=64", "--out", str(out)])
+    victim = result["_run"]["victim"]
+    assert (victim["width"], victim["batch_size"]) == (4, 64) and "--set pretrain.width=4" in result["_run"]["command"]
     runs = json.loads(out.read_text())["runs"]
     assert [run["victim"] for run in runs] == ["poisoned (0.05)", "clean (0)"] == [run["victim"] for run in result["runs"]]
     for run in runs:
@@ -249,11 +246,18 @@ def test_benches_default_to_the_pipelines_attack_and_flags_win(bench, tmp_path):
     assert got == {"seed": 3, "target_class": 7, "poison_rate": 0.02, "train_size": 400, "test_size": 80, "epochs": 6, "width": 8}
     args = load(bench).parse_args(["--params", str(tmp_path / "params.yaml"), "--target-class", "2", "--epochs", "1"])
     assert (args.target_class, args.epochs, args.seed) == (2, 1, 3)
+    # The same settings as --set changes of the shipped params.yaml, as `dvc exp run -S` would make them.
+    args = load(bench).parse_args(["--set", "seed=3", "--set", "target_class=7", "--set", "poison_rate=0.02",
+                                   "--set", "data.options={train_size: 400, test_size: 80}", "--set", "pretrain.epochs=6",
+                                   "--set", "pretrain.width=8"])
+    assert {k: getattr(args, k) for k in got} == got and args.pipeline == params
 
 
 @pytest.mark.parametrize("bench", ["defense_matrix", "trl_compare"])
 @pytest.mark.parametrize("argv, message", [
-    (["--params", "/nonexistent/params.yaml"], "--params /nonexistent/params.yaml: no such file"),
+    (["--params", "/nonexistent/params.yaml"], "--params='/nonexistent/params.yaml' is not valid: an existing params.yaml file"),
+    (["--set", "poison_rate"], "--set='poison_rate' is not valid: KEY=VALUE"),
+    (["--set", "pretrain.widht=8"], "pretrain.widht=8 is not valid: a key the file holds; did you mean width?"),
     (["--poison-rate", "1.5"], "--poison-rate 1.5: outside [0, 1]"),
 ])
 def test_benches_refuse_bad_input_in_one_line(bench, argv, message, capsys):
@@ -316,6 +320,6 @@ def test_reader_floor_reads_the_pipelines_untrained_encoder_and_raw_pixels(tmp_p
     assert "| raw pixels |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         bench.main(["--params", str(tmp_path / "params.yaml"), "--encoder", "no-equals-sign", "--out", str(out)])
-    (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"data": {"name": "fashion_mnist", "root": str(tmp_path / "none")}}))
     with pytest.raises(SystemExit, match="root="):
-        bench.main(["--params", str(tmp_path / "missing.yaml"), "--trigger", str(tmp_path / "trigger"), "--out", str(out)])
+        bench.main(["--params", str(tmp_path / "params.yaml"), "--set", "data.name=fashion_mnist",
+                    "--set", f"data.root={tmp_path / 'none'}", "--trigger", str(tmp_path / "trigger"), "--out", str(out)])
