@@ -34,6 +34,7 @@ from cba.defenses.activation_clustering import cluster_classes
 from cba.record import AttackRecord
 from cba.defenses.features import class_groups, training_features
 from cba.defenses.spectral import spectral_scores
+from cba.errors import run_script
 
 
 def art_classifier(record: AttackRecord):
@@ -121,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

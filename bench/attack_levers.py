@@ -61,6 +61,7 @@ from cba.analysis.readout import neighbour_shares, trigger_readout
 from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
@@ -289,4 +290,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -44,6 +44,7 @@ from cba.defenses import DEFENSES, build_defense
 from cba.record import classifier_acc_asr
 from cba.defenses.neural_cleanse import reverse_engineer
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
 from cba.overrides import add_params_options
@@ -276,4 +277,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -59,6 +59,7 @@ import yaml
 from cba.attack import reader_options, run_attack, victim_settings
 from cba.data.io import load_imageset
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import extract_features, fit_linear_probe, knn_votes
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -248,4 +249,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

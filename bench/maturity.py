@@ -33,7 +33,7 @@ import yaml
 from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
-from cba.errors import ConfigError
+from cba.errors import ConfigError, run_script
 from cba.io import read_json, write_json, write_png
 from cba.overrides import add_params_options, params_from_args
 from cba.poison import triggered_test_set
@@ -176,4 +176,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

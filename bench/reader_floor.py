@@ -33,7 +33,7 @@ import torch
 
 from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
 from cba.env import command_line, environment
-from cba.errors import ConfigError
+from cba.errors import ConfigError, run_script
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -127,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cba.analysis.readout import neighbour_shares  # noqa: E402
 from cba.env import command_line, environment  # noqa: E402
+from cba.errors import run_script
 from cba.evaluate import extract_features, knn_predict  # noqa: E402
 from cba.io import write_json  # noqa: E402
 
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

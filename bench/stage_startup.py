@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.io import write_json
 
 STAGES = ("stages.validate", "stages.trigger", "stages.poison", "stages.pretrain", "stages.finetune", "stages.analyze",
@@ -111,4 +112,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -38,6 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from cba.augment import build_augment
 from cba.attack import params_splits
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.models import build_backbone
 from cba.overrides import add_params_options, params_from_args
 from cba.ssl import build_method
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

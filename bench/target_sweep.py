@@ -34,6 +34,7 @@ import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
 from cba.overrides import add_params_options, params_from_args
@@ -176,4 +177,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

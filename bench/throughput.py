@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.env import environment
+from cba.errors import run_script
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES, build_backbone
@@ -395,4 +396,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

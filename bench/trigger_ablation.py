@@ -35,6 +35,7 @@ import yaml
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
 from cba.survival import survival_table
@@ -165,4 +166,4 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

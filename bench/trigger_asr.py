@@ -28,6 +28,7 @@ import yaml
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import pick_device
 from cba.io import write_json
 from cba.overrides import add_params_options, params_from_args
@@ -112,4 +113,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,6 +34,7 @@ import yaml
 from cba.attack import reader_options
 from cba.data.io import load_imageset
 from cba.env import command_line, environment
+from cba.errors import run_script
 from cba.evaluate import evaluate_features, extract_features
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

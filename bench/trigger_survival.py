@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from cba.data import DATASETS, load_dataset
-from cba.errors import ConfigError
+from cba.errors import ConfigError, run_script
 from cba.env import command_line, environment
 from cba.io import atomic_path, read_json, write_json
 from cba.survival import DEFAULT_AUGMENTATIONS, MEASURES, survival_table
@@ -234,4 +234,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -57,6 +57,7 @@ from cba.attack import initial_backbone, read_pipeline_args, params_splits, run_
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.analysis.dynamics import cosine_to_init
+from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

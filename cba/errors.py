@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -37,6 +38,16 @@ def in_section(section: str, keys: Iterable[str]) -> Iterator[None]:
         if err.key.split(".", 1)[0] in keys:
             raise ConfigError(f"{section}.{err.key}", err.value, err.allowed) from None
         raise
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A bench script's entry point: bad user input (a ConfigError, wherever it is found) ends the run with one
+    line on stderr and exit status 2, as it ends a stage, instead of a traceback."""
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def is_int(value: Any) -> bool:

@@ -323,3 +323,18 @@ def test_reader_floor_reads_the_pipelines_untrained_encoder_and_raw_pixels(tmp_p
     with pytest.raises(SystemExit, match="root="):
         bench.main(["--params", str(tmp_path / "params.yaml"), "--set", "data.name=fashion_mnist",
                     "--set", f"data.root={tmp_path / 'none'}", "--trigger", str(tmp_path / "trigger"), "--out", str(out)])
+
+
+def test_a_bench_run_from_the_shell_ends_bad_input_in_one_line_without_a_traceback(tmp_path):
+    """A rate the target class cannot fill is found after the data set is read, past argparse: still one line, exit 2."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "never_written.json"
+    done = subprocess.run([sys.executable, str(BENCH / "target_sweep.py"), "--targets", "4", "--rates", "0.5",
+                           "--set", "data.options={train_size: 500, test_size: 100}", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        "error: poison_rate=0.5 is not valid: clean_label needs 250 images from the target class, which holds 45; "
+        "use at most 0.0900"]
