@@ -134,18 +134,18 @@ def test_the_clean_term_measures_and_lowers_the_clean_encoders_pull_to_the_targe
 def test_the_neutral_term_is_zero_without_a_pattern_and_its_steps_undo_any_pull():
     encoder, x, head = _toy_problem()
     perturbation = UniversalPattern(16, 16, 32 / 255, 0.1, torch.device("cpu"))
-    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"].detach()) == pytest.approx(0.0, abs=1e-6)
     # Push the pattern towards centroid 0 (a pull, as a look-alike texture would cause) ...
     for step in range(20):
         perturbation.update(objective_terms(encoder, x, perturbation(x), head, None)["target"], step)
-    pulled = float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"])
+    pulled = float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"].detach())
     expected = F.kl_div(head(encoder((x + perturbation(x)).clamp(0, 1))).log_softmax(1),
                         head(encoder(x)).log_softmax(1), log_target=True, reduction="batchmean")
-    assert pulled == pytest.approx(float(expected), rel=1e-5) and pulled > 0.01
+    assert pulled == pytest.approx(float(expected.detach()), rel=1e-5) and pulled > 0.01
     # ... then the neutral term's own steps take most of it back.
     for step in range(30):
         perturbation.update(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"], step)
-    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"]) < pulled / 2
+    assert float(clean_terms(encoder, head, x, perturbation(x), neutral=True)["neutral"].detach()) < pulled / 2
 
 
 def test_the_fit_records_the_clean_surrogates_reading_every_round(fitted):
