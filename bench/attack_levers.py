@@ -65,7 +65,7 @@ from cba.errors import run_script
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
-from cba.overrides import add_params_options, params_from_args
+from cba.params_file import add_params_options, params_from_args
 from cba.record import predict
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger, load_trigger

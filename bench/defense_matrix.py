@@ -47,7 +47,7 @@ from cba.env import command_line, environment
 from cba.errors import run_script
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
-from cba.overrides import add_params_options
+from cba.params_file import add_params_options
 from cba.ssl import METHODS
 from cba.triggers import build_trigger
 from cba.triggers.fitting import fit_trigger

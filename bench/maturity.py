@@ -35,7 +35,7 @@ from cba.env import command_line, environment
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.errors import ConfigError, run_script
 from cba.io import read_json, write_json, write_png
-from cba.overrides import add_params_options, params_from_args
+from cba.params_file import add_params_options, params_from_args
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger

@@ -37,7 +37,7 @@ from cba.errors import ConfigError, run_script
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
 from cba.models.io import load_encoder
-from cba.overrides import add_params_options, read_params
+from cba.params_file import add_params_options, read_params
 from cba.poison import triggered_test_set
 from cba.triggers import load_trigger
 

@@ -40,7 +40,7 @@ from cba.attack import params_splits
 from cba.env import command_line, environment
 from cba.errors import run_script
 from cba.models import build_backbone
-from cba.overrides import add_params_options, params_from_args
+from cba.params_file import add_params_options, params_from_args
 from cba.ssl import build_method
 from cba.survival import to_float
 from cba.train import TrainConfig, train

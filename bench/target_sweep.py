@@ -37,7 +37,7 @@ from cba.env import command_line, environment
 from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
-from cba.overrides import add_params_options, params_from_args
+from cba.params_file import add_params_options, params_from_args
 from cba.poison import triggered_test_set, validate_poison
 from cba.record import AttackRecord
 from cba.triggers import Trigger, build_trigger

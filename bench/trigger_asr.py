@@ -31,7 +31,7 @@ from cba.env import command_line, environment
 from cba.errors import run_script
 from cba.evaluate import pick_device
 from cba.io import write_json
-from cba.overrides import add_params_options, params_from_args
+from cba.params_file import add_params_options, params_from_args
 from cba.triggers import TRIGGERS, build_trigger
 from cba.triggers.fitting import fit_trigger
 

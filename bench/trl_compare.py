@@ -61,7 +61,7 @@ from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES
-from cba.overrides import add_params_options
+from cba.params_file import add_params_options
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
 from cba.triggers import TRIGGERS, build_trigger

@@ -17,7 +17,7 @@ from cba.data import load_dataset
 from cba.data.base import ImageSet
 from cba.evaluate import KNN_K, KNN_TEMPERATURE, knn_backdoor_metrics
 from cba.models import build_backbone
-from cba.overrides import params_from_args
+from cba.params_file import params_from_args
 from cba.poison import poison_dataset, triggered_test_set
 from cba.record import AttackRecord, build_record, classifier_acc_asr
 from cba.ssl import build_method

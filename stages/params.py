@@ -11,27 +11,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
 
 from cba.errors import DEVICE_CHOICES, ConfigError, is_device
-from cba.overrides import TOP_LEVEL, closest
+from cba.params_file import load_params_file
 
 _MISSING = object()
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key written twice in one mapping is an error instead of the last one winning."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(str(key), self.construct_object(value_node, deep=True),
-                                  f"a key set once per section, but lines {seen[key]} and {line} both set it")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
 
 
 class Params:
@@ -40,24 +24,7 @@ class Params:
 
     @classmethod
     def load(cls, path: str | Path) -> "Params":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--params", str(path), "an existing params.yaml file")
-        try:
-            data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise ConfigError("--params", str(path), f"valid YAML ({where}{exc.problem or exc.context})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError("--params", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError("--params", str(path), "a YAML mapping of sections")
-        for key in data:
-            if key not in TOP_LEVEL:
-                raise ConfigError(str(key), data[key], f"not a known top-level key{closest(str(key), TOP_LEVEL)} "
-                                  f"(known: {', '.join(TOP_LEVEL)})")
-        return cls(data, str(path))
+        return cls(load_params_file(path), str(path))
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         node: Any = self.data

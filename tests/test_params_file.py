@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cba.errors import ConfigError
-from cba.overrides import add_params_options, apply_sets, params_from_args, read_params
+from cba.params_file import add_params_options, apply_sets, params_from_args, read_params
 
 BASE = {"seed": 0, "poison_rate": 0.05,
         "data": {"name": "synthetic", "root": None, "options": {"train_size": 10000, "test_size": 2000}},

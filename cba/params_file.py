@@ -1,4 +1,4 @@
-"""A bench's settings: a params.yaml file, with `--set KEY=VALUE` changes on the command line.
+"""A params.yaml file, read strictly (the stages' and the benches' one reader), and `--set KEY=VALUE` changes.
 
 `--set` works as `dvc exp run -S` does on the pipeline: a dotted key into the
 file's sections and a YAML value (`--set seed=1`, `--set data.name=fashion_mnist`,
@@ -35,6 +35,48 @@ def closest(name: str, known: Iterable[str]) -> str:
     return f"; did you mean {match[0]}?" if match else ""
 
 
+def check_top_level(key: str, value: Any) -> None:
+    """A key params.yaml may hold at its top level, or one line naming the known ones."""
+    if key not in TOP_LEVEL:
+        raise ConfigError(key, value, f"not a known top-level key{closest(key, TOP_LEVEL)} (known: {', '.join(TOP_LEVEL)})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(str(key), self.construct_object(value_node, deep=True),
+                                  f"a key set once per section, but lines {seen[key]} and {line} both set it")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_params_file(path: str | Path) -> dict[str, Any]:
+    """The params file at `path` as a dict. A missing file, bad YAML, a key set twice in one section or an
+    unknown top-level key is a ConfigError, in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--params", str(path), "an existing params.yaml file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError("--params", str(path), f"valid YAML ({where}{exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--params", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--params", str(path), "a YAML mapping of sections")
+    for key in data:
+        check_top_level(str(key), data[key])
+    return data
+
+
 def parse_set(text: str) -> tuple[list[str], Any]:
     """`a.b=value` as (['a', 'b'], the value read as YAML)."""
     key, sep, raw = text.partition("=")
@@ -53,9 +95,7 @@ def apply_sets(params: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
     result = copy.deepcopy(params)
     for text in sets:
         parts, value = parse_set(text)
-        if parts[0] not in TOP_LEVEL:
-            raise ConfigError(parts[0], value, f"not a known top-level key{closest(parts[0], TOP_LEVEL)} "
-                              f"(known: {', '.join(TOP_LEVEL)})")
+        check_top_level(parts[0], value)
         node = result
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[:depth + 1])
@@ -67,24 +107,17 @@ def apply_sets(params: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
                 raise ConfigError(".".join(parts), value, f"a key under a section, but {where} is {node[part]!r}")
             node = node[part]
         leaf = parts[-1]
-        if leaf not in node and closest(leaf, map(str, node)):
-            raise ConfigError(".".join(parts), value, f"a key the file holds{closest(leaf, map(str, node))} "
+        look_alike = "" if leaf in node else closest(leaf, map(str, node))
+        if look_alike:
+            raise ConfigError(".".join(parts), value, f"a key the file holds{look_alike} "
                               "(a new key may not look like an existing one)")
         node[leaf] = value
     return result
 
 
 def read_params(path: Path, sets: Iterable[str] = ()) -> dict[str, Any]:
-    """The params file at `path` as a dict, with `sets` applied. Bad input is a ConfigError, in one line."""
-    if not Path(path).is_file():
-        raise ConfigError("--params", str(path), "an existing params.yaml file")
-    try:
-        params = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("--params", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(params, dict):
-        raise ConfigError("--params", str(path), "a YAML mapping of sections")
-    return apply_sets(params, sets)
+    """The params file at `path` (`load_params_file`) with `sets` applied. Bad input is a ConfigError, in one line."""
+    return apply_sets(load_params_file(path), sets)
 
 
 def add_params_options(parser: argparse.ArgumentParser, default: Path, help: str = "the pipeline's settings") -> None:
