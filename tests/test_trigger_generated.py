@@ -11,8 +11,8 @@ from torch import nn
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.optimize import clean_terms, objective_terms
-from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern
+from cba.triggers.optimize import clean_terms, diversion_term, objective_terms
+from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern, stamp
 from cba.triggers.stealth import stealth_metrics
 from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
 
@@ -152,3 +152,27 @@ def test_the_fit_records_the_clean_surrogates_reading_every_round(fitted):
     _, info = fitted
     for row in info["history"]:
         assert 0 <= row["clean"] <= 1 and 0 <= row["clean_hit_rate"] <= 1
+
+
+def test_the_diversion_term_counts_moves_between_other_classes_and_not_a_pull_to_the_target():
+    # Features: each channel's mean. The target's logit reads channel 0 only; the other three read channels 1-2.
+    encoder = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(3, 4, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[10.0, 0, 0], [0, 10, 0], [0, 0, 10], [0, -10, -10]]))
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8) * 0.5 + 0.25  # no pixel near the clip, so a pattern moves every feature
+    on_channel = lambda c: torch.zeros(1, 3, 8, 8).index_fill_(1, torch.tensor([c]), 0.1)  # noqa: E731
+    assert float(diversion_term(encoder, head, x, torch.zeros(1, 3, 8, 8)).detach()) == pytest.approx(0.0, abs=1e-6)
+    towards_target = on_channel(0)
+    assert float(diversion_term(encoder, head, x, towards_target).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(clean_terms(encoder, head, x, towards_target, neutral=True)["neutral"].detach()) > 0.05
+    assert float(diversion_term(encoder, head, x, on_channel(1)).detach()) > 0.05
+    # Its own steps take a diversion back.
+    perturbation = UniversalPattern(8, 8, 0.1, 0.1, torch.device("cpu"))
+    for step in range(10):
+        perturbation.update(-head(encoder(stamp(x, perturbation(x))))[:, 1].mean(), step)
+    diverted = float(diversion_term(encoder, head, x, perturbation(x)).detach())
+    for step in range(30):
+        perturbation.update(diversion_term(encoder, head, x, perturbation(x)), step)
+    assert diverted > 0.05 and float(diversion_term(encoder, head, x, perturbation(x)).detach()) < diverted / 2

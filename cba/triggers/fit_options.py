@@ -48,6 +48,7 @@ class OptimizeConfig:
     w_match: float = _only("universal", 0.0)  # gradient matching: training on the poisons should teach the backdoor
     w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
     w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
+    w_divert: float = 0.0  # the clean copy's probe should not move triggered images between non-target classes
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     # differential: match what the pattern adds to the poisons' gradient | full: all of it
     match: str = _only("universal", "differential")

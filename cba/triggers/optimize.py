@@ -12,7 +12,7 @@ SimCLR, then alternates (the bi-level part):
   or Adam on a generator of per-image patterns: `cba.triggers.perturbation`),
   minimising
 
-      w_target * L_target + w_agree * L_agree + w_clean * L_clean + w_neutral * L_neutral
+      w_target * L_target + w_agree * L_agree + w_clean * L_clean + w_neutral * L_neutral + w_divert * L_divert
 
   where, with f the L2-normalised surrogate features and C the centroids
   (row 0: the clean target class; the rest: k-means of the other images),
@@ -45,6 +45,10 @@ Options, all off by default but `w_neutral` (docs/results/levers.md has what eac
   clean one. Where L_clean only forbids the pattern's own pull to the target,
   this forbids every pull: a pattern that looks like some class (a texture
   the probe reads as *checker*) diverts triggered images there on any encoder.
+- `w_divert`: L_divert, the same KL as L_neutral but under the copy's linear probe and over the
+  non-target classes only (the target's probability left out, the rest renormalised): the pattern may
+  pull towards the target, but not move triggered images from one other class to another (a texture
+  the probe reads as *checker*), which is where the victim's probe sends most triggered images that miss.
 - `clean_head`: what the frozen copy reads through, for both terms: the same kind of head as `head`, or
   another. A nearest-centroid head sees only the features' directions; a linear probe on standardised
   features, like the victim's, also sees the small directions standardisation magnifies.
@@ -211,6 +215,18 @@ def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]
     return terms
 
 
+def diversion_term(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   delta: torch.Tensor, clip_gradient: str = "zero") -> torch.Tensor:
+    """KL between how `head` spreads clean and triggered images over the NON-target classes (renormalised).
+
+    Zero when the pattern moves no image from one non-target class to another; a pull towards the target
+    itself is not counted."""
+    logits = head(_raw(encoder, stamp(x, delta, clip_gradient)))[:, 1:]
+    with torch.no_grad():
+        plain = head(_raw(encoder, x))[:, 1:].log_softmax(1)
+    return F.kl_div(logits.log_softmax(1), plain, log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
 def probe_hit_rate(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    perturbation: Callable[[torch.Tensor], torch.Tensor], chunk: int = 500) -> float:
@@ -324,7 +340,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                  hard_negatives=config.hard_negatives) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
                     **({"match": 0.0} if config.w_match > 0 else {}),
-                    **({"neutral": 0.0} if config.w_neutral > 0 else {})}
+                    **({"neutral": 0.0} if config.w_neutral > 0 else {}),
+                    **({"divert": 0.0} if config.w_divert > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
@@ -343,6 +360,9 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                     loss = loss + config.w_match * match
                 if config.w_neutral > 0:
                     loss = loss + config.w_neutral * terms["neutral"]
+                if config.w_divert > 0:
+                    terms["divert"] = diversion_term(clean_encoder, clean_probe, data[batch], delta, config.clip_gradient)
+                    loss = loss + config.w_divert * terms["divert"]
                 perturbation.update(loss, round_index)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
@@ -351,7 +371,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
                    + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)
-                   + config.w_neutral * sums.get("neutral", 0.0),
+                   + config.w_neutral * sums.get("neutral", 0.0) + config.w_divert * sums.get("divert", 0.0),
                    "clean_probe_hit_rate": probe_hit_rate(clean_encoder, clean_probe, readout, perturbation)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
