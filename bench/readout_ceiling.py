@@ -47,7 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cba.analysis.readout import neighbour_shares  # noqa: E402
-from cba.env import command_line, environment  # noqa: E402
+from cba.env import command_line, environment, where_it_ran  # noqa: E402
 from cba.errors import run_script
 from cba.evaluate import extract_features, knn_predict  # noqa: E402
 from cba.io import write_json  # noqa: E402
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"command": command, "env": environment("cpu"), **measure(args.root, args.ks)}
     write_json(args.out, result)
     text = (f"# Each reader's ceiling: ASR against the reading of triggered target-class images\n\n"
-            f"Command: `{command}` (target {result['target_name']})\n\n{table(result)}\n")
+            f"Command: `{command}` (target {result['target_name']})\n\nRun on {where_it_ran(result['env'])}.\n\n"
+            f"{table(result)}\n")
     args.out.with_suffix(".md").write_text(text)
     print(table(result))
     return result

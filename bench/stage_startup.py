@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cba.env import command_line, environment
+from cba.env import command_line, environment, where_it_ran
 from cba.errors import run_script
 from cba.io import write_json
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = measure(args.modules, args.runs, args.baseline)
     result = {"command": command, "env": environment("cpu"), "rows": rows}
     write_json(args.out, result)
-    text = f"# Stage start-up: importing each stage module in a fresh process\n\nCommand: `{command}`\n\n{table(rows)}\n"
+    text = (f"# Stage start-up: importing each stage module in a fresh process\n\nCommand: `{command}`\n\n"
+            f"Run on {where_it_ran(result['env'])}.\n\n{table(rows)}\n")
     args.out.with_suffix(".md").write_text(text)
     print(table(rows))
     return result

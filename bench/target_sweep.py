@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
-from cba.env import command_line, environment
+from cba.env import command_line, environment, where_it_ran
 from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:  # after every victim, so a stopped sweep keeps what it measured
         write_json(args.out, {"rows": rows, "_run": {**run, "seconds": time.perf_counter() - started}})
         args.out.with_suffix(".md").write_text(
-            f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\n"
+            f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\nRun on {where_it_ran(run['env'])}.\n\n"
             f"Trigger: {name} {trigger_params} with each row's change; poison rate "
             f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
 

@@ -34,7 +34,7 @@ import yaml
 
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
-from cba.env import command_line, environment
+from cba.env import command_line, environment, where_it_ran
 from cba.errors import run_script
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
@@ -143,8 +143,7 @@ def results_text(rows: list[dict[str, Any]], args: argparse.Namespace, command: 
     env = environment(device)
     return "\n".join([
         "# Optimized trigger: ablation of its objective", "", f"Command: `{command}`", "",
-        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
-        f"{env['torch_threads']} threads), data: {args.dataset} {args.train_size}/{args.test_size}, SimCLR {args.epochs} epochs, "
+        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {where_it_ran(env)}; data: {args.dataset} {args.train_size}/{args.test_size}, SimCLR {args.epochs} epochs, "
         f"width {args.width}, clean-label at {args.poison_rate:g}, seed {args.seed}.", "",
         "Trigger params: " + ", ".join(f"{k}={v}" for k, v in sorted(args.base_params.items())), "",
         markdown(rows), "",

@@ -37,7 +37,7 @@ import yaml
 
 from cba.data import DATASETS, load_dataset
 from cba.errors import ConfigError, run_script
-from cba.env import command_line, environment
+from cba.env import command_line, environment, where_it_ran
 from cba.io import atomic_path, read_json, write_json
 from cba.survival import DEFAULT_AUGMENTATIONS, MEASURES, survival_table
 from cba.triggers import TRIGGERS, build_trigger, load_trigger
@@ -168,8 +168,7 @@ def report(body: str, args: argparse.Namespace, command: str, notes: list[str]) 
         "",
         f"Command: `{command}`",
         "",
-        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
-        f"{env['torch_threads']} threads), data: the {args.data} test split ({args.test_size} images).",
+        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {where_it_ran(env)}; data: the {args.data} test split ({args.test_size} images).",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
         "",

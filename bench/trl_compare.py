@@ -52,7 +52,7 @@ import yaml
 import torch
 
 from cba.analysis import entanglement_metrics, summarize_dynamics
-from cba.env import command_line, environment
+from cba.env import command_line, environment, where_it_ran
 from cba.attack import initial_backbone, read_pipeline_args, params_splits, run_attack, victim_settings
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
@@ -238,8 +238,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
         "",
         f"Command: `{command}`",
         "",
-        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {env['device']} (torch {env['torch']}, "
-        f"{env['torch_threads']} threads), data: {settings['data']}.",
+        f"Run {dt.datetime.now().isoformat(timespec='seconds')} on {where_it_ran(env)}; data: {settings['data']}.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
         "",

@@ -68,6 +68,16 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
     return info
 
 
+def where_it_ran(env: dict[str, object]) -> str:
+    """The machine part of `environment(...)` in words, for a results table's header: the device, and on a CPU
+    the instruction set its kernels used, since figures trained on AVX2 and AVX-512 differ even on one seed."""
+    if str(env.get("device", "cpu")).startswith("cuda"):
+        where = f"{env.get('gpu') or env.get('device_name')} ({env.get('device')})"
+    else:
+        where = f"{env.get('device_name')} (cpu, {env.get('cpu_capability', 'unknown')} kernels)"
+    return f"{where}, torch {env.get('torch')}, {env.get('torch_threads')} threads"
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that ran this script, quoted for a shell: `argv` if a caller passed it, else the real one.
 

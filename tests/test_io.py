@@ -84,3 +84,16 @@ def test_hostile_encoder_files_are_one_line(tmp_path, meta, fragment):
     with pytest.raises(ConfigError) as caught:
         load_encoder(path)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_results_header_names_the_kernels_on_a_cpu_and_the_gpu_on_cuda():
+    from cba.env import environment, where_it_ran
+
+    env = environment("cpu")
+    line = where_it_ran(env)
+    assert f"(cpu, {torch.backends.cpu.get_cpu_capability()} kernels)" in line
+    assert line.startswith(str(env["device_name"])) and f"torch {torch.__version__}" in line
+    assert line.endswith(f"{torch.get_num_threads()} threads")
+    gpu = {"device": "cuda:0", "gpu": "NVIDIA H200", "device_name": "NVIDIA H200", "torch": "2.13.0",
+           "torch_threads": 16, "cpu_capability": "AVX512"}
+    assert where_it_ran(gpu) == "NVIDIA H200 (cuda:0), torch 2.13.0, 16 threads"  # the CPU's kernels do not matter there
