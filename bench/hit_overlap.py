@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "by_class": by_class(poisoned[reader], reference[reader], triggered.labels, test.classes,
                                               compared["slope"])})
     command, data = command_line(argv), (params.get("data") or {}).get("name", "synthetic")
-    write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),
+    env = environment(torch.device("cpu"))
+    write_json(args.out, {"rows": rows, "_run": {"command": command, "env": env,
                                                  "trigger": trigger.name, "trigger_change": args.trigger_params,
                                                  "target_class": target, "seed": seed, "data": data}})
     text = table(rows)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for c in classes) + " |"
         for row in rows]
     args.out.with_suffix(".md").write_text(
-        f"# Which triggered images the backdoor adds\n\nCommand: `{command}`\n\nRun on {where_it_ran(environment('cpu'))}.\n\n"
+        f"# Which triggered images the backdoor adds\n\nCommand: `{command}`\n\nRun on {where_it_ran(env)}.\n\n"
         f"Data: {data}; target "
         f"{test.classes[target]}; {len(triggered.labels)} triggered non-target test images; margins in logits "
         f"(linear) and vote shares (kNN).\n\n{text}\n\nASR per true class of the triggered image, poisoned / "

@@ -125,13 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "reference": reference,
                      "ratio": {name: poisoned[name]["asr"] / max(reference[name]["asr"], 1e-3) for name in ("linear", "knn")}})
     command, data = command_line(argv), (params.get("data") or {}).get("name", "synthetic")
-    write_json(args.out, {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),
+    env = environment(torch.device("cpu"))
+    write_json(args.out, {"rows": rows, "_run": {"command": command, "env": env,
                                                  "trigger": trigger.name, "linf": float(trigger.params["linf"]),
                                                  "target_class": target, "seed": seed,
                                                  "data": data}})
     text = table(rows)
     args.out.with_suffix(".md").write_text(
-        f"# The trigger at other test-time amplitudes\n\nCommand: `{command}`\n\nRun on {where_it_ran(environment('cpu'))}.\n\n"
+        f"# The trigger at other test-time amplitudes\n\nCommand: `{command}`\n\nRun on {where_it_ran(env)}.\n\n"
         f"Data: {data}; target {test.classes[target]}; "
         f"the poisons carry the pattern at L-inf {float(trigger.params['linf']):g}.\n\n{text}\n")
     print(text)

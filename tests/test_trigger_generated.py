@@ -11,7 +11,7 @@ from torch import nn
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.optimize import clean_terms, diversion_term, objective_terms
+from cba.triggers.optimize import clean_terms, objective_terms
 from cba.triggers.perturbation import GeneratedPattern, PatternGenerator, UniversalPattern, stamp
 from cba.triggers.stealth import stealth_metrics
 from conftest import TINY_TRIGGER as TINY, fit_tiny  # the shared small learned trigger
@@ -163,6 +163,10 @@ def test_the_diversion_term_counts_moves_between_other_classes_and_not_a_pull_to
     torch.manual_seed(0)
     x = torch.rand(16, 3, 8, 8) * 0.5 + 0.25  # no pixel near the clip, so a pattern moves every feature
     on_channel = lambda c: torch.zeros(1, 3, 8, 8).index_fill_(1, torch.tensor([c]), 0.1)  # noqa: E731
+
+    def diversion_term(e, h, images, delta):  # the fit's divert term: `h` read over the non-target classes
+        return clean_terms(e, h, images, delta, divert_head=h)["divert"]
+
     assert float(diversion_term(encoder, head, x, torch.zeros(1, 3, 8, 8)).detach()) == pytest.approx(0.0, abs=1e-6)
     towards_target = on_channel(0)
     assert float(diversion_term(encoder, head, x, towards_target).detach()) == pytest.approx(0.0, abs=1e-6)

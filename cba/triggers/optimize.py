@@ -196,35 +196,37 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
     return {**terms, "target": target, "agree": agree}
 
 
+def _reading_shift(triggered: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """KL(plain || triggered) between two readings (logits) of the same images, averaged over them."""
+    return F.kl_div(triggered.log_softmax(1), plain.log_softmax(1), log_target=True, reduction="batchmean")
+
+
 def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                delta: torch.Tensor, clip_gradient: str = "zero", neutral: bool = False) -> dict[str, torch.Tensor]:
-    """How an encoder that never saw a poison reads the triggered images, from one forward pass of them.
+                delta: torch.Tensor, clip_gradient: str = "zero", neutral: bool = False,
+                divert_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """How an encoder that never saw a poison reads the triggered images, from one forward pass of them (and,
+    for the two KL terms, one of the clean images).
 
     - `clean`: the mean probability of the target under that encoder's head (what `w_clean` penalises: a
       pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
       victim's clean twin reads it too);
     - `clean_hit_rate`: the share sent to the target, the attacker's own estimate of the clean twin's ASR;
     - `neutral` (when asked): KL(head(x) || head(x + delta)), 0 when the pattern changes nothing that head
-      reads, whichever class the change would favour (what `w_neutral` penalises)."""
-    logits = head(_raw(encoder, stamp(x, delta, clip_gradient)))
+      reads, whichever class the change would favour (what `w_neutral` penalises);
+    - `divert` (when a `divert_head` is given): the same KL under that head over the NON-target classes only
+      (the target's column left out, the rest renormalised), 0 when the pattern moves no image from one other
+      class to another, whatever it does towards the target (what `w_divert` penalises)."""
+    raw = _raw(encoder, stamp(x, delta, clip_gradient))
+    logits = head(raw)
     terms = {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
-    if neutral:
+    if neutral or divert_head is not None:
         with torch.no_grad():
-            plain = head(_raw(encoder, x)).log_softmax(1)
-        terms["neutral"] = F.kl_div(logits.log_softmax(1), plain, log_target=True, reduction="batchmean")
+            plain = _raw(encoder, x)
+        if neutral:
+            terms["neutral"] = _reading_shift(logits, head(plain))
+        if divert_head is not None:
+            terms["divert"] = _reading_shift(divert_head(raw)[:, 1:], divert_head(plain)[:, 1:])
     return terms
-
-
-def diversion_term(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   delta: torch.Tensor, clip_gradient: str = "zero") -> torch.Tensor:
-    """KL between how `head` spreads clean and triggered images over the NON-target classes (renormalised).
-
-    Zero when the pattern moves no image from one non-target class to another; a pull towards the target
-    itself is not counted."""
-    logits = head(_raw(encoder, stamp(x, delta, clip_gradient)))[:, 1:]
-    with torch.no_grad():
-        plain = head(_raw(encoder, x))[:, 1:].log_softmax(1)
-    return F.kl_div(logits.log_softmax(1), plain, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()
@@ -351,9 +353,10 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None, config.clip_gradient)
-                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0):
+                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0 or config.w_divert > 0):
                     terms.update(clean_terms(clean_encoder, clean_head, data[batch], delta, config.clip_gradient,
-                                             neutral=config.w_neutral > 0))
+                                             neutral=config.w_neutral > 0,
+                                             divert_head=clean_probe if config.w_divert > 0 else None))
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
                 if match is not None:
                     terms["match"] = match
@@ -361,7 +364,6 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 if config.w_neutral > 0:
                     loss = loss + config.w_neutral * terms["neutral"]
                 if config.w_divert > 0:
-                    terms["divert"] = diversion_term(clean_encoder, clean_probe, data[batch], delta, config.clip_gradient)
                     loss = loss + config.w_divert * terms["divert"]
                 perturbation.update(loss, round_index)
                 for key in sums:
