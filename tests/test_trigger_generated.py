@@ -73,7 +73,7 @@ def test_bad_params_fail_with_one_line(key, value):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["resolution", "step_size", "w_match"])
+@pytest.mark.parametrize("key", ["resolution", "step_size", "w_match", "symmetric"])
 def test_options_of_the_universal_pattern_are_refused(key):
     with pytest.raises(ConfigError, match="not a parameter of trigger 'generated'"):
         build_trigger("generated", {key: 1}, seed=0)

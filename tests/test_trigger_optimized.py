@@ -152,7 +152,7 @@ def test_code_defaults_match_params_yaml():
     for key, value in shipped["params"].items():
         if key != "surrogate_size":  # the stage's choice of data, not the optimiser's
             assert getattr(config, key) == value, key
-    universal_only = {"resolution", "step_size", "w_match", "match"}
+    universal_only = {"resolution", "step_size", "w_match", "match", "symmetric"}
     assert set(GeneratedTrigger.defaults) == (set(OptimizedTrigger.defaults) - universal_only) | {"hidden", "lr"}
     assert not {"surrogate_lr", "temperature", "per_batch", "form"} & set(GeneratedTrigger.defaults)
 
@@ -305,3 +305,21 @@ def test_the_surrogate_never_starts_from_the_victims_weights():
     torch.manual_seed(surrogate_seed(0))
     surrogate = build_backbone("convnet", width=4)
     assert not torch.equal(next(victim.parameters()), next(surrogate.parameters()))
+
+
+def test_a_symmetric_pattern_is_its_own_mirror_image_and_a_flip_keeps_all_of_it(attacker_data, fitted):
+    trigger = build_trigger("optimized", {**TINY, "symmetric": True}, seed=3)
+    trigger.fit(*attacker_data, progress=False)
+    pattern = trigger.perturbation()
+    assert np.abs(pattern).max() > 1.0  # it learned something
+    np.testing.assert_allclose(pattern, pattern[:, ::-1], atol=1e-4)
+    images = np.full((64, 32, 32, 3), 128, dtype=np.uint8)
+    images += np.random.default_rng(1).integers(0, 40, size=images.shape, dtype=np.uint8)
+    kept = survival_table(trigger, images, 0.5, seed=0, draws=2, augmentations=["flip"])[0]["survival"]
+    free = survival_table(fitted[0], images, 0.5, seed=0, draws=2, augmentations=["flip"])[0]["survival"]
+    assert kept > 0.99 and kept > free + 0.1
+
+
+def test_symmetric_is_a_flag():
+    with pytest.raises(ConfigError, match="symmetric"):
+        build_trigger("optimized", {**TINY, "symmetric": "yes"}, seed=0)

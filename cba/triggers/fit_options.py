@@ -42,6 +42,7 @@ class OptimizeConfig:
     min_scale: float = 0.5  # the attacker's assumption of the victim's RandomResizedCrop scale
     clusters: int = 10  # centroids the target competes with: the target's own plus k-means of the other images
     resolution: int = _only("universal", 32)  # the pattern is a resolution x resolution grid, upsampled to the image
+    symmetric: bool = _only("universal", False)  # the pattern is its own left-right mirror image (a flip keeps it)
     head: str = "centroid"  # centroid: nearest centroid by cosine | probe: a linear probe fitted on the pseudo-labels
     clean_head: str = "same"  # the frozen clean copy's head (w_clean, w_neutral): same (as `head`) | centroid | probe
     ensemble: int = 1  # independently initialised surrogates; the trigger steps take turns on them

@@ -266,7 +266,7 @@ def poison_carriers(target_mask: np.ndarray, share: float, seed: int) -> np.ndar
 def _perturbation(config: OptimizeConfig, size: int, eps: float, seed: int,
                   device: torch.device) -> UniversalPattern | GeneratedPattern:
     if config.form == "universal":
-        return UniversalPattern(size, config.resolution, eps, config.step_size, device)
+        return UniversalPattern(size, config.resolution, eps, config.step_size, device, config.symmetric)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = PatternGenerator(config.hidden).to(device)

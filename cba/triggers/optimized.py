@@ -62,7 +62,7 @@ OPTION_CHECKS = {
     "min_scale": _number(0.0, 1.0, "must be a number in (0, 1]"),
     "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT, "w_divert": _WEIGHT,
-    "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG,
+    "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG, "symmetric": _FLAG,
     "head": _choice(HEAD_CHOICES), "clean_head": _choice(CLEAN_HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
     "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
 }

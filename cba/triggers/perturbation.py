@@ -62,14 +62,23 @@ def _check_finite(grads, round_index: int) -> None:
 
 
 class UniversalPattern:
-    """One pattern for every image: a `resolution`-sided grid, signed-gradient steps of `step_size * eps`."""
+    """One pattern for every image: a `resolution`-sided grid, signed-gradient steps of `step_size * eps`.
 
-    def __init__(self, size: int, resolution: int, eps: float, step_size: float, device: torch.device):
+    `symmetric`: the pattern is its own left-right mirror image, so a flipped
+    view carries the same pattern as an unflipped one (the grid is read as the
+    mean of itself and its mirror; from a zero start its signed steps keep it
+    symmetric, since the gradient they follow is)."""
+
+    def __init__(self, size: int, resolution: int, eps: float, step_size: float, device: torch.device,
+                 symmetric: bool = False):
         self.size, self.resolution, self.eps, self.step = size, min(resolution, size), eps, step_size * eps
+        self.symmetric = symmetric
         self.grid = torch.zeros(1, 3, self.resolution, self.resolution, device=device, requires_grad=True)
 
     def _upsample(self, values: torch.Tensor) -> torch.Tensor:
-        # Bilinear interpolation of values within the budget stays within it.
+        # Mirroring and bilinear interpolation (align_corners=False commutes with a flip) keep values within the budget.
+        if self.symmetric:
+            values = (values + values.flip(-1)) / 2
         if self.resolution == self.size:
             return values
         return F.interpolate(values, size=(self.size, self.size), mode="bilinear", align_corners=False)
