@@ -17,6 +17,7 @@ before any poison, send to the target).
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --trigger-params '{w_neutral: 1}' '{w_neutral: 5}'
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --cache .cache/victims   # the clean victim trains once, ever
     OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --rates 0.025 0.05 0.098  # one fit, one victim a rate
+    OMP_NUM_THREADS=2 python bench/target_sweep.py --targets 4 --trigger-params '{symmetric: true}' --save-triggers /tmp/patterns
 
 Prints one line per victim and writes `--out` (JSON, after every target) and the same path with `.md`.
 """
@@ -40,7 +41,7 @@ from cba.io import write_json
 from cba.params_file import add_params_options, params_from_args
 from cba.poison import triggered_test_set, validate_poison
 from cba.record import AttackRecord
-from cba.triggers import Trigger, build_trigger
+from cba.triggers import Trigger, build_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "settings, data, trigger and code is loaded instead of trained (the clean one, above all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the victims' training, the trigger fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/target_sweep.json"))
+    parser.add_argument("--save-triggers", type=Path, default=None,
+                        help="a folder to keep every fitted pattern in, one subfolder per row (<target>_<variant>), "
+                             "as the trigger stage saves it (e.g. for bench/trigger_survival.py --optimized-dir)")
     return parser.parse_args(argv)
 
 
@@ -158,9 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Trigger: {name} {trigger_params} with each row's change; poison rate "
             f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
 
-    for target, change in ((t, c or {}) for t in targets for c in args.trigger_params):
+    for target, (variant, change) in ((t, vc) for t in targets for vc in enumerate(c or {} for c in args.trigger_params)):
         # The fit and the clean victim's reading do not depend on the rate: one pattern serves every rate.
         trigger, last_round = fitted(target, change)
+        if args.save_triggers is not None:
+            save_trigger(trigger, args.save_triggers / f"{target}_{variant}")
         attacker = {key: float(last_round.get(key, float("nan"))) for key in ("hit_rate", "clean_hit_rate", "clean_probe_hit_rate")}
         clean_reading = read(clean, trigger, target, seed)
         for rate in rates:

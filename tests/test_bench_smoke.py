@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,9 +165,17 @@ def test_target_sweep_aims_each_variant_at_the_target_and_reads_all_on_one_clean
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "sweep.json"
     argv = ["--targets", "1", "--trigger-params", "{}", "{w_neutral: 0.0}", "--rates", "0.05", "0.06",
-            "--params", str(tmp_path / "params.yaml"), "--cache", str(tmp_path / "victims"), "--out", str(out)]
+            "--params", str(tmp_path / "params.yaml"), "--cache", str(tmp_path / "victims"), "--out", str(out),
+            "--save-triggers", str(tmp_path / "patterns")]
     result = load("target_sweep").main(argv)
     rows = json.loads(out.read_text())["rows"]
+    # Each variant's fitted pattern is kept as the trigger stage keeps it, its change in its parameters.
+    from cba.triggers import load_trigger
+
+    saved = [load_trigger(tmp_path / "patterns" / f"1_{variant}") for variant in (0, 1)]
+    assert [t.params["w_neutral"] for t in saved] == [params["trigger"]["params"]["w_neutral"], 0.0]
+    assert not np.array_equal(saved[0].perturbation(), saved[1].perturbation())
+    assert all(0 < np.abs(t.perturbation()).max() <= t.params["linf"] for t in saved)
     assert rows == result["rows"] and [(r["target"], r["change"], r["poison_rate"]) for r in rows] == [
         ("ring", {}, 0.05), ("ring", {}, 0.06), ("ring", {"w_neutral": 0.0}, 0.05), ("ring", {"w_neutral": 0.0}, 0.06)]
     # One fit serves every rate: the attacker's figures are the pattern's, whatever the rate.
