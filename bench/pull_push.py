@@ -12,15 +12,17 @@ reader (the converged linear probe, the weighted kNN):
   processor's kernels and shaped by the data set;
 - per data set and reader, how many rows meet the ASR bar, how many the 3x
   rule, how many both, and the largest ratio among rows that meet the bar;
-- a least-squares line on the log-odds scale, logit(poisoned) = slope x
-  logit(clean) + shift, over the built-in data's rows. A slope near 1 with a
-  positive shift says poisoning multiplies the odds of every pattern's pull
-  by about the same factor (e^shift), whatever the pattern: then the ratio
-  is bounded for every pattern the attacker can fit, and no change that only
-  lowers the pull can meet the 3x rule at the ASR bar.
+- the *odds multiplier* of each row, odds(poisoned ASR) / odds(clean ASR)
+  (odds = p / (1 - p)): by how much poisoning multiplies the odds of the
+  pattern's pull. Both rules of a reader hold together only if it reaches
+  odds(bar) / odds(bar / 3), at the pull of bar / 3: 5 for the probe (a pull
+  of 1/6 raised to 1/2), 3.9 for kNN (0.1 raised to 0.3); a smaller pull
+  needs a larger multiplier still. The summary gives its median and
+  quartiles, and how many rows reach the multiplier the rules need.
 
 It trains nothing (seconds). Rows whose victims did not end with a finite
-loss are left out, as are files of other benches.
+loss are left out, as are files of other benches; a run kept in two files
+(the same figures, processor and seed) counts once.
 
     python bench/pull_push.py                                  # every sweep under bench/results
     python bench/pull_push.py bench/results/budget_avx512*.json --out /tmp/pull_push.json
@@ -86,13 +88,19 @@ def sweep_points(path: Path) -> list[dict[str, Any]] | None:
     return points
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, FLOOR, 1 - FLOOR)
-    return np.log(p / (1 - p))
+def odds(p: float) -> float:
+    p = min(max(p, FLOOR), 1 - FLOOR)
+    return p / (1 - p)
+
+
+def needed_multiplier(bar: float) -> float:
+    """The least odds multiplier that meets the ASR bar and the 3x rule together (at a pull of bar / RATIO)."""
+    return odds(bar) / odds(bar / RATIO)
 
 
 def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per data set and reader: rows, how many meet the bar / the 3x rule / both, the best ratio at the bar, the fit."""
+    """Per data set and reader: rows, how many meet the bar / the 3x rule / both, the best ratio at the bar,
+    and the odds multipliers (median, quartiles, how many reach the one the two rules need)."""
     out = []
     for data in sorted({p["data"] for p in points}):
         for reader, bar in BARS.items():
@@ -100,30 +108,39 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not chosen:
                 continue
             poisoned = np.array([p["poisoned_asr"] for p in chosen])
-            clean = np.array([p["clean_asr"] for p in chosen])
-            ratio = poisoned / np.maximum(clean, FLOOR)
+            ratio = poisoned / np.array([max(p["clean_asr"], FLOOR) for p in chosen])
+            multiplier = np.array([odds(p["poisoned_asr"]) / odds(p["clean_asr"]) for p in chosen])
             at_bar = poisoned >= bar
-            slope, shift = np.polyfit(_logit(clean), _logit(poisoned), 1) if len(chosen) > 2 else (math.nan, math.nan)
+            quartiles = np.percentile(multiplier, [25, 50, 75])
             out.append({"data": data, "reader": reader, "rows": len(chosen), "meet_bar": int(at_bar.sum()),
                         "meet_ratio": int((ratio >= RATIO).sum()), "meet_both": int((at_bar & (ratio >= RATIO)).sum()),
                         "best_ratio_at_bar": float(ratio[at_bar].max()) if at_bar.any() else None,
-                        "logit_slope": float(slope), "logit_shift": float(shift)})
+                        "odds_multiplier_quartiles": [float(q) for q in quartiles],
+                        "odds_multiplier_needed": needed_multiplier(bar),
+                        "reach_needed_multiplier": int((multiplier >= needed_multiplier(bar)).sum())})
     return out
 
 
 def table(summary: list[dict[str, Any]]) -> str:
-    lines = ["| data | reader | rows | ASR bar met | 3x met | both | best ratio at the bar | log-odds line: slope, shift (odds x) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | reader (ASR bar) | rows | bar met | 3x met | both | best ratio at the bar | "
+             "odds multiplier: median (quartiles) | needed | rows reaching it |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         best = f"{s['best_ratio_at_bar']:.1f}x" if s["best_ratio_at_bar"] is not None else "–"
-        fit = (f"{s['logit_slope']:.2f}, {s['logit_shift']:+.2f} ({math.exp(s['logit_shift']):.1f}x)"
-               if math.isfinite(s["logit_slope"]) else "–")
+        low, median, high = s["odds_multiplier_quartiles"]
         lines.append(f"| {s['data']} | {s['reader']} ({BARS[s['reader']]:g}) | {s['rows']} | {s['meet_bar']} | "
-                     f"{s['meet_ratio']} | {s['meet_both']} | {best} | {fit} |")
+                     f"{s['meet_ratio']} | {s['meet_both']} | {best} | {median:.2f} ({low:.2f}–{high:.2f}) | "
+                     f"{s['odds_multiplier_needed']:.2f} | {s['reach_needed_multiplier']} |")
     return "\n".join(lines)
 
 
-def plot(points: list[dict[str, Any]], path: Path) -> None:
+def _multiplied(pull: np.ndarray, multiplier: float) -> np.ndarray:
+    """The ASR whose odds are `multiplier` times those of `pull`."""
+    raised = multiplier * pull / (1 - pull)
+    return raised / (1 + raised)
+
+
+def plot(points: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +160,14 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.plot(line, line, color="black", lw=0.8, label="no effect of poisoning (y = x)")
         ax.plot(line / RATIO, line, color="red", lw=1.0, ls="--", label=f"the {RATIO:g}x rule (y = {RATIO:g}x)")
         ax.axhline(bar, color="green", lw=1.0, ls=":", label=f"ASR bar {bar:g}")
+        curve = np.logspace(math.log10(FLOOR), -1e-3, 200)
+        built_in = next((s for s in summary if s["reader"] == reader and s["data"] == "built-in"), None)
+        if built_in is not None:
+            median = built_in["odds_multiplier_quartiles"][1]
+            ax.plot(curve, _multiplied(curve, median), color="tab:orange", lw=1.0, ls="-.",
+                    label=f"odds x {median:.1f} (built-in median)")
+        needed = needed_multiplier(bar)
+        ax.plot(curve, _multiplied(curve, needed), color="green", lw=1.0, ls="-.", label=f"odds x {needed:.1f} (what both rules need)")
         xs = np.logspace(math.log10(FLOOR), math.log10(1 / RATIO), 200)
         ax.fill_between(xs, np.maximum(RATIO * xs, bar), 1.0, color="green", alpha=0.1)
         ax.set(xscale="log", yscale="log", xlim=(FLOOR, 1), ylim=(FLOOR, 1), title=f"{reader}",
@@ -162,12 +187,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"results {missing[0]!r}: no such file; give target_sweep result files (JSON)")
     points: list[dict[str, Any]] = []
-    used = []
+    used, seen = [], set()
     for path in files:
         found = sweep_points(path.resolve())
-        if found is not None and path.resolve() != args.out.resolve():
-            points += found
-            used.append(str(path))
+        if found is None or path.resolve() == args.out.resolve():
+            continue
+        used.append(str(path))
+        for point in found:
+            # The same run kept in two files (a sweep's default row beside its variants) counts once.
+            key = tuple(point[k] for k in ("reader", "kernels", "seed", "target", "poison_rate", "poisoned_asr", "clean_asr"))
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
     if not points:
         raise SystemExit(f"results {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: "
                          "no target_sweep result among them")
@@ -179,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"# Poisoning against the pattern's own pull, over every measured attack\n\nCommand: `{result['_run']['command']}`\n\n"
         f"{len(used)} result files, {len(points) // 2} rows (a pattern, its poisoned victim and a clean one).\n\n{text}\n\n"
         f"![poisoned against clean ASR]({args.out.with_suffix('.png').name})\n")
-    plot(points, args.out.with_suffix(".png"))
+    plot(points, summary, args.out.with_suffix(".png"))
     print(text)
     return result
 

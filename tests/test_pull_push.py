@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -38,14 +37,25 @@ def test_the_counts_and_the_log_odds_line_are_those_of_the_points(tmp_path):
         assert summary["rows"] == len(chosen)
         assert summary["meet_bar"] == sum(p["poisoned_asr"] >= bar for p in chosen)
         assert summary["meet_both"] == sum(p["poisoned_asr"] >= bar and r >= 3 for p, r in zip(chosen, ratios))
-        logit = lambda p: math.log(p / (1 - p))  # noqa: E731  (no ASR here is at the floor)
-        slope, shift = np.polyfit([logit(p["clean_asr"]) for p in chosen], [logit(p["poisoned_asr"]) for p in chosen], 1)
-        assert summary["logit_slope"] == pytest.approx(slope) and summary["logit_shift"] == pytest.approx(shift)
+        odds = lambda p: p / (1 - p)  # noqa: E731  (no ASR here is at the floor or the ceiling)
+        multipliers = [odds(p["poisoned_asr"]) / odds(p["clean_asr"]) for p in chosen]
+        assert summary["odds_multiplier_quartiles"] == pytest.approx(list(np.percentile(multipliers, [25, 50, 75])))
+        needed = odds(bar) / odds(bar / 3)  # the pull of bar / 3 raised to the bar: both rules, just
+        assert summary["odds_multiplier_needed"] == pytest.approx(needed)
+        assert summary["reach_needed_multiplier"] == sum(m >= needed for m in multipliers)
+        # Reaching the multiplier is necessary for meeting both rules.
+        assert summary["meet_both"] <= summary["reach_needed_multiplier"]
     linear = next(s for s in result["summary"] if s["reader"] == "linear")
     # The AVX2 dose at 9.8% reads 0.710 against 0.313: 2.3x, the best ratio among these rows at the bar.
     assert linear["best_ratio_at_bar"] == pytest.approx(0.7103 / 0.3129, rel=1e-3) and linear["meet_both"] == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| built-in | linear (0.5) |" in (tmp_path / "p.md").read_text()
+
+
+def test_a_run_kept_in_two_files_counts_once(tmp_path):
+    once = load("pull_push").main([str(SWEEPS[0]), "--out", str(tmp_path / "once.json")])
+    twice = load("pull_push").main([str(SWEEPS[0]), str(SWEEPS[0]), "--out", str(tmp_path / "twice.json")])
+    assert twice["points"] == once["points"] and twice["summary"] == once["summary"]
 
 
 def test_files_that_are_no_sweep_are_refused_in_one_line(tmp_path):
