@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Trigger: {name} {trigger_params} with each row's change; poison rate "
             f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
 
-    for target, (variant, change) in ((t, vc) for t in targets for vc in enumerate(c or {} for c in args.trigger_params)):
+    changes = [c or {} for c in args.trigger_params]
+    for target, variant in ((t, v) for t in targets for v in range(len(changes))):
+        change = changes[variant]
         # The fit and the clean victim's reading do not depend on the rate: one pattern serves every rate.
         trigger, last_round = fitted(target, change)
         if args.save_triggers is not None:
