@@ -11,7 +11,8 @@ reader (the converged linear probe, the weighted kNN):
   lines y = x and y = 3x, and the ASR bar of each reader), coloured by the
   processor's kernels and shaped by the data set;
 - per data set and reader, how many rows meet the ASR bar, how many the 3x
-  rule, how many both, and the largest ratio among rows that meet the bar;
+  rule, how many every rule (the bar, 3x, and ACC at most 3 points under
+  the clean victim's), and the largest ratio among rows that meet the bar;
 - the *odds multiplier* of each row, odds(poisoned ASR) / odds(clean ASR)
   (odds = p / (1 - p)): by how much poisoning multiplies the odds of the
   pattern's pull. Both rules of a reader hold together only if it reaches
@@ -46,6 +47,7 @@ from cba.io import write_json, write_png
 REPO = Path(__file__).resolve().parents[1]
 BARS = {"linear": 0.5, "knn": 0.3}  # the ASR each reader must reach
 RATIO = 3.0
+ACC_DROP = 0.03  # the poisoned victim's ACC may be at most this far under the clean victim's
 FLOOR = 1e-3  # ASRs are shown and fitted no lower than this (a share of about 1800 images)
 
 
@@ -71,6 +73,7 @@ def sweep_points(path: Path) -> list[dict[str, Any]] | None:
     run = result.get("_run", {})
     kernels = run.get("env", {}).get("cpu_capability") or "not recorded"
     seed = run.get("victim", {}).get("seed")
+    run_rate = run.get("poison_rate", (run.get("poison_rates") or [None])[0])  # early sweeps kept one rate a run
     points = []
     for row in rows:
         losses = row.get("final_loss", {})
@@ -82,8 +85,7 @@ def sweep_points(path: Path) -> list[dict[str, Any]] | None:
                 "file": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path), "reader": reader,
                 "data": "built-in" if row["target"] in BUILT_IN_CLASSES else "real",
                 "kernels": kernels, "seed": seed, "target": row["target"], "change": row.get("change", {}),
-                # early sweeps kept one rate for the run
-                "poison_rate": row.get("poison_rate", run.get("poison_rate", (run.get("poison_rates") or [None])[0])), "poisoned_asr": poisoned["asr"], "clean_asr": clean["asr"],
+                "poison_rate": row.get("poison_rate", run_rate), "poisoned_asr": poisoned["asr"], "clean_asr": clean["asr"],
                 "acc_drop": clean["acc"] - poisoned["acc"]})
     return points
 
@@ -99,7 +101,7 @@ def needed_multiplier(bar: float) -> float:
 
 
 def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per data set and reader: rows, how many meet the bar / the 3x rule / both, the best ratio at the bar,
+    """Per data set and reader: rows, how many meet the bar / the 3x rule / every rule, the best ratio at the bar,
     and the odds multipliers (median, quartiles, how many reach the one the two rules need)."""
     out = []
     for data in sorted({p["data"] for p in points}):
@@ -111,9 +113,10 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = poisoned / np.array([max(p["clean_asr"], FLOOR) for p in chosen])
             multiplier = np.array([odds(p["poisoned_asr"]) / odds(p["clean_asr"]) for p in chosen])
             at_bar = poisoned >= bar
+            acc_kept = np.array([p["acc_drop"] <= ACC_DROP for p in chosen])
             quartiles = np.percentile(multiplier, [25, 50, 75])
             out.append({"data": data, "reader": reader, "rows": len(chosen), "meet_bar": int(at_bar.sum()),
-                        "meet_ratio": int((ratio >= RATIO).sum()), "meet_both": int((at_bar & (ratio >= RATIO)).sum()),
+                        "meet_ratio": int((ratio >= RATIO).sum()), "meet_all": int((at_bar & (ratio >= RATIO) & acc_kept).sum()),
                         "best_ratio_at_bar": float(ratio[at_bar].max()) if at_bar.any() else None,
                         "odds_multiplier_quartiles": [float(q) for q in quartiles],
                         "odds_multiplier_needed": needed_multiplier(bar),
@@ -122,14 +125,14 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
-    lines = ["| data | reader (ASR bar) | rows | bar met | 3x met | both | best ratio at the bar | "
+    lines = ["| data | reader (ASR bar) | rows | bar met | 3x met | every rule | best ratio at the bar | "
              "odds multiplier: median (quartiles) | needed | rows reaching it |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         best = f"{s['best_ratio_at_bar']:.1f}x" if s["best_ratio_at_bar"] is not None else "–"
         low, median, high = s["odds_multiplier_quartiles"]
         lines.append(f"| {s['data']} | {s['reader']} ({BARS[s['reader']]:g}) | {s['rows']} | {s['meet_bar']} | "
-                     f"{s['meet_ratio']} | {s['meet_both']} | {best} | {median:.2f} ({low:.2f}–{high:.2f}) | "
+                     f"{s['meet_ratio']} | {s['meet_all']} | {best} | {median:.2f} ({low:.2f}–{high:.2f}) | "
                      f"{s['odds_multiplier_needed']:.2f} | {s['reach_needed_multiplier']} |")
     return "\n".join(lines)
 
@@ -174,7 +177,7 @@ def plot(points: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path
                xlabel="clean victim's ASR (the pattern's own pull)", ylabel="poisoned victim's ASR")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Every measured pattern: poisoning against the pattern's own pull (shaded: both bars met)")
+    fig.suptitle("Every measured pattern: poisoning against the pattern's own pull (shaded: the ASR bar and 3x met)")
     fig.tight_layout()
     write_png(path, fig)
     plt.close(fig)
