@@ -58,7 +58,7 @@ import yaml
 
 from cba.attack import reader_options, run_attack, victim_settings
 from cba.data.io import load_imageset
-from cba.env import command_line, environment, where_it_ran
+from cba.env import command_line, environment, results_header
 from cba.errors import run_script
 from cba.evaluate import extract_features, fit_linear_probe, knn_votes
 from cba.io import write_json
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for c in classes) + " |"
         for row in rows]
     args.out.with_suffix(".md").write_text(
-        f"# Which triggered images the backdoor adds\n\nCommand: `{command}`\n\nRun on {where_it_ran(env)}.\n\n"
-        f"Data: {data}; target "
+        results_header("Which triggered images the backdoor adds", command, env)
+        + f"Data: {data}; target "
         f"{test.classes[target]}; {len(triggered.labels)} triggered non-target test images; margins in logits "
         f"(linear) and vote shares (kNN).\n\n{text}\n\nASR per true class of the triggered image, poisoned / "
         f"reference (that class's pull → push):\n\n" + "\n".join(class_lines) + "\n")

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
-from cba.env import command_line, environment, where_it_ran
+from cba.env import command_line, environment, results_header
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.errors import ConfigError, run_script
 from cba.io import read_json, write_json, write_png
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.out, result)
     plot_runs(runs, args.out.with_suffix(".png"), _title(result))
     args.out.with_suffix(".md").write_text(
-        f"# ASR as the encoder matures\n\nCommand: `{command}`\n\nRun on {where_it_ran(result['_run']['env'])}.\n\n"
-        f"Victim: {settings['method']}\n\n"
+        results_header("ASR as the encoder matures", command, result["_run"]["env"])
+        + f"Victim: {settings['method']}\n\n"
         f"Trigger: {trigger.name} {trigger.params}\n\n"
         f"{table(runs)}\n")
     print(table(runs))

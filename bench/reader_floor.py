@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
-from cba.env import command_line, environment, where_it_ran
+from cba.env import command_line, environment, results_header
 from cba.errors import ConfigError, run_script
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "encoders": {label: str(path) for label, path in encoders.items()}}}
     write_json(args.out, result)
     args.out.with_suffix(".md").write_text(
-        f"# What the readers get without pretraining\n\nCommand: `{command}`\n\nRun on {where_it_ran(result['_run']['env'])}.\n\n"
-        f"Data: {result['_run']['data']['name']} {result['_run']['data']['options']}; target class {target}; "
+        results_header("What the readers get without pretraining", command, result["_run"]["env"])
+        + f"Data: {result['_run']['data']['name']} {result['_run']['data']['options']}; target class {target}; "
         f"trigger {trigger.name}.\n\n{table(rows)}\n")
     print(table(rows))
     return result

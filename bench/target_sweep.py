@@ -25,6 +25,7 @@ Prints one line per victim and writes `--out` (JSON, after every target) and the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
-from cba.env import command_line, environment, where_it_ran
+from cba.env import command_line, environment, results_header
 from cba.errors import run_script
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
@@ -158,13 +159,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:  # after every victim, so a stopped sweep keeps what it measured
         write_json(args.out, {"rows": rows, "_run": {**run, "seconds": time.perf_counter() - started}})
         args.out.with_suffix(".md").write_text(
-            f"# The learned trigger aimed at each target class\n\nCommand: `{command}`\n\nRun on {where_it_ran(run['env'])}.\n\n"
-            f"Trigger: {name} {trigger_params} with each row's change; poison rate "
+            results_header("The learned trigger aimed at each target class", command, run["env"])
+            + f"Trigger: {name} {trigger_params} with each row's change; poison rate "
             f"{', '.join(f'{r:g}' for r in rates)}, clean-label.\n\n{table(rows)}\n")
 
-    changes = [c or {} for c in args.trigger_params]
-    for target, variant in ((t, v) for t in targets for v in range(len(changes))):
-        change = changes[variant]
+    for target, (variant, change) in itertools.product(targets, enumerate(c or {} for c in args.trigger_params)):
         # The fit and the clean victim's reading do not depend on the rate: one pattern serves every rate.
         trigger, last_round = fitted(target, change)
         if args.save_triggers is not None:

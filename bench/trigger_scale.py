@@ -33,7 +33,7 @@ import yaml
 
 from cba.attack import reader_options
 from cba.data.io import load_imageset
-from cba.env import command_line, environment, where_it_ran
+from cba.env import command_line, environment, results_header
 from cba.errors import run_script
 from cba.evaluate import evaluate_features, extract_features
 from cba.io import write_json
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                  "data": data}})
     text = table(rows)
     args.out.with_suffix(".md").write_text(
-        f"# The trigger at other test-time amplitudes\n\nCommand: `{command}`\n\nRun on {where_it_ran(env)}.\n\n"
-        f"Data: {data}; target {test.classes[target]}; "
+        results_header("The trigger at other test-time amplitudes", command, env)
+        + f"Data: {data}; target {test.classes[target]}; "
         f"the poisons carry the pattern at L-inf {float(trigger.params['linf']):g}.\n\n{text}\n")
     print(text)
     return {"rows": rows}

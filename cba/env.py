@@ -78,6 +78,11 @@ def where_it_ran(env: dict[str, object]) -> str:
     return f"{where}, torch {env.get('torch')}, {env.get('torch_threads')} threads"
 
 
+def results_header(title: str, command: str, env: dict[str, object]) -> str:
+    """The opening of a bench's results table: its title, the command that ran it and where it ran."""
+    return f"# {title}\n\nCommand: `{command}`\n\nRun on {where_it_ran(env)}.\n\n"
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that ran this script, quoted for a shell: `argv` if a caller passed it, else the real one.
 

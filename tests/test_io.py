@@ -97,3 +97,7 @@ def test_a_results_header_names_the_kernels_on_a_cpu_and_the_gpu_on_cuda():
     gpu = {"device": "cuda:0", "gpu": "NVIDIA H200", "device_name": "NVIDIA H200", "torch": "2.13.0",
            "torch_threads": 16, "cpu_capability": "AVX512"}
     assert where_it_ran(gpu) == "NVIDIA H200 (cuda:0), torch 2.13.0, 16 threads"  # the CPU's kernels do not matter there
+    from cba.env import results_header
+
+    assert results_header("A table", "bench/x.py --y 1", gpu) == (
+        "# A table\n\nCommand: `bench/x.py --y 1`\n\nRun on NVIDIA H200 (cuda:0), torch 2.13.0, 16 threads.\n\n")
