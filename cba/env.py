@@ -47,6 +47,16 @@ def cpu_capability() -> str:
         return "unknown"
 
 
+# Variables that cap the instruction set of torch's own kernels, oneDNN's and MKL's. With all three at AVX2 an
+# AVX-512 machine computes the float stream of an AVX2 one (docs/results.md, "Reproducing a figure").
+KERNEL_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def kernel_overrides() -> dict[str, str]:
+    """The kernel-capping variables set in this process's environment (none on a plain run)."""
+    return {name: os.environ[name] for name in KERNEL_OVERRIDES if os.environ.get(name)}
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, object]:
     device = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, object] = {
@@ -62,6 +72,8 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
         # trained figure, differ between machines that dispatch differently, even on one seed.
         "cpu_capability": cpu_capability(),
     }
+    if kernel_overrides():  # recorded only when set, so a plain run's record is as before
+        info["kernel_overrides"] = kernel_overrides()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -74,7 +86,9 @@ def where_it_ran(env: dict[str, object]) -> str:
     if str(env.get("device", "cpu")).startswith("cuda"):
         where = f"{env.get('gpu') or env.get('device_name')} ({env.get('device')})"
     else:
-        where = f"{env.get('device_name')} (cpu, {env.get('cpu_capability', 'unknown')} kernels)"
+        forced = " forced by " + ", ".join(f"{k}={v}" for k, v in env["kernel_overrides"].items()) \
+            if env.get("kernel_overrides") else ""
+        where = f"{env.get('device_name')} (cpu, {env.get('cpu_capability', 'unknown')} kernels{forced})"
     return f"{where}, torch {env.get('torch')}, {env.get('torch_threads')} threads"
 
 

@@ -86,10 +86,13 @@ def test_hostile_encoder_files_are_one_line(tmp_path, meta, fragment):
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_results_header_names_the_kernels_on_a_cpu_and_the_gpu_on_cuda():
-    from cba.env import environment, where_it_ran
+def test_a_results_header_names_the_kernels_on_a_cpu_and_the_gpu_on_cuda(monkeypatch):
+    from cba.env import KERNEL_OVERRIDES, environment, where_it_ran
 
+    for name in KERNEL_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
     env = environment("cpu")
+    assert "kernel_overrides" not in env  # a plain run's record is as it always was
     line = where_it_ran(env)
     assert f"(cpu, {torch.backends.cpu.get_cpu_capability()} kernels)" in line
     assert line.startswith(str(env["device_name"])) and f"torch {torch.__version__}" in line
@@ -101,3 +104,14 @@ def test_a_results_header_names_the_kernels_on_a_cpu_and_the_gpu_on_cuda():
 
     assert results_header("A table", "bench/x.py --y 1", gpu) == (
         "# A table\n\nCommand: `bench/x.py --y 1`\n\nRun on NVIDIA H200 (cuda:0), torch 2.13.0, 16 threads.\n\n")
+
+
+def test_kernel_caps_set_for_a_run_are_recorded_and_named_in_its_header(monkeypatch):
+    from cba.env import environment, where_it_ran
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    env = environment("cpu")
+    assert env["kernel_overrides"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert "kernels forced by ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)" in where_it_ran(env)
