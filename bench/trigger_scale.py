@@ -35,7 +35,7 @@ from cba.attack import reader_options
 from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
 from cba.errors import run_script
-from cba.evaluate import evaluate_features, extract_features
+from cba.evaluate import read_triggered_sets
 from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
@@ -107,17 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  for scale, scaled_trigger in triggers.items()}
     readings: dict[str, dict[float, dict]] = {}
     for victim, path in VICTIMS.items():
-        encoder, probe, readings[victim] = load_encoder(root / path), None, {}
-        # The clean features are the same at every scale: extracted once, with the probe fitted once on them.
-        clean_feats, test_feats = extract_features(encoder, clean.images), extract_features(encoder, test.images)
-        for scale, images in triggered.items():
-            metrics, fit = evaluate_features(clean_feats, clean.labels, test_feats, test.labels,
-                                             extract_features(encoder, images), target, clean.num_classes,
-                                             probe=probe, **options)
-            probe = fit.probe  # one probe per encoder: the scale changes only what it reads
-            readings[victim][scale] = {name: {"acc": metrics[name]["acc"], "asr": metrics[name]["asr"],
-                                              "landing": top_landing(metrics[name]["landing"], target, test.classes)}
-                                       for name in ("linear", "knn")}
+        # One probe per encoder: the scale changes only what it reads.
+        sets = read_triggered_sets(load_encoder(root / path), clean.images, clean.labels, test.images, test.labels,
+                                   list(triggered.values()), target, clean.num_classes, **options)
+        readings[victim] = {scale: {name: {"acc": metrics[name]["acc"], "asr": metrics[name]["asr"],
+                                           "landing": top_landing(metrics[name]["landing"], target, test.classes)}
+                                    for name in ("linear", "knn")}
+                            for scale, metrics in zip(triggered, sets)}
     rows = []
     for scale in args.scales:
         poisoned, reference = readings["poisoned"][scale], readings["reference"][scale]

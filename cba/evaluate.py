@@ -168,3 +168,21 @@ def evaluate_features(
         if triggered_labels is not None:
             metrics[name]["robust_acc"] = accuracy(trig_preds, triggered_labels)
     return metrics, fit
+
+
+def read_triggered_sets(
+    encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+    test_labels: np.ndarray, triggered_sets: list[np.ndarray], target_class: int, num_classes: int, **options: Any,
+) -> list[dict[str, dict]]:
+    """`evaluate_features` for several triggered versions of one test set, read by one encoder: its clean
+    features are extracted once and its probe fitted once, so only what the trigger changes differs between
+    the readings. `options` as for `evaluate_features`."""
+    train_feats, test_feats = extract_features(encoder, train_images), extract_features(encoder, test_images)
+    probe, readings = None, []
+    for images in triggered_sets:
+        metrics, fit = evaluate_features(train_feats, train_labels, test_feats, test_labels,
+                                         extract_features(encoder, images), target_class, num_classes,
+                                         probe=probe, **options)
+        probe = fit.probe
+        readings.append(metrics)
+    return readings

@@ -162,6 +162,63 @@ def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_patte
     with pytest.raises(SystemExit, match="exceed the 0-255 range"):
         bench.scaled(learned, 20.0)
 
+def test_pull_matrix_reads_each_pipelines_own_pull_on_the_diagonal_and_splits_the_spread(project, tmp_path, one_thread):
+    """The diagonal is each pipeline's own reference reading; a second root with the same encoder and four times
+    the pattern makes two identical columns, so the whole spread belongs to the trigger."""
+    from cba.triggers import load_trigger, save_trigger
+
+    bench = load("pull_matrix")
+    other = tmp_path / "other"
+    for path in ("params.yaml", "data/reference/encoder.safetensors", "data/poisoned/clean_train.safetensors",
+                 "data/poisoned/test.safetensors"):
+        (other / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / path, other / path)
+    learned = load_trigger(project / "data/trigger")
+    save_trigger(load("trigger_scale").scaled(learned, 4.0), other / "data/trigger")
+    result = bench.main(["--root", str(project), "--root", str(other), "--out", str(tmp_path / "matrix.json")])
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    differ = []
+    for name in ("linear", "knn"):
+        asr = np.array(result["asr"][name])  # rows: whose trigger, columns: whose encoder
+        assert asr[0, 0] == pytest.approx(finetune["reference"][name]["asr"])
+        assert np.array_equal(asr[:, 0], asr[:, 1])  # one encoder: two identical columns
+        differ.append(asr[0, 0] != asr[1, 0])
+        assert result["split"][name]["encoder"] == pytest.approx(0) and result["split"][name]["rest"] == pytest.approx(0)
+        assert result["split"][name]["trigger"] == pytest.approx(1 if differ[-1] else 0)
+    assert any(differ)  # four times the pattern reads differently under at least one reader
+    assert np.allclose(result["pixel_correlation"], 1)  # the same pattern as an image, four times as strong
+    assert "| mean |" in (tmp_path / "matrix.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--root", str(project), "--root", str(project), "--out", str(tmp_path / "m.json")])
+    with pytest.raises(SystemExit):
+        bench.main(["--root", str(project), "--root", str(other), "--victim", "poisoned", "--out", str(tmp_path / "m.json")])
+
+
+def test_pattern_parts_reads_the_pipelines_own_pattern_first_on_both_victims(project, tmp_path, one_thread):
+    bench = load("pattern_parts")
+    result = bench.main(["--root", str(project), "--out", str(tmp_path / "parts.json")])
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    rows = {row["variant"]: row for row in result["roots"][0]["rows"]}
+    for name in ("linear", "knn"):
+        assert rows["own"]["poisoned"][name] == pytest.approx(finetune[name]["asr"])
+        assert rows["own"]["reference"][name] == pytest.approx(finetune["reference"][name]["asr"])
+    assert rows["mirrored"]["rms"] == pytest.approx(rows["own"]["rms"]) and rows["noise"]["rms"] == pytest.approx(16)
+    assert "| shuffled |" in (tmp_path / "parts.md").read_text()
+
+
+def test_pull_matrix_splits_additive_log_odds_into_rows_and_columns():
+    """On a matrix whose log-odds add a row and a column effect, nothing is left for the rest; a pure column
+    effect is all encoder."""
+    split = load("pull_matrix").split_variance
+    logit = np.array([0.0, 1.0, -1.0])[:, None] + np.array([0.5, -0.5])[None, :]
+    additive = split(1 / (1 + np.exp(-logit)), count=10**9)
+    assert additive["rest"] == pytest.approx(0, abs=1e-9)
+    assert additive["trigger"] + additive["encoder"] == pytest.approx(1)
+    assert additive["trigger"] == pytest.approx(2 * 2 / (2 * 2 + 3 * 0.5))  # row SS 2*(0+1+1), column SS 3*(.25+.25)
+    columns = split(np.array([[0.2, 0.6], [0.2, 0.6]]), count=1000)
+    assert columns == pytest.approx({"trigger": 0.0, "encoder": 1.0, "rest": 0.0})
+
+
 def test_hit_overlap_reads_the_pipelines_asrs_and_splits_the_hits(project, tmp_path, one_thread):
     """The bench's ASRs are the pipeline's (victim and reference, recomputed from the stage outputs); its hit
     counts add up to them; with --rates and --trigger-params it reads a victim trained at that rate with a pattern
