@@ -53,11 +53,15 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("trigger_scale_seed2", "Seed 2: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
            ("trigger_scale_fine_avx512", "A weaker copy of the pattern at test time, AVX-512, seed 0 (bench/trigger_scale.py)"),
            ("trigger_scale_fine_dose_avx512", "The same with every plus image poisoned, AVX-512, seed 0 (bench/trigger_scale.py)"),
+           ("trigger_scale_fine_avx2", "A weaker copy of the pattern at test time, the committed AVX2 run (bench/trigger_scale.py)"),
            ("trigger_scale_fashion", "Fashion-MNIST: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
            ("target_sweep_fashion_min_scale02", "Fashion-MNIST with CTRL's smaller crop, min_scale 0.2 (bench/target_sweep.py)"),
            ("maturity_default_avx2", "The default backdoor as the encoder matures, 40 epochs, beside a victim without poisons (bench/maturity.py)"),
            ("maturity_plus", "The previous default's backdoor as the encoder matures, 40 epochs (bench/maturity.py)"),
            ("pull_push", "Every measured attack at once: what poisoning adds to the pattern's own pull (bench/pull_push.py)"),
+           ("pull_matrix_avx512", "Whose is the pull: every seed's pattern on every seed's reference encoder, AVX-512 (bench/pull_matrix.py)"),
+           ("pull_matrix_poisoned_avx512", "Every seed's pattern on every seed's poisoned victim, AVX-512 (bench/pull_matrix.py)"),
+           ("pattern_parts_avx512", "Which part of the pattern the backdoor reads, five seeds, AVX-512 (bench/pattern_parts.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
 
