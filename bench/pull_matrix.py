@@ -72,7 +72,7 @@ def pipeline(root: Path) -> dict[str, Any]:
 
 
 def label(run: dict[str, Any]) -> str:
-    return f"seed {run['seed']}, rate {run['poison_rate']:g} ({run['root'].name})"
+    return f"seed {run['seed']}, rate {run['poison_rate']:g} ({run['root'].resolve().name})"
 
 
 def read_every_trigger(run: dict[str, Any], triggers: list, victim: str) -> list[dict[str, float]]:
