@@ -61,9 +61,9 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("pull_push", "Every measured attack at once: what poisoning adds to the pattern's own pull (bench/pull_push.py)"),
            ("pull_matrix_avx512", "Whose is the pull: every seed's pattern on every seed's reference encoder, AVX-512 (bench/pull_matrix.py)"),
            ("pull_matrix_poisoned_avx512", "Every seed's pattern on every seed's poisoned victim, AVX-512 (bench/pull_matrix.py)"),
-           ("pull_matrix_avx2", "Whose is the pull on the AVX2 stream, three seeds (bench/pull_matrix.py)"),
+           ("pull_matrix_avx2", "Whose is the pull on the AVX2 stream, five seeds (bench/pull_matrix.py)"),
            ("pull_matrix_poisoned_avx2", "Every seed's pattern on every seed's poisoned victim, AVX2 stream (bench/pull_matrix.py)"),
-           ("pattern_parts_avx2", "Which part of the pattern the backdoor reads, three seeds, AVX2 stream (bench/pattern_parts.py)"),
+           ("pattern_parts_avx2", "Which part of the pattern the backdoor reads, five seeds, AVX2 stream (bench/pattern_parts.py)"),
            ("pattern_parts_avx512", "Which part of the pattern the backdoor reads, five seeds, AVX-512 (bench/pattern_parts.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
 
