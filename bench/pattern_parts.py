@@ -31,14 +31,10 @@ import numpy as np
 import torch
 import yaml
 
-from cba.attack import reader_options
-from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
 from cba.errors import run_script
-from cba.evaluate import read_triggered_sets
 from cba.io import write_json
-from cba.models.io import load_encoder
-from cba.poison import triggered_test_set
+from cba.readings import read_pipeline_triggers
 from cba.triggers import load_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
@@ -98,12 +94,8 @@ def read_root(root: Path, seed: int) -> dict[str, Any]:
                          "the learned one (optimized)")
     linf = float(trigger.params["linf"])
     made = variants(trigger.tensors()["pattern"].numpy(), linf, seed)
-    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
-    triggered = [triggered_test_set(test, OptimizedTrigger.from_pattern(pattern, linf), target, run_seed).images
-                 for pattern in made.values()]
-    readings = {victim: read_triggered_sets(load_encoder(root / path), clean.images, clean.labels, test.images,
-                                            test.labels, triggered, target, clean.num_classes, **reader_options(params))
-                for victim, path in ENCODERS.items()}
+    readings = read_pipeline_triggers(root, params, [OptimizedTrigger.from_pattern(p, linf) for p in made.values()],
+                                      ENCODERS)
     rows = [{"variant": name, "rms": float(np.sqrt((made[name] ** 2).mean())),
              **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS} for victim in ENCODERS}}
             for i, name in enumerate(made)]

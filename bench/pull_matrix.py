@@ -29,14 +29,11 @@ import numpy as np
 import torch
 import yaml
 
-from cba.attack import reader_options
-from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
+from cba.data.io import load_imageset
 from cba.errors import run_script
-from cba.evaluate import read_triggered_sets
 from cba.io import write_json
-from cba.models.io import load_encoder
-from cba.poison import triggered_test_set
+from cba.readings import read_pipeline_triggers
 from cba.triggers import load_trigger
 
 ENCODERS = {"reference": "data/reference/encoder.safetensors", "poisoned": "data/pretrain/encoder.safetensors"}
@@ -64,11 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pipeline(root: Path) -> dict[str, Any]:
-    """What the bench needs of one root: its seed, target, readers' options and trigger."""
+    """What the bench needs of one root: its params, seed, target and trigger."""
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return {"root": root, "seed": int(params.get("seed", 0)), "target": int(params.get("target_class", 0)),
-            "poison_rate": float(params.get("poison_rate", 0.0)),
-            "options": reader_options(params), "trigger": load_trigger(root / "data/trigger")}
+    return {"root": root, "params": params, "seed": int(params.get("seed", 0)),
+            "target": int(params.get("target_class", 0)), "poison_rate": float(params.get("poison_rate", 0.0)),
+            "trigger": load_trigger(root / "data/trigger")}
 
 
 def label(run: dict[str, Any]) -> str:
@@ -77,11 +74,7 @@ def label(run: dict[str, Any]) -> str:
 
 def read_every_trigger(run: dict[str, Any], triggers: list, victim: str) -> list[dict[str, float]]:
     """One encoder of `run` reading each trigger on its own test set: ASR per reader, and its clean ACC."""
-    root, target = run["root"], run["target"]
-    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
-    triggered = [triggered_test_set(test, trigger, target, run["seed"]).images for trigger in triggers]
-    sets = read_triggered_sets(load_encoder(root / ENCODERS[victim]), clean.images, clean.labels, test.images,
-                               test.labels, triggered, target, clean.num_classes, **run["options"])
+    sets = read_pipeline_triggers(run["root"], run["params"], triggers, {victim: ENCODERS[victim]})[victim]
     return [{**{name: metrics[name]["asr"] for name in READERS}, **{f"{name}_acc": metrics[name]["acc"] for name in READERS}}
             for metrics in sets]
 

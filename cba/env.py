@@ -72,8 +72,9 @@ def environment(device: torch.device | str | None = None) -> dict[str, object]:
         # trained figure, differ between machines that dispatch differently, even on one seed.
         "cpu_capability": cpu_capability(),
     }
-    if kernel_overrides():  # recorded only when set, so a plain run's record is as before
-        info["kernel_overrides"] = kernel_overrides()
+    overrides = kernel_overrides()
+    if overrides:  # recorded only when set, so a plain run's record is as before
+        info["kernel_overrides"] = overrides
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
