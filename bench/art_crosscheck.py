@@ -23,7 +23,6 @@ per-class ranking agrees: the table also gives the AUROC inside the target class
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ from cba.defenses.activation_clustering import cluster_classes
 from cba.record import AttackRecord
 from cba.defenses.features import class_groups, training_features
 from cba.defenses.spectral import spectral_scores
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 
 
 def art_classifier(record: AttackRecord):
@@ -105,7 +104,7 @@ def _row(name: str, cba_scores: np.ndarray, art_scores: np.ndarray, cba_flags: n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()

@@ -45,7 +45,6 @@ The levers:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -61,7 +60,7 @@ from cba.analysis.readout import neighbour_shares, trigger_readout
 from cba.attack import params_splits, run_attack, trigger_scores, victim_settings
 from cba.augment import build_augment
 from cba.env import command_line, environment
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import extract_features
 from cba.fit import fit
 from cba.models import build_backbone
@@ -193,7 +192,7 @@ def selection(select: str, score: np.ndarray):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", default="pipeline", help="pipeline | disc:A | supervised:A | patch:S | tint:A | sensitive:A")
     parser.add_argument("--select", default="random", choices=("random", "gray", "strong", "typical"))
     parser.add_argument("--rate", type=float, default=None, help="default: params.yaml's poison_rate")

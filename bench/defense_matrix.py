@@ -44,7 +44,7 @@ from cba.defenses import DEFENSES, build_defense
 from cba.record import classifier_acc_asr
 from cba.defenses.neural_cleanse import reverse_engineer
 from cba.env import command_line, environment
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device, to_float
 from cba.io import atomic_path, write_json
 from cba.params_file import add_params_options
@@ -75,7 +75,7 @@ FAST = {  # --fast: shrink the expensive defenses (the cheap ones keep params.ya
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # None: the pipeline's value from --params (cba.attack.pipeline_defaults)
     parser.add_argument("--train-size", type=int, default=None, help="training images (default: data.options')")
     parser.add_argument("--test-size", type=int, default=None, help="test images (default: data.options')")

@@ -59,7 +59,7 @@ import yaml
 from cba.attack import reader_options, run_attack, victim_settings
 from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import extract_features, fit_linear_probe, knn_votes
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -74,7 +74,7 @@ BANDS = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("."), help="a repository where `dvc repro` has run")
     parser.add_argument("--rates", type=float, nargs="+", default=None,

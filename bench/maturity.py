@@ -33,7 +33,7 @@ import yaml
 from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment, results_header
 from cba.evaluate import evaluate_encoder, pick_device
-from cba.errors import ConfigError, run_script
+from cba.errors import BenchParser, ConfigError, run_script
 from cba.io import read_json, write_json, write_png
 from cba.params_file import add_params_options, params_from_args
 from cba.poison import triggered_test_set
@@ -46,7 +46,7 @@ COLUMNS = ("epoch", "loss", "knn_acc", "knn_asr", "linear_acc", "linear_asr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--width", type=int, default=None, help="default: params.yaml's pretrain.width")

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from cba.env import command_line, environment, results_header
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.io import write_json
 from cba.readings import read_pipeline_triggers
 from cba.triggers import load_trigger
@@ -69,7 +69,7 @@ def variants(pattern: np.ndarray, linf: float, seed: int) -> dict[str, np.ndarra
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, action="append", default=None,
                         help="a repository where `dvc repro finetune` has run (repeat for several; default: .)")

@@ -31,7 +31,7 @@ import yaml
 
 from cba.env import command_line, environment, results_header
 from cba.data.io import load_imageset
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.io import write_json
 from cba.readings import read_pipeline_triggers
 from cba.triggers import load_trigger
@@ -41,7 +41,7 @@ READERS = ("linear", "knn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, action="append", required=True,
                         help="a repository where `dvc repro finetune` has run; give two or more")

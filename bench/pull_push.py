@@ -41,7 +41,7 @@ import numpy as np
 
 from cba.data.synthetic import CLASSES as BUILT_IN_CLASSES
 from cba.env import command_line
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.io import write_json, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ FLOOR = 1e-3  # ASRs are shown and fitted no lower than this (a share of about 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("results", type=Path, nargs="*", default=None,
                         help="target_sweep result files (JSON); default: every one under bench/results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/pull_push.json"),

@@ -33,7 +33,7 @@ import torch
 
 from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
 from cba.env import command_line, environment, results_header
-from cba.errors import ConfigError, run_script
+from cba.errors import BenchParser, ConfigError, run_script
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_params_options(parser, REPO / "params.yaml", help="the data set, seed, target class, backbone and readers to use")
     parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
                         help="a saved trigger folder (as `cba trigger` writes it): the ASR column's pattern")

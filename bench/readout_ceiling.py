@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cba.analysis.readout import neighbour_shares  # noqa: E402
 from cba.env import command_line, environment, where_it_ran  # noqa: E402
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import extract_features, knn_predict  # noqa: E402
 from cba.io import write_json  # noqa: E402
 
@@ -59,7 +59,7 @@ NEEDED = ("data/pretrain/encoder.safetensors", "data/finetune/probe.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("."), help="a repository where `dvc repro` has run")
     parser.add_argument("--out", type=Path, default=Path("bench/results/readout_ceiling.json"))

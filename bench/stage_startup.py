@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cba.env import command_line, environment, where_it_ran
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.io import write_json
 
 STAGES = ("stages.validate", "stages.trigger", "stages.poison", "stages.pretrain", "stages.finetune", "stages.analyze",
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--modules", nargs="+", default=list(STAGES), help="modules to import, one process each")
     parser.add_argument("--runs", type=int, default=5, help="counted runs of each module, after one warm-up")
     parser.add_argument("--baseline", default=BASELINE, help="the module every ratio is taken against")

@@ -22,7 +22,6 @@ attacker's pool of `surrogate_size` training images, SimCLR, params.yaml's trigg
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from cba.augment import build_augment
 from cba.attack import params_splits
 from cba.env import command_line, environment
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.models import build_backbone
 from cba.params_file import add_params_options, params_from_args
 from cba.ssl import build_method
@@ -105,7 +104,7 @@ def matching_run(method, data, target_mask, config: OptimizeConfig, steps: int, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="surrogate warm-up epochs")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--matching-steps", type=int, default=0)

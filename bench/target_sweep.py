@@ -36,7 +36,7 @@ import yaml
 
 from cba.attack import params_splits, run_attack, victim_settings
 from cba.env import command_line, environment, results_header
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import evaluate_encoder, pick_device
 from cba.io import write_json
 from cba.params_file import add_params_options, params_from_args
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="default: every class")
     add_params_options(parser, REPO / "params.yaml")
     parser.add_argument("--trigger-params", type=yaml.safe_load, nargs="+", default=[{}],

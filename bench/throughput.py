@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from cba.augment import build_augment
 from cba.data import load_dataset
 from cba.env import environment
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES, build_backbone
@@ -56,7 +56,7 @@ GRAY = (0.299, 0.587, 0.114)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="simclr", choices=METHODS.names())
     p.add_argument("--backbone", default="convnet", choices=BACKBONES.names())
     p.add_argument("--width", type=int, default=16)

@@ -35,7 +35,7 @@ import yaml
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import command_line, environment, where_it_ran
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device
 from cba.io import atomic_path, write_json
 from cba.survival import survival_table
@@ -54,7 +54,7 @@ COLUMNS = ["variant", "poison_rate", "probe_acc", "probe_asr", "knn_acc", "knn_a
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     params = yaml.safe_load(PARAMS.read_text()) or {}
     pretrain = params.get("pretrain") or {}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)}, or all")
     parser.add_argument("--clean", default="full,random", help="variants also measured on a victim trained without poisons")
     parser.add_argument("--dataset", default=(params.get("data") or {}).get("name", "synthetic"))

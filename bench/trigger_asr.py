@@ -28,7 +28,7 @@ import yaml
 from cba.attack import run_attack, trigger_scores, victim_settings
 from cba.data import load_dataset
 from cba.env import command_line, environment
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device
 from cba.io import write_json
 from cba.params_file import add_params_options, params_from_args
@@ -40,7 +40,7 @@ CTRL_VARIANTS = {"ctrl_low8": {"positions": [[8, 8]]}, "ctrl_y": {"channels": ["
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", default="all", help="comma-separated trigger variants, or all")
     add_params_options(parser, PARAMS)
     parser.add_argument("--train-size", type=int, default=None, help="default: params.yaml's data.options.train_size")

@@ -34,7 +34,7 @@ import yaml
 from cba.attack import reader_options
 from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import read_triggered_sets
 from cba.io import write_json
 from cba.models.io import load_encoder
@@ -49,7 +49,7 @@ VICTIMS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/r
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("."), help="a repository where `dvc repro` has run")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0],

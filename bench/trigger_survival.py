@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from cba.data import DATASETS, load_dataset
-from cba.errors import ConfigError, run_script
+from cba.errors import BenchParser, ConfigError, run_script
 from cba.env import command_line, environment, where_it_ran
 from cba.io import atomic_path, read_json, write_json
 from cba.survival import DEFAULT_AUGMENTATIONS, MEASURES, survival_table
@@ -54,7 +54,7 @@ TITLES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = BenchParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--test-size", type=int, default=256, help="test images the triggers are stamped on")
     parser.add_argument("--data", default="synthetic", choices=DATASETS.names(),

@@ -57,7 +57,7 @@ from cba.attack import initial_backbone, read_pipeline_args, params_splits, run_
 from cba.record import classifier_acc_asr
 from cba.defenses.downstream_ft import record_probe
 from cba.analysis.dynamics import cosine_to_init
-from cba.errors import run_script
+from cba.errors import BenchParser, run_script
 from cba.evaluate import evaluate_encoder, extract_features, knn_backdoor_metrics, pick_device
 from cba.io import atomic_path, write_json
 from cba.models import BACKBONES
@@ -81,7 +81,7 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = BenchParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # None: the pipeline's value from --params (cba.attack.pipeline_defaults)
     add_params_options(parser, PARAMS)

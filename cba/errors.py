@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 
@@ -40,13 +41,27 @@ def in_section(section: str, keys: Iterable[str]) -> Iterator[None]:
         raise
 
 
+class BenchParser(argparse.ArgumentParser):
+    """argparse for the bench scripts, refusing a bad argument in one line: `error()` raises SystemExit with
+    the message (no usage block), which `run_script` prints as `error: <message>` with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(f"{message} (see --help)")
+
+
 def run_script(main: Callable[[], Any]) -> None:
-    """A bench script's entry point: bad user input (a ConfigError, wherever it is found) ends the run with one
-    line on stderr and exit status 2, as it ends a stage, instead of a traceback."""
+    """A bench script's entry point: bad user input ends the run with one line on stderr and exit status 2, as
+    it ends a stage, instead of a traceback. Bad input is a ConfigError, wherever it is found, or a SystemExit
+    with a message (a bench's own check of its arguments, or `BenchParser.error`)."""
     try:
         main()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise  # --help, or an exit status the bench chose
+        print(f"error: {stop.code}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -14,3 +15,15 @@ def load(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def refused(entry: Callable[[list[str]], Any], argv: list[str]) -> int:
+    """Run a bench's `main` or `parse_args` on `argv` as its script runs it (`cba.errors.run_script`), expecting a
+    refusal; returns the exit status (the one-line message is on stderr)."""
+    from cba.errors import run_script
+
+    try:
+        run_script(lambda: entry(argv))
+    except SystemExit as stop:
+        return stop.code
+    raise AssertionError(f"{argv} was not refused")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benches import load
+from benches import load, refused
 from cba.evaluate import knn_predict, knn_votes
 
 
@@ -72,13 +72,11 @@ def test_knn_votes_are_what_knn_predict_argmaxes():
 
 def test_the_bench_refuses_a_folder_without_a_pipeline_run_and_a_refit_without_rates(tmp_path, capsys):
     bench = load("hit_overlap")
-    with pytest.raises(SystemExit):
-        bench.main(["--root", str(tmp_path)])
+    assert refused(bench.main, ["--root", str(tmp_path)]) == 2
     assert "run `dvc repro` there first" in capsys.readouterr().err
     for path in bench.NEEDED:  # stand-ins: the check looks only for the files
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
     for change in (["--trigger-params", "{w_neutral: 5}"], ["--rates", "0.05", "--trigger-params", "[1, 2]"]):
-        with pytest.raises(SystemExit):
-            bench.main(["--root", str(tmp_path), *change])
+        assert refused(bench.main, ["--root", str(tmp_path), *change]) == 2
         assert "--trigger-params" in capsys.readouterr().err

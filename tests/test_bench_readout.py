@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches import load
+from benches import load, refused
 
 
 def test_readout_ceiling_rates_on_hand_made_features():
@@ -49,9 +49,7 @@ def test_readout_ceiling_poison_neighbours_on_hand_made_features():
 
 
 def test_readout_ceiling_needs_a_pipeline_run(tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        load("readout_ceiling").main(["--root", str(tmp_path), "--out", str(tmp_path / "r.json")])
-    assert stop.value.code == 2
+    assert refused(load("readout_ceiling").main, ["--root", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--root {tmp_path}: no params.yaml; run `dvc repro` there first" in err
     assert not (tmp_path / "r.json").exists()
@@ -66,6 +64,5 @@ def test_readout_ceiling_knn_by_k_on_hand_made_features(tmp_path, capsys):
     query = torch.tensor([[0.1, 1.0]])
     rows = bench.knn_by_k(bank, labels, query, torch.tensor([1]), query, target=1, num_classes=2, ks=[1, 4], temperature=10.0)
     assert rows == [{"k": 1, "acc": 1.0, "asr": 1.0}, {"k": 4, "acc": 0.0, "asr": 0.0}]
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--root", str(tmp_path), "--ks", "0"])
+    assert refused(bench.parse_args, ["--root", str(tmp_path), "--ks", "0"]) == 2
     assert "--ks 0: every k must be at least 1" in capsys.readouterr().err

@@ -271,10 +271,12 @@ def test_benches_default_to_the_pipelines_attack_and_flags_win(bench, tmp_path):
     (["--poison-rate", "1.5"], "--poison-rate 1.5: outside [0, 1]"),
 ])
 def test_benches_refuse_bad_input_in_one_line(bench, argv, message, capsys):
-    with pytest.raises(SystemExit):
-        load(bench).parse_args(argv)
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message in error
+    from cba.errors import run_script
+
+    with pytest.raises(SystemExit) as stop:
+        run_script(lambda: load(bench).parse_args(argv))  # as the script's entry point runs it
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and error[0].startswith("error: ") and message in error[0]
 
 
 def test_stage_startup_times_each_module_against_the_baseline(tmp_path):
@@ -348,3 +350,22 @@ def test_a_bench_run_from_the_shell_ends_bad_input_in_one_line_without_a_traceba
     assert done.stderr.strip().splitlines() == [
         "error: poison_rate=0.5 is not valid: clean_label needs 250 images from the target class, which holds 45; "
         "use at most 0.0900"]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    # argparse's own check: no usage block, one line
+    ("trl_compare.py", ["--methods", "dino"], "error: --methods: unknown ['dino']; choose from byol, mocov2, simclr, "
+                                              "simsiam, supervised or all (see --help)"),
+    # a bench's own check, raised as SystemExit with a message
+    ("pull_push.py", ["never_written.json"], "error: results 'never_written.json': no such file; give target_sweep "
+                                              "result files (JSON)"),
+])
+def test_a_bench_refuses_a_bad_argument_in_one_line_with_status_2(tmp_path, script, argv, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [message]
+    help_ = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: ")
