@@ -366,3 +366,31 @@ def test_a_bad_defense_fails_the_repro_in_seconds_with_cbas_line(project):
             assert ran_stages(done.stdout + done.stderr) == {"validate"}
     finally:
         (project / "params.yaml").write_text(original)
+
+
+def test_activation_pattern_refits_the_attackers_models_and_reads_each_test_time_pattern_on_both_victims(
+        project, tmp_path, one_thread):
+    bench = load("activation_pattern")
+    other = tmp_path / "other"  # another pipeline's files: here a copy, its reference encoder one more clean reader
+    for path in bench.NEEDED:
+        source = project / path
+        (other / path).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, other / path)
+    out = tmp_path / "act.json"
+    result = bench.main(["--root", str(project), "--clean-root", str(other), "--weights", "0", "5", "--steps", "4",
+                         "--quiet", "--out", str(out)])
+    assert result["refit_matches"]  # the refit is the trigger stage's fit, to the bit: the same attacker's models
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    rows = {row["pattern"]: row for row in result["rows"]}
+    assert list(rows) == ["own", "weight 0", "weight 5"]
+    for name in ("linear", "knn"):  # the pipeline's own pattern first: the pipeline's own figures
+        assert rows["own"]["poisoned"][name] == pytest.approx(finetune[name]["asr"])
+        assert rows["own"]["reference"][name] == pytest.approx(finetune["reference"][name]["asr"])
+    assert rows["own"]["correlation_with_own"] == pytest.approx(1)
+    for name, pattern in result["patterns"].items():
+        assert np.abs(np.array(pattern)).max() <= 16
+        assert 0 <= rows[name]["surrogate_hit_rate"] <= 1 and 0 <= rows[name]["clean_readers_hit_rate"] <= 1
+    assert not np.array_equal(result["patterns"]["own"], result["patterns"]["weight 0"])  # the steps moved it
+    assert "| weight 5 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="own reference victim"):
+        bench.parse_args(["--root", str(project), "--clean-root", str(project)])

@@ -24,12 +24,14 @@ def attacker_pool(n_images: int, size: int | str, seed: int) -> np.ndarray:
 
 
 def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target_class: int, seed: int,
-                device: torch.device | None = None, progress: bool = True) -> dict[str, Any] | None:
+                device: torch.device | None = None, progress: bool = True,
+                keep: dict | None = None) -> dict[str, Any] | None:
     """Fit `trigger` in place if it learns from data; return its figures (None for a fixed trigger).
 
     The attacker holds `surrogate_size` unlabelled training images and knows
     which of them are target-class images (the ones a clean-label attacker
-    poisons)."""
+    poisons). A `keep` dict receives the attacker's models after the fit (`optimize_trigger`) and
+    `target_mask`, which of `data` are target-class images."""
     if not trigger.learns_from_data:
         return None
     labels = np.asarray(labels)
@@ -39,4 +41,7 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
     if not (labels[pool] == target_class).any():
         raise ConfigError("surrogate_size", trigger.params["surrogate_size"],
                           f"large enough to hold target-class images (class {target_class})")
-    return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress)
+    if keep is None:
+        return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress)
+    keep["target_mask"] = labels[pool] == target_class
+    return trigger.fit(images[pool], keep["target_mask"], device=device, progress=progress, keep=keep)

@@ -274,13 +274,15 @@ def _perturbation(config: OptimizeConfig, size: int, eps: float, seed: int,
 
 
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
-                     device: torch.device | None = None,
-                     progress: bool = True) -> tuple[UniversalPattern | GeneratedPattern, list[dict]]:
+                     device: torch.device | None = None, progress: bool = True,
+                     keep: dict | None = None) -> tuple[UniversalPattern | GeneratedPattern, list[dict]]:
     """Learn the trigger from uint8 NHWC `images`; `target_mask` marks the target-class ones.
 
     Returns the fitted perturbation (`cba.triggers.perturbation`: a pattern, or
     a generator, within +-linf everywhere) and one row of objective figures per
-    round.
+    round. A `keep` dict receives the attacker's models as the fit leaves them (`poisoned`: the surrogates'
+    encoders, `clean`: the never-poisoned copy, `clean_probe`: its probe head) and `data`, the images as a
+    float tensor, for what is fitted after the pattern (`cba.triggers.activation`).
     """
     device = device or torch.device("cpu")
     target_mask = np.asarray(target_mask, dtype=bool)
@@ -378,4 +380,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
         bar.close()
+    if keep is not None:
+        keep.update(poisoned=[method.encoder.eval() for method in methods], clean=clean_encoder,
+                    clean_probe=clean_probe, data=data)
     return perturbation, history

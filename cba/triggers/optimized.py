@@ -106,8 +106,9 @@ class OptimizedTrigger(Trigger):
         return trigger
 
     def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
-            progress: bool = True) -> dict[str, Any]:
-        """Learn the pattern from the attacker's images; return the optimisation's figures."""
+            progress: bool = True, keep: dict | None = None) -> dict[str, Any]:
+        """Learn the pattern from the attacker's images; return the optimisation's figures (`keep`: see
+        `optimize_trigger`)."""
         from cba.triggers.optimize import optimize_trigger  # torch-heavy, needed only here
 
         images = self._check_images(images)
@@ -116,7 +117,7 @@ class OptimizedTrigger(Trigger):
             raise ValueError("target_mask must mark at least one of the attacker's images as target class")
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
         config = OptimizeConfig(**options, form=self.form)
-        perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress)
+        perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep)
         self._adopt(perturbation)
         return {"history": history, "final_objective": history[-1]["objective"]}
 

@@ -1,0 +1,154 @@
+"""A test-time pattern that the poisoned surrogate reads as the target and clean encoders do not, on both victims.
+
+The attacker's fit leaves it a surrogate that learned from the poisons and a copy that never saw one. After
+the poison pattern is fixed, the attacker may stamp another pattern at test time, within the same L-inf
+budget (`cba.triggers.activation`): starting from the poison pattern, signed steps make the poisoned
+surrogate's probe read it as the target while clean readers do not. Clean readers: the fit's own clean copy
+and, with `--clean-root`, the reference encoders (`cba reference`: no poisons) of other pipelines, standing
+in for clean encoders the attacker trains itself. Never the root's own reference victim: it is what the
+3x rule compares with, read here with the same test-time pattern as the poisoned victim.
+
+Each root's trigger is refitted as `cba trigger` fits it (same params, seed and data) to recover the
+attacker's models; `refit_matches` says whether the refit gave the root's own pattern to the bit (it does on
+the processor and code that ran the pipeline).
+
+    OMP_NUM_THREADS=2 python bench/activation_pattern.py --root <pipeline> [--clean-root <another> ...] --weights 5 10
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from cba.env import command_line, environment, results_header
+from cba.errors import BenchParser, run_script
+from cba.data.io import load_imageset
+from cba.io import write_json
+from cba.models.io import load_encoder
+from cba.readings import read_pipeline_triggers
+from cba.triggers import build_trigger, load_trigger
+from cba.triggers.activation import fit_activation_pattern, hit_rate
+from cba.triggers.fitting import fit_trigger
+from cba.triggers.optimize import target_head
+from cba.triggers.optimized import OptimizedTrigger
+
+ENCODERS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/reference/encoder.safetensors"}
+NEEDED = ("params.yaml", "data/trigger", *ENCODERS.values(), "data/poisoned/clean_train.safetensors",
+          "data/poisoned/test.safetensors")
+READERS = ("linear", "knn")
+HEAD_SEED = 11  # the probe heads' generators: seed + HEAD_SEED + k, apart from the fit's own (seed + 0..3)
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = BenchParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="a repository where `dvc repro finetune` has run")
+    parser.add_argument("--clean-root", type=Path, action="append", default=[],
+                        help="another such repository whose reference encoder joins the clean readers (repeat)")
+    parser.add_argument("--weights", type=float, nargs="+", default=[10.0], help="weights of the clean readers' term")
+    parser.add_argument("--steps", type=int, default=200, help="signed steps per weight")
+    parser.add_argument("--step-size", type=float, default=0.02, help="each step as a fraction of the budget")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/activation_pattern.json"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar for the refit")
+    args = parser.parse_args(argv)
+    if any(not np.isfinite(w) or w < 0 for w in args.weights):
+        parser.error(f"--weights {args.weights}: every weight must be a number >= 0")
+    if args.steps < 1 or not 0 < args.step_size <= 1:
+        parser.error(f"--steps {args.steps} --step-size {args.step_size}: steps >= 1, step size in (0, 1]")
+    for root in (args.root, *args.clean_root):
+        missing = [p for p in NEEDED if not (root / p).exists()]
+        if missing:
+            parser.error(f"--root {root}: no {missing[0]}; run `dvc repro finetune` there first")
+    if any(other.resolve() == args.root.resolve() for other in args.clean_root):
+        parser.error(f"--clean-root {args.root}: the root's own reference victim is what the pattern is judged on")
+    return args
+
+
+def attacker_models(root: Path, params: dict, quiet: bool) -> tuple[dict, np.ndarray, Any]:
+    """Refit the root's trigger as the trigger stage does; the attacker's models, the refit pattern, the trigger."""
+    seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
+    saved = load_trigger(root / "data/trigger")
+    if saved.name != "optimized":
+        raise SystemExit(f"--root {root}: trigger {saved.name!r}; this bench refits the learned pattern (optimized)")
+    section = params.get("trigger") or {}
+    clean = load_imageset(root / "data/poisoned/clean_train.safetensors")
+    trigger = build_trigger(section.get("name"), section.get("params") or {}, seed=seed,
+                            image_size=clean.images.shape[1])
+    keep: dict = {}
+    fit_trigger(trigger, clean.images, clean.labels, target, seed, progress=not quiet, keep=keep)
+    return keep, trigger.perturbation().astype(np.float32), saved
+
+
+def read_root(args) -> dict[str, Any]:
+    root = args.root
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    seed = int(params.get("seed", 0))
+    keep, refit, saved = attacker_models(root, params, args.quiet)
+    own = saved.tensors()["pattern"].numpy()
+    linf, clusters = float(saved.params["linf"]), int(saved.params["clusters"])
+    data, mask = keep["data"], keep["target_mask"]
+    pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
+
+    def probe_of(encoder, k: int):
+        return encoder, target_head(encoder, data, mask, clusters, "probe", torch.Generator().manual_seed(seed + HEAD_SEED + k))
+
+    poisoned = probe_of(keep["poisoned"][0], 0)
+    clean = [(keep["clean"], keep["clean_probe"])]
+    for k, other in enumerate(args.clean_root, start=1):
+        clean.append(probe_of(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
+    for p in poisoned[0].parameters():
+        p.requires_grad_(False)
+    patterns = {"own": own}
+    for weight in args.weights:
+        patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
+                                                                args.step_size, seed)
+    readings = read_pipeline_triggers(root, params, [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()],
+                                      ENCODERS)
+    rows = []
+    for i, (name, pattern) in enumerate(patterns.items()):
+        hits = [hit_rate(reader, pool, pattern) for reader in clean]
+        rows.append({"pattern": name, "surrogate_hit_rate": hit_rate(poisoned, pool, pattern),
+                     "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
+                     "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
+                     **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS}
+                        for victim in ENCODERS}})
+    return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
+            "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
+            "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
+
+
+def table(result: dict[str, Any]) -> str:
+    readers = 1 + len(result["clean_roots"])
+    lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
+             f"{'s' if readers > 1 else ''} (refit matches the pipeline's pattern: {result['refit_matches']})", "",
+             "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
+             "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        p, c = r["poisoned"], r["reference"]
+        ratio = " / ".join(f"{p[n] / max(c[n], 1e-3):.2f}x" for n in READERS)
+        lines.append(f"| {r['pattern']} | {r['surrogate_hit_rate']:.3f} / {r['clean_copy_hit_rate']:.3f} / "
+                     f"{r['clean_readers_hit_rate']:.3f} | {r['correlation_with_own']:.2f} "
+                     f"| {p['linear']:.3f} / {p['knn']:.3f} | {c['linear']:.3f} / {c['knn']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = read_root(args)
+    command, env = command_line(argv), environment(torch.device("cpu"))
+    write_json(args.out, {**result, "_run": {"command": command, "env": env, "steps": args.steps,
+                                             "step_size": args.step_size}})
+    text = table(result)
+    args.out.with_suffix(".md").write_text(
+        results_header("A test-time pattern fitted against the attacker's poisoned and clean models", command, env)
+        + text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    run_script(main)

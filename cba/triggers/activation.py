@@ -1,0 +1,69 @@
+"""A test-time pattern fitted after the poisons: read as the target by the poisoned surrogate, not by clean encoders.
+
+The poisons teach a victim to push a kind of pattern towards the target, and a clean encoder already pulls
+some patterns of that kind there (docs/results/pull-and-push.md). The 3x rule compares the victim with one
+that saw no poisons, read with the same trigger, so what counts is the push alone. The attacker controls the
+test inputs, and after fitting the poison pattern it holds a surrogate that learned from those poisons and a
+copy that never saw one. So it can look, within the same L-inf budget, for the test-time pattern that the
+poisoned surrogate reads as the target and clean encoders do not: starting from the poison pattern, signed
+steps on
+
+    CE(h_p(f_p(x + delta)), target) + weight * mean_k P_k(target | x + delta)
+
+where f_p, h_p are the poisoned surrogate and its probe, and P_k the target probability under the k-th clean
+reader (the never-poisoned copy, and any other clean encoders the attacker trains). The test set shows
+images unaugmented, so no augmentation is drawn here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cba.triggers.perturbation import stamp
+
+Reader = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # an encoder and a head: logits, target = 0
+
+
+def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
+    encoder, head = reader
+    return head(encoder(x.contiguous(memory_format=torch.channels_last)).float())
+
+
+def fit_activation_pattern(start: np.ndarray, poisoned: Reader, clean: list[Reader], images: torch.Tensor,
+                           linf: float, weight: float, steps: int, step_size: float, seed: int,
+                           batch_size: int = 128) -> np.ndarray:
+    """The test-time pattern, (H, W, 3) on the 0-255 scale within +-`linf`, from `start` (the same layout).
+
+    `images`: float (N, 3, H, W) in [0, 1], the attacker's non-target images (the ones ASR counts);
+    `step_size`: each signed step as a fraction of the budget; the batches are drawn from `seed`."""
+    if not clean and weight > 0:
+        raise ValueError("a weight on the clean readers needs at least one clean reader")
+    eps = linf / 255.0
+    delta = torch.as_tensor(np.clip(start, -linf, linf) / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+    delta = delta.to(images.device).requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = stamp(images[torch.randint(len(images), (batch_size,), generator=gen)], delta)
+        goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        loss = F.cross_entropy(_logits(poisoned, x), goal)
+        if weight > 0:
+            loss = loss + weight * torch.stack([_logits(r, x).softmax(1)[:, 0].mean() for r in clean]).mean()
+        grad, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta -= step_size * eps * grad.sign()
+            delta.clamp_(-eps, eps)
+    values = delta.detach()[0].permute(1, 2, 0).cpu().numpy() * 255.0
+    return np.clip(values, -linf, linf).astype(np.float32)
+
+
+@torch.no_grad()
+def hit_rate(reader: Reader, images: torch.Tensor, pattern: np.ndarray, chunk: int = 500) -> float:
+    """The share of `images` (float NCHW in [0, 1]) that `reader` sends to the target with `pattern` added."""
+    delta = torch.as_tensor(pattern / 255.0, dtype=torch.float32).permute(2, 0, 1)[None].to(images.device)
+    hits = sum(int((_logits(reader, stamp(part, delta)).argmax(1) == 0).sum()) for part in images.split(chunk))
+    return hits / max(1, len(images))

@@ -1,0 +1,69 @@
+"""The test-time pattern fitted against the attacker's poisoned and clean readers (cba.triggers.activation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cba.triggers.activation import fit_activation_pattern, hit_rate
+
+LINF = 16.0
+
+
+class ChannelMeans(nn.Module):
+    """An 'encoder' whose features are the image's mean red, green and blue."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def reader(red: float, green: float, bias: float):
+    """Target logit = 50 * (red * R + green * G - bias), the other class's 0: reads only what it weighs."""
+    head = lambda f: torch.stack([50 * (red * f[:, 0] + green * f[:, 1] - bias), torch.zeros(len(f))], 1)  # noqa: E731
+    return ChannelMeans(), head
+
+
+GREY = torch.full((64, 3, 8, 8), 0.5)
+# The poisoned reader sends grey to the target once R + 2G rises above 1.5; the clean one once R rises above 0.5.
+POISONED, CLEAN = reader(1.0, 2.0, 1.5), reader(1.0, 0.0, 0.5)
+
+
+def fit(weight: float, start: np.ndarray | None = None, seed: int = 0, steps: int = 60) -> np.ndarray:
+    start = np.zeros((8, 8, 3), dtype=np.float32) if start is None else start
+    return fit_activation_pattern(start, POISONED, [CLEAN], GREY, LINF, weight, steps, 0.05, seed, batch_size=16)
+
+
+def test_without_the_clean_term_every_channel_the_poisoned_reader_weighs_goes_up_and_both_read_it():
+    pattern = fit(0.0)
+    assert np.all(pattern[..., 0] == LINF) and np.all(pattern[..., 1] == LINF)
+    assert np.all(pattern[..., 2] == 0)  # no reader sees blue: its gradient is 0, so it keeps its start
+    assert hit_rate(POISONED, GREY, pattern) == 1.0 and hit_rate(CLEAN, GREY, pattern) == 1.0
+
+
+def test_the_clean_term_moves_the_pattern_onto_what_only_the_poisoned_reader_reads():
+    pattern = fit(10.0)
+    assert np.all(pattern[..., 0] == -LINF) and np.all(pattern[..., 1] == LINF)  # red down, green up
+    assert hit_rate(POISONED, GREY, pattern) == 1.0 and hit_rate(CLEAN, GREY, pattern) == 0.0
+
+
+def test_the_pattern_stays_within_its_budget_and_follows_the_seed():
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-3 * LINF, 3 * LINF, (8, 8, 3)).astype(np.float32)  # a start outside the budget is clipped
+    images = torch.rand(64, 3, 8, 8)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    torch.manual_seed(0)
+    readers = [(conv, nn.Linear(4, 3)), (conv, nn.Linear(4, 3))]
+
+    def run(seed: int) -> np.ndarray:
+        return fit_activation_pattern(start, readers[0], readers[1:], images, LINF, 5.0, 20, 0.1, seed, batch_size=8)
+
+    first = run(3)
+    assert np.abs(first).max() <= LINF and first.dtype == np.float32 and first.shape == start.shape
+    assert np.array_equal(first, run(3)) and not np.array_equal(first, run(4))
+
+
+def test_a_clean_weight_without_clean_readers_is_refused():
+    with pytest.raises(ValueError, match="clean reader"):
+        fit_activation_pattern(np.zeros((8, 8, 3), np.float32), POISONED, [], GREY, LINF, 1.0, 1, 0.1, 0)
