@@ -105,8 +105,17 @@ def read_root(args) -> dict[str, Any]:
     for weight in args.weights:
         patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
                                                                 args.step_size, seed)
-    readings = read_pipeline_triggers(root, params, [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()],
-                                      ENCODERS)
+    triggers = [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()]
+    readings = read_pipeline_triggers(root, params, triggers, ENCODERS)
+    # The other clean readers as their own pipelines read them (true labels, their test sets): what the fit
+    # suppressed on them, apart from what it left on the held-out reference victim.
+    fitted = []
+    for other in args.clean_root:
+        other_params = yaml.safe_load((other / "params.yaml").read_text()) or {}
+        if int(other_params.get("target_class", 0)) != int(params.get("target_class", 0)):
+            raise SystemExit(f"--clean-root {other}: aims at class {other_params.get('target_class', 0)}, the root at "
+                             f"{params.get('target_class', 0)}; its victim's ASR would count another class")
+        fitted.append(read_pipeline_triggers(other, other_params, triggers, {"reference": ENCODERS["reference"]})["reference"])
     rows = []
     for i, (name, pattern) in enumerate(patterns.items()):
         hits = [hit_rate(reader, pool, pattern) for reader in clean]
@@ -114,7 +123,8 @@ def read_root(args) -> dict[str, Any]:
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
                      **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS}
-                        for victim in ENCODERS}})
+                        for victim in ENCODERS},
+                     "clean_roots": [{reader: other[i][reader]["asr"] for reader in READERS} for other in fitted]})
     return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
             "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
@@ -125,14 +135,17 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
              f"{'s' if readers > 1 else ''} (refit matches the pipeline's pattern: {result['refit_matches']})", "",
              "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
-             "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN |",
-             "|---|---|---|---|---|---|"]
+             "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN "
+             "| other clean roots' reference victims, mean linear / kNN ASR |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         p, c = r["poisoned"], r["reference"]
         ratio = " / ".join(f"{p[n] / max(c[n], 1e-3):.2f}x" for n in READERS)
         lines.append(f"| {r['pattern']} | {r['surrogate_hit_rate']:.3f} / {r['clean_copy_hit_rate']:.3f} / "
                      f"{r['clean_readers_hit_rate']:.3f} | {r['correlation_with_own']:.2f} "
-                     f"| {p['linear']:.3f} / {p['knn']:.3f} | {c['linear']:.3f} / {c['knn']:.3f} | {ratio} |")
+                     f"| {p['linear']:.3f} / {p['knn']:.3f} | {c['linear']:.3f} / {c['knn']:.3f} | {ratio} | "
+                     + (" / ".join(f"{np.mean([o[n] for o in r['clean_roots']]):.3f}" for n in READERS)
+                        if r["clean_roots"] else "–") + " |")
     return "\n".join(lines)
 
 

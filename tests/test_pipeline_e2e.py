@@ -387,6 +387,8 @@ def test_activation_pattern_refits_the_attackers_models_and_reads_each_test_time
         assert rows["own"]["poisoned"][name] == pytest.approx(finetune[name]["asr"])
         assert rows["own"]["reference"][name] == pytest.approx(finetune["reference"][name]["asr"])
     assert rows["own"]["correlation_with_own"] == pytest.approx(1)
+    for name in ("linear", "knn"):  # the other root's reference victim (here the same encoder), as its pipeline reads it
+        assert rows["own"]["clean_roots"][0][name] == pytest.approx(finetune["reference"][name]["asr"])
     for name, pattern in result["patterns"].items():
         assert np.abs(np.array(pattern)).max() <= 16
         assert 0 <= rows[name]["surrogate_hit_rate"] <= 1 and 0 <= rows[name]["clean_readers_hit_rate"] <= 1
