@@ -40,6 +40,7 @@ ENCODERS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/
 NEEDED = ("params.yaml", "data/trigger", *ENCODERS.values(), "data/poisoned/clean_train.safetensors",
           "data/poisoned/test.safetensors")
 READERS = ("linear", "knn")
+HEADS = ("probe", "centroid")
 HEAD_SEED = 11  # the probe heads' generators: seed + HEAD_SEED + k, apart from the fit's own (seed + 0..3)
 
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--clean-root", type=Path, action="append", default=[],
                         help="another such repository whose reference encoder joins the clean readers (repeat)")
     parser.add_argument("--weights", type=float, nargs="+", default=[10.0], help="weights of the clean readers' term")
+    parser.add_argument("--poisoned-heads", nargs="+", choices=HEADS, default=["probe"],
+                        help="the poisoned surrogate's heads the pattern should send to the target: probe (as the "
+                             "victim's linear probe reads), centroid (nearest centroids, as kNN reads)")
     parser.add_argument("--steps", type=int, default=200, help="signed steps per weight")
     parser.add_argument("--step-size", type=float, default=0.02, help="each step as a fraction of the budget")
     parser.add_argument("--out", type=Path, default=Path("bench/results/activation_pattern.json"))
@@ -92,15 +96,16 @@ def read_root(args) -> dict[str, Any]:
     data, mask = keep["data"], keep["target_mask"]
     pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
 
-    def probe_of(encoder, k: int):
-        return encoder, target_head(encoder, data, mask, clusters, "probe", torch.Generator().manual_seed(seed + HEAD_SEED + k))
+    def reader(encoder, k: int, kind: str = "probe"):
+        return encoder, target_head(encoder, data, mask, clusters, kind, torch.Generator().manual_seed(seed + HEAD_SEED + k))
 
-    poisoned = probe_of(keep["poisoned"][0], 0)
+    surrogate = keep["poisoned"][0].requires_grad_(False)
+    # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.
+    heads = {"probe": reader(surrogate, 0), "centroid": reader(surrogate, -1, "centroid")}
+    poisoned = [heads[kind] for kind in dict.fromkeys(args.poisoned_heads)]
     clean = [(keep["clean"], keep["clean_probe"])]
     for k, other in enumerate(args.clean_root, start=1):
-        clean.append(probe_of(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
-    for p in poisoned[0].parameters():
-        p.requires_grad_(False)
+        clean.append(reader(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
     patterns = {"own": own}
     for weight in args.weights:
         patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
@@ -119,21 +124,23 @@ def read_root(args) -> dict[str, Any]:
     rows = []
     for i, (name, pattern) in enumerate(patterns.items()):
         hits = [hit_rate(reader, pool, pattern) for reader in clean]
-        rows.append({"pattern": name, "surrogate_hit_rate": hit_rate(poisoned, pool, pattern),
+        rows.append({"pattern": name, "surrogate_hit_rate": hit_rate(heads["probe"], pool, pattern),
+                     "surrogate_centroid_hit_rate": hit_rate(heads["centroid"], pool, pattern),
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
                      **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS}
                         for victim in ENCODERS},
                      "clean_roots": [{reader: other[i][reader]["asr"] for reader in READERS} for other in fitted]})
     return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
-            "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
+            "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
 
 
 def table(result: dict[str, Any]) -> str:
     readers = 1 + len(result["clean_roots"])
+    heads = "" if result["poisoned_heads"] == ["probe"] else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}"
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
-             f"{'s' if readers > 1 else ''} (refit matches the pipeline's pattern: {result['refit_matches']})", "",
+             f"{'s' if readers > 1 else ''}{heads} (refit matches the pipeline's pattern: {result['refit_matches']})", "",
              "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
              "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN "
              "| other clean roots' reference victims, mean linear / kNN ASR |",

@@ -32,7 +32,7 @@ POISONED, CLEAN = reader(1.0, 2.0, 1.5), reader(1.0, 0.0, 0.5)
 
 def fit(weight: float, start: np.ndarray | None = None, seed: int = 0, steps: int = 60) -> np.ndarray:
     start = np.zeros((8, 8, 3), dtype=np.float32) if start is None else start
-    return fit_activation_pattern(start, POISONED, [CLEAN], GREY, LINF, weight, steps, 0.05, seed, batch_size=16)
+    return fit_activation_pattern(start, [POISONED], [CLEAN], GREY, LINF, weight, steps, 0.05, seed, batch_size=16)
 
 
 def test_without_the_clean_term_every_channel_the_poisoned_reader_weighs_goes_up_and_both_read_it():
@@ -51,19 +51,32 @@ def test_the_clean_term_moves_the_pattern_onto_what_only_the_poisoned_reader_rea
 def test_the_pattern_stays_within_its_budget_and_follows_the_seed():
     rng = np.random.default_rng(0)
     start = rng.uniform(-3 * LINF, 3 * LINF, (8, 8, 3)).astype(np.float32)  # a start outside the budget is clipped
+    torch.manual_seed(0)
     images = torch.rand(64, 3, 8, 8)
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    torch.manual_seed(0)
     readers = [(conv, nn.Linear(4, 3)), (conv, nn.Linear(4, 3))]
 
-    def run(seed: int) -> np.ndarray:
-        return fit_activation_pattern(start, readers[0], readers[1:], images, LINF, 5.0, 20, 0.1, seed, batch_size=8)
+    def run(seed: int) -> np.ndarray:  # few small steps: where each batch pushes still shows
+        return fit_activation_pattern(start, readers[:1], readers[1:], images, LINF, 5.0, 4, 0.05, seed, batch_size=4)
 
     first = run(3)
     assert np.abs(first).max() <= LINF and first.dtype == np.float32 and first.shape == start.shape
     assert np.array_equal(first, run(3)) and not np.array_equal(first, run(4))
 
 
-def test_a_clean_weight_without_clean_readers_is_refused():
+def test_two_poisoned_readers_share_the_pull_to_the_target():
+    """Reader A weighs red only, B green only, each with a margin the pattern can just clear alone: together
+    they move both channels up; with A alone, green (which no reader sees) keeps its start."""
+    red_only, green_only = reader(1.0, 0.0, 0.52), reader(0.0, 1.0, 0.52)
+    start = np.zeros((8, 8, 3), dtype=np.float32)
+    both = fit_activation_pattern(start, [red_only, green_only], [], GREY, LINF, 0.0, 30, 0.05, 0, batch_size=16)
+    alone = fit_activation_pattern(start, [red_only], [], GREY, LINF, 0.0, 30, 0.05, 0, batch_size=16)
+    assert np.all(both[..., :2] == LINF) and np.all(alone[..., 0] == LINF) and np.all(alone[..., 1] == 0)
+    assert hit_rate(green_only, GREY, both) == 1.0 and hit_rate(green_only, GREY, alone) == 0.0
+
+
+def test_missing_readers_are_refused():
     with pytest.raises(ValueError, match="clean reader"):
-        fit_activation_pattern(np.zeros((8, 8, 3), np.float32), POISONED, [], GREY, LINF, 1.0, 1, 0.1, 0)
+        fit_activation_pattern(np.zeros((8, 8, 3), np.float32), [POISONED], [], GREY, LINF, 1.0, 1, 0.1, 0)
+    with pytest.raises(ValueError, match="poisoned reader"):
+        fit_activation_pattern(np.zeros((8, 8, 3), np.float32), [], [CLEAN], GREY, LINF, 1.0, 1, 0.1, 0)

@@ -394,5 +394,10 @@ def test_activation_pattern_refits_the_attackers_models_and_reads_each_test_time
         assert 0 <= rows[name]["surrogate_hit_rate"] <= 1 and 0 <= rows[name]["clean_readers_hit_rate"] <= 1
     assert not np.array_equal(result["patterns"]["own"], result["patterns"]["weight 0"])  # the steps moved it
     assert "| weight 5 |" in out.with_suffix(".md").read_text()
+    both = bench.main(["--root", str(project), "--weights", "0", "--steps", "2", "--poisoned-heads", "probe", "centroid",
+                       "--quiet", "--out", str(tmp_path / "both.json")])
+    assert both["poisoned_heads"] == ["probe", "centroid"] and "surrogate's probe and centroid" in (tmp_path / "both.md").read_text()
+    for key in ("surrogate_hit_rate", "surrogate_centroid_hit_rate", "clean_copy_hit_rate", "poisoned", "reference"):
+        assert both["rows"][0][key] == rows["own"][key]  # the same attacker's models, whatever heads the fit uses
     with pytest.raises(SystemExit, match="own reference victim"):
         bench.parse_args(["--root", str(project), "--clean-root", str(project)])

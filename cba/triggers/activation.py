@@ -8,11 +8,12 @@ copy that never saw one. So it can look, within the same L-inf budget, for the t
 poisoned surrogate reads as the target and clean encoders do not: starting from the poison pattern, signed
 steps on
 
-    CE(h_p(f_p(x + delta)), target) + weight * mean_k P_k(target | x + delta)
+    mean_j CE(h_j(f_p(x + delta)), target) + weight * mean_k P_k(target | x + delta)
 
-where f_p, h_p are the poisoned surrogate and its probe, and P_k the target probability under the k-th clean
-reader (the never-poisoned copy, and any other clean encoders the attacker trains). The test set shows
-images unaugmented, so no augmentation is drawn here.
+where f_p is the poisoned surrogate, h_j its heads (a probe, as the victim's linear probe reads, and, if
+asked, nearest centroids, as kNN reads), and P_k the target probability under the k-th clean reader (the
+never-poisoned copy, and any other clean encoders the attacker trains). The test set shows images
+unaugmented, so no augmentation is drawn here.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
     return head(encoder(x.contiguous(memory_format=torch.channels_last)).float())
 
 
-def fit_activation_pattern(start: np.ndarray, poisoned: Reader, clean: list[Reader], images: torch.Tensor,
+def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: list[Reader], images: torch.Tensor,
                            linf: float, weight: float, steps: int, step_size: float, seed: int,
                            batch_size: int = 128) -> np.ndarray:
     """The test-time pattern, (H, W, 3) on the 0-255 scale within +-`linf`, from `start` (the same layout).
 
-    `images`: float (N, 3, H, W) in [0, 1], the attacker's non-target images (the ones ASR counts);
-    `step_size`: each signed step as a fraction of the budget; the batches are drawn from `seed`."""
+    `poisoned`: the readers that should send triggered images to the target (the poisoned surrogate through
+    each of its heads); `images`: float (N, 3, H, W) in [0, 1], the attacker's non-target images (the ones
+    ASR counts); `step_size`: each signed step as a fraction of the budget; the batches are drawn from `seed`."""
+    if not poisoned:
+        raise ValueError("at least one poisoned reader is needed")
     if not clean and weight > 0:
         raise ValueError("a weight on the clean readers needs at least one clean reader")
     eps = linf / 255.0
@@ -50,7 +54,7 @@ def fit_activation_pattern(start: np.ndarray, poisoned: Reader, clean: list[Read
     for _ in range(steps):
         x = stamp(images[torch.randint(len(images), (batch_size,), generator=gen)], delta)
         goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        loss = F.cross_entropy(_logits(poisoned, x), goal)
+        loss = torch.stack([F.cross_entropy(_logits(r, x), goal) for r in poisoned]).mean()
         if weight > 0:
             loss = loss + weight * torch.stack([_logits(r, x).softmax(1)[:, 0].mean() for r in clean]).mean()
         grad, = torch.autograd.grad(loss, delta)
