@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cba.triggers.optimize import probe_hit_rate
 from cba.triggers.perturbation import stamp
 
 Reader = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # an encoder and a head: logits, target = 0
@@ -65,9 +66,7 @@ def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: lis
     return np.clip(values, -linf, linf).astype(np.float32)
 
 
-@torch.no_grad()
-def hit_rate(reader: Reader, images: torch.Tensor, pattern: np.ndarray, chunk: int = 500) -> float:
+def hit_rate(reader: Reader, images: torch.Tensor, pattern: np.ndarray) -> float:
     """The share of `images` (float NCHW in [0, 1]) that `reader` sends to the target with `pattern` added."""
     delta = torch.as_tensor(pattern / 255.0, dtype=torch.float32).permute(2, 0, 1)[None].to(images.device)
-    hits = sum(int((_logits(reader, stamp(part, delta)).argmax(1) == 0).sum()) for part in images.split(chunk))
-    return hits / max(1, len(images))
+    return probe_hit_rate(*reader, images, lambda _part: delta)
