@@ -97,7 +97,8 @@ def read_root(args) -> dict[str, Any]:
     pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
 
     def reader(encoder, k: int, kind: str = "probe"):
-        return encoder, target_head(encoder, data, mask, clusters, kind, torch.Generator().manual_seed(seed + HEAD_SEED + k))
+        gen = torch.Generator().manual_seed(seed + HEAD_SEED + k)
+        return encoder, target_head(encoder, data, mask, clusters, kind, gen)
 
     surrogate = keep["poisoned"][0].requires_grad_(False)
     # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.
@@ -120,7 +121,8 @@ def read_root(args) -> dict[str, Any]:
         if int(other_params.get("target_class", 0)) != int(params.get("target_class", 0)):
             raise SystemExit(f"--clean-root {other}: aims at class {other_params.get('target_class', 0)}, the root at "
                              f"{params.get('target_class', 0)}; its victim's ASR would count another class")
-        fitted.append(read_pipeline_triggers(other, other_params, triggers, {"reference": ENCODERS["reference"]})["reference"])
+        reference = {"reference": ENCODERS["reference"]}
+        fitted.append(read_pipeline_triggers(other, other_params, triggers, reference)["reference"])
     rows = []
     for i, (name, pattern) in enumerate(patterns.items()):
         hits = [hit_rate(reader, pool, pattern) for reader in clean]
@@ -132,15 +134,18 @@ def read_root(args) -> dict[str, Any]:
                         for victim in ENCODERS},
                      "clean_roots": [{reader: other[i][reader]["asr"] for reader in READERS} for other in fitted]})
     return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
-            "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
+            "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root],
+            "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
 
 
 def table(result: dict[str, Any]) -> str:
     readers = 1 + len(result["clean_roots"])
-    heads = "" if result["poisoned_heads"] == ["probe"] else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}"
+    heads = ("" if result["poisoned_heads"] == ["probe"]
+             else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
-             f"{'s' if readers > 1 else ''}{heads} (refit matches the pipeline's pattern: {result['refit_matches']})", "",
+             f"{'s' if readers > 1 else ''}{heads} (refit matches the pipeline's pattern: {result['refit_matches']})",
+             "",
              "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
              "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN "
              "| other clean roots' reference victims, mean linear / kNN ASR |",
