@@ -29,17 +29,15 @@ from cba.errors import BenchParser, run_script
 from cba.data.io import load_imageset
 from cba.io import write_json
 from cba.models.io import load_encoder
-from cba.readings import read_pipeline_triggers
+from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
+                          victim_cells)
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.activation import fit_activation_pattern, hit_rate
 from cba.triggers.fitting import fit_trigger
 from cba.triggers.optimize import target_head
 from cba.triggers.optimized import OptimizedTrigger
 
-ENCODERS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/reference/encoder.safetensors"}
-NEEDED = ("params.yaml", "data/trigger", *ENCODERS.values(), "data/poisoned/clean_train.safetensors",
-          "data/poisoned/test.safetensors")
-READERS = ("linear", "knn")
+NEEDED = pipeline_files()
 HEADS = ("probe", "centroid")
 HEAD_SEED = 11  # the probe heads' generators: seed + HEAD_SEED + k, apart from the fit's own (seed + 0..3)
 
@@ -62,10 +60,9 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--weights {args.weights}: every weight must be a number >= 0")
     if args.steps < 1 or not 0 < args.step_size <= 1:
         parser.error(f"--steps {args.steps} --step-size {args.step_size}: steps >= 1, step size in (0, 1]")
-    for root in (args.root, *args.clean_root):
-        missing = [p for p in NEEDED if not (root / p).exists()]
-        if missing:
-            parser.error(f"--root {root}: no {missing[0]}; run `dvc repro finetune` there first")
+    refusal = unfinished((args.root, *args.clean_root), NEEDED)
+    if refusal:
+        parser.error(refusal)
     if any(other.resolve() == args.root.resolve() for other in args.clean_root):
         parser.error(f"--clean-root {args.root}: the root's own reference victim is what the pattern is judged on")
     return args
@@ -112,7 +109,7 @@ def read_root(args) -> dict[str, Any]:
         patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
                                                                 args.step_size, seed)
     triggers = [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()]
-    readings = read_pipeline_triggers(root, params, triggers, ENCODERS)
+    readings = asr_by_trigger(read_pipeline_triggers(root, params, triggers, ENCODERS))
     # The other clean readers as their own pipelines read them (true labels, their test sets): what the fit
     # suppressed on them, apart from what it left on the held-out reference victim.
     fitted = []
@@ -122,7 +119,7 @@ def read_root(args) -> dict[str, Any]:
             raise SystemExit(f"--clean-root {other}: aims at class {other_params.get('target_class', 0)}, the root at "
                              f"{params.get('target_class', 0)}; its victim's ASR would count another class")
         reference = {"reference": ENCODERS["reference"]}
-        fitted.append(read_pipeline_triggers(other, other_params, triggers, reference)["reference"])
+        fitted.append(asr_by_trigger(read_pipeline_triggers(other, other_params, triggers, reference)))
     rows = []
     for i, (name, pattern) in enumerate(patterns.items()):
         hits = [hit_rate(reader, pool, pattern) for reader in clean]
@@ -130,9 +127,7 @@ def read_root(args) -> dict[str, Any]:
                      "surrogate_centroid_hit_rate": hit_rate(heads["centroid"], pool, pattern),
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
-                     **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS}
-                        for victim in ENCODERS},
-                     "clean_roots": [{reader: other[i][reader]["asr"] for reader in READERS} for other in fitted]})
+                     **readings[i], "clean_roots": [other[i]["reference"] for other in fitted]})
     return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
             "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root],
             "refit_matches": bool(np.array_equal(refit, own)),
@@ -151,11 +146,9 @@ def table(result: dict[str, Any]) -> str:
              "| other clean roots' reference victims, mean linear / kNN ASR |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        p, c = r["poisoned"], r["reference"]
-        ratio = " / ".join(f"{p[n] / max(c[n], 1e-3):.2f}x" for n in READERS)
         lines.append(f"| {r['pattern']} | {r['surrogate_hit_rate']:.3f} / {r['clean_copy_hit_rate']:.3f} / "
                      f"{r['clean_readers_hit_rate']:.3f} | {r['correlation_with_own']:.2f} "
-                     f"| {p['linear']:.3f} / {p['knn']:.3f} | {c['linear']:.3f} / {c['knn']:.3f} | {ratio} | "
+                     f"| {victim_cells(r['poisoned'], r['reference'], 2)} | "
                      + (" / ".join(f"{np.mean([o[n] for o in r['clean_roots']]):.3f}" for n in READERS)
                         if r["clean_roots"] else "–") + " |")
     return "\n".join(lines)

@@ -34,14 +34,12 @@ import yaml
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.io import write_json
-from cba.readings import read_pipeline_triggers
+from cba.readings import (ENCODERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
+                          victim_cells)
 from cba.triggers import load_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
-ENCODERS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/reference/encoder.safetensors"}
-NEEDED = ("params.yaml", "data/trigger", *ENCODERS.values(), "data/poisoned/clean_train.safetensors",
-          "data/poisoned/test.safetensors")
-READERS = ("linear", "knn")
+NEEDED = pipeline_files()
 
 
 def spectrum(pattern: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -77,10 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results/pattern_parts.json"))
     args = parser.parse_args(argv)
     args.root = args.root or [Path(".")]
-    for root in args.root:
-        missing = [p for p in NEEDED if not (root / p).exists()]
-        if missing:
-            parser.error(f"--root {root}: no {missing[0]}; run `dvc repro finetune` there first")
+    refusal = unfinished(args.root, NEEDED)
+    if refusal:
+        parser.error(refusal)
     return args
 
 
@@ -94,10 +91,9 @@ def read_root(root: Path, seed: int) -> dict[str, Any]:
                          "the learned one (optimized)")
     linf = float(trigger.params["linf"])
     made = variants(trigger.tensors()["pattern"].numpy(), linf, seed)
-    readings = read_pipeline_triggers(root, params, [OptimizedTrigger.from_pattern(p, linf) for p in made.values()],
-                                      ENCODERS)
-    rows = [{"variant": name, "rms": float(np.sqrt((made[name] ** 2).mean())),
-             **{victim: {reader: readings[victim][i][reader]["asr"] for reader in READERS} for victim in ENCODERS}}
+    readings = asr_by_trigger(read_pipeline_triggers(
+        root, params, [OptimizedTrigger.from_pattern(p, linf) for p in made.values()], ENCODERS))
+    rows = [{"variant": name, "rms": float(np.sqrt((made[name] ** 2).mean())), **readings[i]}
             for i, name in enumerate(made)]
     return {"root": str(root), "seed": run_seed, "poison_rate": float(params.get("poison_rate", 0.0)),
             "target_class": target, "rows": rows}
@@ -108,10 +104,7 @@ def table(result: dict[str, Any]) -> str:
              "| variant | RMS (0-255) | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN |",
              "|---|---|---|---|---|"]
     for r in result["rows"]:
-        p, c = r["poisoned"], r["reference"]
-        ratio = " / ".join(f"{p[n] / max(c[n], 1e-3):.1f}x" for n in READERS)
-        lines.append(f"| {r['variant']} | {r['rms']:.1f} | {p['linear']:.3f} / {p['knn']:.3f} "
-                     f"| {c['linear']:.3f} / {c['knn']:.3f} | {ratio} |")
+        lines.append(f"| {r['variant']} | {r['rms']:.1f} | {victim_cells(r['poisoned'], r['reference'], 1)} |")
     return "\n".join(lines)
 
 

@@ -33,11 +33,9 @@ from cba.env import command_line, environment, results_header
 from cba.data.io import load_imageset
 from cba.errors import BenchParser, run_script
 from cba.io import write_json
-from cba.readings import read_pipeline_triggers
+from cba.readings import ENCODERS, READERS, pipeline_files, read_pipeline_triggers, unfinished
 from cba.triggers import load_trigger
 
-ENCODERS = {"reference": "data/reference/encoder.safetensors", "poisoned": "data/pretrain/encoder.safetensors"}
-READERS = ("linear", "knn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len({root.resolve() for root in args.root}) < 2:
         parser.error(f"--root {args.root[0]}: give at least two different pipeline roots")
-    needed = ("params.yaml", "data/trigger", ENCODERS[args.victim], "data/poisoned/clean_train.safetensors",
-              "data/poisoned/test.safetensors")
-    for root in args.root:
-        missing = [p for p in needed if not (root / p).exists()]
-        if missing:
-            parser.error(f"--root {root}: no {missing[0]}; run `dvc repro finetune` there first")
+    refusal = unfinished(args.root, pipeline_files([ENCODERS[args.victim]]))
+    if refusal:
+        parser.error(refusal)
     return args
 
 

@@ -7,7 +7,7 @@ read the encoders the pipeline saved, the way `cba finetune` reads them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from cba.attack import reader_options
 from cba.data.io import load_imageset
@@ -15,6 +15,39 @@ from cba.evaluate import read_triggered_sets
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
 from cba.triggers import Trigger
+
+ENCODERS = {"poisoned": "data/pretrain/encoder.safetensors", "reference": "data/reference/encoder.safetensors"}
+READERS = ("linear", "knn")
+
+
+def pipeline_files(encoders: Iterable[str] = ENCODERS.values()) -> tuple[str, ...]:
+    """What `read_pipeline_triggers` reads of a root, with these encoders."""
+    return ("params.yaml", "data/trigger", *encoders, "data/poisoned/clean_train.safetensors",
+            "data/poisoned/test.safetensors")
+
+
+def unfinished(roots: Iterable[Path], needed: Iterable[str]) -> str | None:
+    """The refusal for the first root that lacks one of the `needed` files, or None when none does."""
+    needed = tuple(needed)
+    for root in roots:
+        missing = [path for path in needed if not (root / path).exists()]
+        if missing:
+            return f"--root {root}: no {missing[0]}; run `dvc repro finetune` there first"
+    return None
+
+
+def asr_by_trigger(readings: dict[str, list[dict[str, dict]]]) -> list[dict[str, dict[str, float]]]:
+    """`read_pipeline_triggers`'s readings as one {encoder: {reader: ASR}} per trigger."""
+    count = len(next(iter(readings.values())))
+    return [{name: {reader: sets[i][reader]["asr"] for reader in READERS} for name, sets in readings.items()}
+            for i in range(count)]
+
+
+def victim_cells(poisoned: dict[str, float], reference: dict[str, float], ratio_digits: int) -> str:
+    """Three table cells: the poisoned victim's linear / kNN ASR, the reference's, and their ratios."""
+    ratio = " / ".join(f"{poisoned[n] / max(reference[n], 1e-3):.{ratio_digits}f}x" for n in READERS)
+    return (f"{poisoned['linear']:.3f} / {poisoned['knn']:.3f} | {reference['linear']:.3f} / {reference['knn']:.3f} "
+            f"| {ratio}")
 
 
 def read_pipeline_triggers(root: Path, params: dict[str, Any], triggers: list[Trigger],
