@@ -69,7 +69,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("activation_pattern_avx2_seed3", "The same on seed 3: the probe's bars met, kNN's not (bench/activation_pattern.py)"),
            ("activation_pattern_avx512_seed0", "The same on AVX-512, seed 0 (the default on such a machine): every bar met from weight 20 (bench/activation_pattern.py)"),
            ("activation_pattern_five_clean_avx2_seed1", "Seed 1 with four more clean readers: the pull leaves the readers the fit sees, not the held-out victim (bench/activation_pattern.py)"),
-           ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"))
+           ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"),
+           ("test_pattern_defenses_avx512_seed0", "Claim 3 on the one attack that meets every bar: the pipeline's defenses with the fitted test-time pattern, AVX-512, seed 0 (bench/test_pattern_defenses.py)"))
 
 
 @one_line_errors

@@ -23,12 +23,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-LONGEST_FIRST = ("test_pipeline_e2e.py",)
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_benches_on_pipeline.py")
 # The slow tier: whole pipelines, several processes, bench scripts and trained fixtures. `pytest -m "not slow"`
 # runs the rest (the fast tier) in under a minute; plain `pytest`, as CI runs it, runs both.
-SLOW_FILES = {"test_pipeline_e2e.py", "test_distributed.py", "test_bench_smoke.py", "test_bench_attack_levers.py",
-              "test_analyze_stage.py", "test_art_oracle.py", "test_defense_dbd.py", "test_defenses_detection.py",
-              "test_defenses_model.py", "test_trigger_optimized.py", "test_trigger_generated.py"}
+SLOW_FILES = {"test_pipeline_e2e.py", "test_benches_on_pipeline.py", "test_distributed.py", "test_bench_smoke.py",
+              "test_bench_attack_levers.py", "test_analyze_stage.py", "test_art_oracle.py", "test_defense_dbd.py",
+              "test_defenses_detection.py", "test_defenses_model.py", "test_trigger_optimized.py",
+              "test_trigger_generated.py"}
 SLOW_FIXTURES = {"supervised_badnets"}
 SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder"}
 

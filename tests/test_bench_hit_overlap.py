@@ -1,6 +1,6 @@
 """The hit-overlap bench (bench/hit_overlap.py) on hand-made margins, and its refusal without a pipeline run.
 
-Its reading of a real pipeline run is checked in test_pipeline_e2e.py."""
+Its reading of a real pipeline run is checked in test_benches_on_pipeline.py."""
 
 from __future__ import annotations
 

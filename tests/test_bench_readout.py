@@ -1,6 +1,6 @@
 """The readers' ceiling bench (bench/readout_ceiling.py) on hand-made features, and its refusal without a pipeline run.
 
-Its reading of a real pipeline run is checked in test_pipeline_e2e.py."""
+Its reading of a real pipeline run is checked in test_benches_on_pipeline.py."""
 
 from __future__ import annotations
 
