@@ -39,7 +39,7 @@ from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
 HEADS = ("probe", "centroid")
-HEAD_SEED = 11  # the probe heads' generators: seed + HEAD_SEED + k, apart from the fit's own (seed + 0..3)
+HEAD_SEED = 11  # the probe heads' generators: fit seed + HEAD_SEED + k, apart from the fit's own (+ 0..3)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None):
                              "victim's linear probe reads), centroid (nearest centroids, as kNN reads)")
     parser.add_argument("--steps", type=int, default=200, help="signed steps per weight")
     parser.add_argument("--step-size", type=float, default=0.02, help="each step as a fraction of the budget")
+    parser.add_argument("--fit-seed", type=int, default=None,
+                        help="seeds the test-time fits and the probe heads (default: the pipeline's seed); another one "
+                             "shows how much a result owes to the fit's own draws")
     parser.add_argument("--out", type=Path, default=Path("bench/results/activation_pattern.json"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar for the refit")
     args = parser.parse_args(argv)
@@ -87,6 +90,7 @@ def read_root(args) -> dict[str, Any]:
     root = args.root
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     seed = int(params.get("seed", 0))
+    fit_seed = seed if args.fit_seed is None else args.fit_seed  # the refit keeps the pipeline's seed
     keep, refit, saved = attacker_models(root, params, args.quiet)
     own = saved.tensors()["pattern"].numpy()
     linf, clusters = float(saved.params["linf"]), int(saved.params["clusters"])
@@ -94,7 +98,7 @@ def read_root(args) -> dict[str, Any]:
     pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
 
     def reader(encoder, k: int, kind: str = "probe"):
-        gen = torch.Generator().manual_seed(seed + HEAD_SEED + k)
+        gen = torch.Generator().manual_seed(fit_seed + HEAD_SEED + k)
         return encoder, target_head(encoder, data, mask, clusters, kind, gen)
 
     surrogate = keep["poisoned"][0].requires_grad_(False)
@@ -107,7 +111,7 @@ def read_root(args) -> dict[str, Any]:
     patterns = {"own": own}
     for weight in args.weights:
         patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
-                                                                args.step_size, seed)
+                                                                args.step_size, fit_seed)
     triggers = [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()]
     readings = asr_by_trigger(read_pipeline_triggers(root, params, triggers, ENCODERS))
     # The other clean readers as their own pipelines read them (true labels, their test sets): what the fit
@@ -128,8 +132,8 @@ def read_root(args) -> dict[str, Any]:
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
                      **readings[i], "clean_roots": [other[i]["reference"] for other in fitted]})
-    return {"root": str(root), "seed": seed, "poison_rate": float(params.get("poison_rate", 0.0)),
-            "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root],
+    return {"root": str(root), "seed": seed, "fit_seed": fit_seed,
+            "poison_rate": float(params.get("poison_rate", 0.0)), "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root],
             "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
 
@@ -138,8 +142,9 @@ def table(result: dict[str, Any]) -> str:
     readers = 1 + len(result["clean_roots"])
     heads = ("" if result["poisoned_heads"] == ["probe"]
              else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
+    fit = "" if result.get("fit_seed", result["seed"]) == result["seed"] else f", fit seed {result['fit_seed']}"
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
-             f"{'s' if readers > 1 else ''}{heads} (refit matches the pipeline's pattern: {result['refit_matches']})",
+             f"{'s' if readers > 1 else ''}{heads}{fit} (refit matches the pipeline's pattern: {result['refit_matches']})",
              "",
              "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
              "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN "

@@ -176,6 +176,14 @@ def test_activation_pattern_refits_the_attackers_models_and_reads_each_test_time
     assert both["poisoned_heads"] == ["probe", "centroid"] and "surrogate's probe and centroid" in (tmp_path / "both.md").read_text()
     for key in ("surrogate_hit_rate", "surrogate_centroid_hit_rate", "clean_copy_hit_rate", "poisoned", "reference"):
         assert both["rows"][0][key] == rows["own"][key]  # the same attacker's models, whatever heads the fit uses
+    seed = yaml.safe_load((project / "params.yaml").read_text())["seed"]
+    assert result["fit_seed"] == seed  # by default the fits draw as the pipeline does
+    other_draws = bench.main(["--root", str(project), "--weights", "5", "--steps", "4", "--fit-seed", str(seed + 1),
+                              "--quiet", "--out", str(tmp_path / "draws.json")])
+    for key in ("poisoned", "reference", "clean_copy_hit_rate"):  # the victims and the refit's copy read it as before
+        assert other_draws["rows"][0][key] == rows["own"][key]
+    assert not np.array_equal(other_draws["patterns"]["weight 5"], result["patterns"]["weight 5"])
+    assert f"fit seed {seed + 1}" in (tmp_path / "draws.md").read_text()
     with pytest.raises(SystemExit, match="own reference victim"):
         bench.parse_args(["--root", str(project), "--clean-root", str(project)])
 
