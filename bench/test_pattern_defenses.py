@@ -124,7 +124,8 @@ def run_stage(work: Path, *argv: str) -> None:
     done = subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", *argv], cwd=work, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"`cba {' '.join(argv)}` failed in {work}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+        said = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+        raise SystemExit(f"`cba {' '.join(argv)}` failed in {work}: {said[-1]}")
 
 
 def figures(folder: Path, defenses: list[str]) -> dict[str, Any]:
