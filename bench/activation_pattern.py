@@ -133,8 +133,9 @@ def read_root(args) -> dict[str, Any]:
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
                      **readings[i], "clean_roots": [other[i]["reference"] for other in fitted]})
     return {"root": str(root), "seed": seed, "fit_seed": fit_seed,
-            "poison_rate": float(params.get("poison_rate", 0.0)), "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)), "clean_roots": [str(r) for r in args.clean_root],
-            "refit_matches": bool(np.array_equal(refit, own)),
+            "poison_rate": float(params.get("poison_rate", 0.0)),
+            "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)),
+            "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
 
 
@@ -144,8 +145,8 @@ def table(result: dict[str, Any]) -> str:
              else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
     fit = "" if result.get("fit_seed", result["seed"]) == result["seed"] else f", fit seed {result['fit_seed']}"
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
-             f"{'s' if readers > 1 else ''}{heads}{fit} (refit matches the pipeline's pattern: {result['refit_matches']})",
-             "",
+             f"{'s' if readers > 1 else ''}{heads}{fit} "
+             f"(refit matches the pipeline's pattern: {result['refit_matches']})", "",
              "| test-time pattern | attacker's poisoned surrogate / clean copy / mean clean reader hit rate "
              "| correlation with own | poisoned linear / kNN ASR | reference linear / kNN ASR | ratio linear / kNN "
              "| other clean roots' reference victims, mean linear / kNN ASR |",

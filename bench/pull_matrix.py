@@ -37,7 +37,6 @@ from cba.readings import ENCODERS, READERS, pipeline_files, read_pipeline_trigge
 from cba.triggers import load_trigger
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = BenchParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

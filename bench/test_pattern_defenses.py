@@ -120,7 +120,8 @@ def stamp(work: Path, pattern: np.ndarray, name: str) -> None:
 
 def run_stage(work: Path, *argv: str) -> None:
     """One stage of the copy, with the copy's own code (its folder first on the path)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", *argv], cwd=work, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if args.work is None:
             shutil.rmtree(scratch.parent, ignore_errors=True)
-    result = {"root": str(args.root), "seed": int(params.get("seed", 0)), "poison_rate": float(params.get("poison_rate", 0)),
-              "patterns": str(args.patterns), "defenses": args.defenses, "runs": runs}
+    result = {"root": str(args.root), "seed": int(params.get("seed", 0)),
+              "poison_rate": float(params.get("poison_rate", 0)), "patterns": str(args.patterns),
+              "defenses": args.defenses, "runs": runs}
     command, env = command_line(argv), environment(torch.device("cpu"))
     write_json(args.out, {**result, "_run": {"command": command, "env": env}})
     text = (f"**seed {result['seed']}, poison rate {result['poison_rate']:g}** ({args.root}; patterns from "
