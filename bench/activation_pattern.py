@@ -32,14 +32,12 @@ from cba.models.io import load_encoder
 from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
                           victim_cells)
 from cba.triggers import build_trigger, load_trigger
-from cba.triggers.activation import fit_activation_pattern, hit_rate
+from cba.triggers.activation import fit_activation_pattern, hit_rate, surrogate_reader
 from cba.triggers.fitting import fit_trigger
-from cba.triggers.optimize import target_head
 from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
 HEADS = ("probe", "centroid")
-HEAD_SEED = 11  # the probe heads' generators: fit seed + HEAD_SEED + k, apart from the fit's own (+ 0..3)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -98,8 +96,7 @@ def read_root(args) -> dict[str, Any]:
     pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
 
     def reader(encoder, k: int, kind: str = "probe"):
-        gen = torch.Generator().manual_seed(fit_seed + HEAD_SEED + k)
-        return encoder, target_head(encoder, data, mask, clusters, kind, gen)
+        return surrogate_reader(encoder, data, mask, clusters, fit_seed, k, kind)
 
     surrogate = keep["poisoned"][0].requires_grad_(False)
     # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.

@@ -132,7 +132,8 @@ def triggered_test_set(test: ImageSet, trigger: Trigger, target_class: int, seed
     """The ASR set: every test image whose true class is not the target, with the trigger.
 
     Labels stay the true ones, so callers can also measure how often the
-    prediction stays correct."""
+    prediction stays correct. The trigger is the one the attack stamps at test
+    time (`Trigger.at_test_time`), which may differ from the poisons'."""
     keep = np.flatnonzero(test.labels != target_class)
-    images = trigger.apply(test.images[keep], rng=np.random.default_rng([seed, 0x7E57]))
+    images = trigger.at_test_time().apply(test.images[keep], rng=np.random.default_rng([seed, 0x7E57]))
     return ImageSet(images, test.labels[keep], list(test.classes))

@@ -54,14 +54,24 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION)
         metrics.update(final_objective=fitted["final_objective"], surrogate_hit_rate=last["hit_rate"],
                        surrogate_clean_hit_rate=last["clean_hit_rate"],
                        surrogate_clean_probe_hit_rate=last["clean_probe_hit_rate"],
+                       # test_weight > 0: the same two readings (through probes) of the poison and the test-time pattern
+                       **{f"test_pattern_{k}": v for k, v in fitted.get("test_pattern", {}).items()},
                        fit_seconds=time.perf_counter() - started)
     else:
         history = pd.DataFrame(columns=["round", "target", "agree", "objective"])  # a fixed trigger learns nothing
     rng = np.random.default_rng(seed)
     sample = test.images[rng.choice(len(test), size=min(STEALTH_IMAGES, len(test)), replace=False)]
     metrics.update(stealth_metrics(trig, sample, rng=np.random.default_rng([seed, 1])))
+    at_test = trig.at_test_time()
+    if at_test is not trig:  # the test inputs carry another pattern, within the same budget: its visibility too
+        visibility = stealth_metrics(at_test, sample, rng=np.random.default_rng([seed, 1]))
+        metrics.update({f"test_{k}": v for k, v in visibility.items()})
     save_trigger(trig, TRIGGER_DIR)
     write_csv(PLOTS_DIR / "trigger_objective.csv", history)
     save_preview(trig, sample[:4], TRIGGER_DIR / "preview.png", n=min(4, len(sample)), rng=rng)
+    if at_test is not trig:
+        save_preview(at_test, sample[:4], TRIGGER_DIR / "test_preview.png", n=min(4, len(sample)),
+                     rng=np.random.default_rng([seed, 2]),
+                     title=f"test-time pattern of trigger '{name}' (test_weight={trig.params['test_weight']:g})")
     write_metrics("trigger", metrics)
     print(f"trigger {name}: L-inf {metrics['linf']:.1f}/255, PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f} -> {TRIGGER_DIR}/")

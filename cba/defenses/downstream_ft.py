@@ -125,7 +125,7 @@ class DownstreamFineTune(Defense):
 
     def run(self, record: AttackRecord, progress: bool = False) -> dict[str, Any]:
         train, test = self.load(record)
-        triggered = record.trigger.apply(test.images, rng=np.random.default_rng([record.seed, 0xD0F7]))
+        triggered = record.trigger.at_test_time().apply(test.images, rng=np.random.default_rng([record.seed, 0xD0F7]))
         frozen = record.encoder
         torch.manual_seed(record.seed)  # a random head's initialisation
         probe = fit_linear_probe(extract_features(frozen, train.images), torch.as_tensor(train.labels),

@@ -14,6 +14,9 @@ where f_p is the poisoned surrogate, h_j its heads (a probe, as the victim's lin
 asked, nearest centroids, as kNN reads), and P_k the target probability under the k-th clean reader (the
 never-poisoned copy, and any other clean encoders the attacker trains). The test set shows images
 unaugmented, so no augmentation is drawn here.
+
+`trigger.params.test_weight` > 0 makes the trigger stage fit this pattern right after the poison pattern
+(`fit_test_pattern`), and every test-time stamp uses it (`Trigger.at_test_time`); the poisons keep theirs.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cba.triggers.optimize import probe_hit_rate
+from cba.progress import tqdm
+from cba.triggers.optimize import probe_hit_rate, target_head
 from cba.triggers.perturbation import stamp
 
 Reader = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # an encoder and a head: logits, target = 0
+HEAD_SEED = 11  # the surrogate's heads draw from seed + HEAD_SEED + k, apart from the trigger fit's own (+ 0..3)
 
 
 def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,7 @@ def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
 
 def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: list[Reader], images: torch.Tensor,
                            linf: float, weight: float, steps: int, step_size: float, seed: int,
-                           batch_size: int = 128) -> np.ndarray:
+                           batch_size: int = 128, progress: bool = False) -> np.ndarray:
     """The test-time pattern, (H, W, 3) on the 0-255 scale within +-`linf`, from `start` (the same layout).
 
     `poisoned`: the readers that should send triggered images to the target (the poisoned surrogate through
@@ -52,7 +57,7 @@ def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: lis
     delta = torch.as_tensor(np.clip(start, -linf, linf) / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
     delta = delta.to(images.device).requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="test-time pattern", unit="step", disable=not progress, mininterval=1.0):
         x = stamp(images[torch.randint(len(images), (batch_size,), generator=gen)], delta)
         goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
         loss = torch.stack([F.cross_entropy(_logits(r, x), goal) for r in poisoned]).mean()
@@ -70,3 +75,33 @@ def hit_rate(reader: Reader, images: torch.Tensor, pattern: np.ndarray) -> float
     """The share of `images` (float NCHW in [0, 1]) that `reader` sends to the target with `pattern` added."""
     delta = torch.as_tensor(pattern / 255.0, dtype=torch.float32).permute(2, 0, 1)[None].to(images.device)
     return probe_hit_rate(*reader, images, lambda _part: delta)
+
+
+def surrogate_reader(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int, seed: int,
+                     k: int = 0, kind: str = "probe") -> Reader:
+    """`encoder` read through a head fitted on the attacker's pseudo-labels (`cba.triggers.optimize.target_head`),
+    its own generator drawn from `seed` and `k`, so one head is the same whichever others are built."""
+    gen = torch.Generator().manual_seed(seed + HEAD_SEED + k)
+    return encoder, target_head(encoder, data, target_mask, clusters, kind, gen)
+
+
+def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, clusters: int, linf: float,
+                     weight: float, steps: int, step_size: float, seed: int,
+                     progress: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """The trigger fit's test-time pattern and its figures on the attacker's own models.
+
+    `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate (the first, with
+    an ensemble) read through a probe should send triggered non-target images to the target, the
+    never-poisoned copy read through its probe should not. Figures: the share of the attacker's non-target
+    images each model sends to the target with the poison pattern and with the test-time one."""
+    data = keep["data"]
+    surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed)
+    clean = (keep["clean"], keep["clean_probe"])
+    pool = data[torch.as_tensor(np.flatnonzero(~np.asarray(target_mask, dtype=bool)))]
+    fitted = fit_activation_pattern(pattern, [surrogate], [clean], pool, linf, weight, steps, step_size, seed,
+                                    progress=progress)
+    figures = {"surrogate_hit_rate": hit_rate(surrogate, pool, pattern),
+               "clean_copy_hit_rate": hit_rate(clean, pool, pattern),
+               "test_surrogate_hit_rate": hit_rate(surrogate, pool, fitted),
+               "test_clean_copy_hit_rate": hit_rate(clean, pool, fitted)}
+    return fitted, figures

@@ -76,6 +76,10 @@ class Trigger(ABC):
         """
         return self._apply(self._check_images(images), rng)
 
+    def at_test_time(self) -> "Trigger":
+        """The trigger stamped on test inputs: this one, unless the attack fitted another for test time."""
+        return self
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {key: torch.from_numpy(array.copy()) for key, array in self._arrays.items()}
 

@@ -54,6 +54,11 @@ class OptimizeConfig:
     # differential: match what the pattern adds to the poisons' gradient | full: all of it
     match: str = _only("universal", "differential")
     clip_gradient: str = "zero"  # the clip's gradient in the objective: zero (exact) | straight_through
+    # A test-time pattern fitted after the poison pattern (cba.triggers.activation): the weight of the clean copy's
+    # reading against the poisoned surrogate's; 0: the test inputs carry the poison pattern.
+    test_weight: float = _only("universal", 0.0)
+    test_steps: int = _only("universal", 200)  # its signed steps
+    test_step_size: float = _only("universal", 0.02)  # each step, as a fraction of the budget
     hidden: int = _only("generator", 16)  # the generator's channels
     lr: float = _only("generator", 0.002)  # the generator's Adam rate
     surrogate_lr: float = _internal(0.6)

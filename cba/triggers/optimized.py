@@ -56,12 +56,14 @@ OPTION_CHECKS = {
     "surrogate_size": _size_or_all(16), "surrogate_epochs": _integer(0), "surrogate_width": _integer(1),
     "surrogate_backbone": _choice(BACKBONE_CHOICES), "rounds": _integer(1), "trigger_steps": _integer(1),
     "batch_size": _integer(2), "resolution": _integer(1), "clusters": _integer(2), "ensemble": _integer(1),
-    "hidden": _integer(1),
+    "hidden": _integer(1), "test_steps": _integer(1),
     "step_size": _number(0.0, 1.0, "must be a number in (0, 1] (a fraction of linf)"),
+    "test_step_size": _number(0.0, 1.0, "must be a number in (0, 1] (a fraction of linf)"),
     "lr": _number(0.0, 1.0, "must be a number in (0, 1]"),
     "min_scale": _number(0.0, 1.0, "must be a number in (0, 1]"),
     "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT, "w_divert": _WEIGHT,
+    "test_weight": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG, "symmetric": _FLAG,
     "head": _choice(HEAD_CHOICES), "clean_head": _choice(CLEAN_HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
     "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
@@ -91,7 +93,11 @@ class OptimizedTrigger(Trigger):
             self._fail("w_target", "w_agree and w_match must not all be 0 (nothing to optimise)")
 
     def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"pattern": np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)}
+        zeros = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
+        return {"pattern": zeros, **({"test_pattern": zeros.copy()} if self._separate_test_pattern() else {})}
+
+    def _separate_test_pattern(self) -> bool:
+        return self.params.get("test_weight", 0.0) > 0
 
     @classmethod
     def from_pattern(cls, pattern: np.ndarray, linf: float, seed: int = 0) -> "OptimizedTrigger":
@@ -117,9 +123,25 @@ class OptimizedTrigger(Trigger):
             raise ValueError("target_mask must mark at least one of the attacker's images as target class")
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
         config = OptimizeConfig(**options, form=self.form)
+        if self._separate_test_pattern() and keep is None:
+            keep = {}
         perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep)
         self._adopt(perturbation)
-        return {"history": history, "final_objective": history[-1]["objective"]}
+        figures: dict[str, Any] = {"history": history, "final_objective": history[-1]["objective"]}
+        if self._separate_test_pattern():
+            from cba.triggers.activation import fit_test_pattern
+
+            p = self.params
+            self._arrays["test_pattern"], figures["test_pattern"] = fit_test_pattern(
+                self._arrays["pattern"], keep, target_mask, p["clusters"], p["linf"], p["test_weight"],
+                p["test_steps"], p["test_step_size"], self.seed, progress=progress)
+        return figures
+
+    def at_test_time(self) -> "OptimizedTrigger":
+        """The poison pattern, or the test-time pattern fitted after it (`test_weight` > 0)."""
+        if "test_pattern" not in self._arrays:
+            return self
+        return OptimizedTrigger.from_pattern(self._arrays["test_pattern"], self.params["linf"], self.seed)
 
     def _adopt(self, perturbation: "UniversalPattern") -> None:
         """Keep the fitted perturbation as this trigger's tensors."""

@@ -18,8 +18,9 @@ from cba.triggers.base import Trigger
 
 
 def save_preview(trigger: Trigger, images: np.ndarray, path: str | os.PathLike, n: int = 4,
-                 rng: np.random.Generator | None = None) -> None:
-    """Write a grid of the first `n` images: one row per example, three columns."""
+                 rng: np.random.Generator | None = None, title: str | None = None) -> None:
+    """Write a grid of the first `n` images: one row per example, three columns (`title`: instead of the
+    trigger's name and params)."""
     clean = images[: max(1, min(n, len(images)))]
     triggered = trigger.apply(clean, rng=rng)
     diff = np.abs(triggered.astype(np.int16) - clean.astype(np.int16))
@@ -43,5 +44,6 @@ def save_preview(trigger: Trigger, images: np.ndarray, path: str | os.PathLike, 
                 ax.set_title(titles[col], fontsize=10)
         axes[row, 0].set_ylabel(f"example {row}", fontsize=9)
     params = textwrap.fill(", ".join(f"{k}={v}" for k, v in trigger.params.items()), width=70)
-    figure.suptitle(f"trigger '{trigger.name}', max |diff| = {largest}\n{params}", fontsize=9)
+    heading = f"trigger '{trigger.name}'" if title is None else title
+    figure.suptitle(f"{heading}, max |diff| = {largest}" + ("" if title else f"\n{params}"), fontsize=9)
     write_png(path, figure)
