@@ -54,11 +54,16 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--fit-seed", type=int, default=None,
                         help="seeds the test-time fits and the probe heads (default: the pipeline's seed); another one "
                              "shows how much a result owes to the fit's own draws")
+    parser.add_argument("--diversity", type=float, default=0.0,
+                        help="probability that a step reads its batch rescaled and shifted at random (input "
+                             "diversity; 0: the plain fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/activation_pattern.json"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar for the refit")
     args = parser.parse_args(argv)
     if any(not np.isfinite(w) or w < 0 for w in args.weights):
         parser.error(f"--weights {args.weights}: every weight must be a number >= 0")
+    if not 0 <= args.diversity <= 1:
+        parser.error(f"--diversity {args.diversity}: a probability in [0, 1]")
     if args.steps < 1 or not 0 < args.step_size <= 1:
         parser.error(f"--steps {args.steps} --step-size {args.step_size}: steps >= 1, step size in (0, 1]")
     refusal = unfinished((args.root, *args.clean_root), NEEDED)
@@ -108,7 +113,7 @@ def read_root(args) -> dict[str, Any]:
     patterns = {"own": own}
     for weight in args.weights:
         patterns[f"weight {weight:g}"] = fit_activation_pattern(own, poisoned, clean, pool, linf, weight, args.steps,
-                                                                args.step_size, fit_seed)
+                                                                args.step_size, fit_seed, diversity=args.diversity)
     triggers = [OptimizedTrigger.from_pattern(p, linf) for p in patterns.values()]
     readings = asr_by_trigger(read_pipeline_triggers(root, params, triggers, ENCODERS))
     # The other clean readers as their own pipelines read them (true labels, their test sets): what the fit
@@ -129,7 +134,7 @@ def read_root(args) -> dict[str, Any]:
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
                      **readings[i], "clean_roots": [other[i]["reference"] for other in fitted]})
-    return {"root": str(root), "seed": seed, "fit_seed": fit_seed,
+    return {"root": str(root), "seed": seed, "fit_seed": fit_seed, "diversity": args.diversity,
             "poison_rate": float(params.get("poison_rate", 0.0)),
             "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)),
             "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
@@ -141,6 +146,7 @@ def table(result: dict[str, Any]) -> str:
     heads = ("" if result["poisoned_heads"] == ["probe"]
              else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
     fit = "" if result.get("fit_seed", result["seed"]) == result["seed"] else f", fit seed {result['fit_seed']}"
+    fit += f", input diversity {result['diversity']:g}" if result.get("diversity") else ""
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
              f"{'s' if readers > 1 else ''}{heads}{fit} "
              f"(refit matches the pipeline's pattern: {result['refit_matches']})", "",

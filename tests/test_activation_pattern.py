@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cba.triggers.activation import fit_activation_pattern, hit_rate
+from cba.triggers.activation import diverse_input, fit_activation_pattern, hit_rate
 
 LINF = 16.0
 
@@ -80,3 +80,36 @@ def test_missing_readers_are_refused():
         fit_activation_pattern(np.zeros((8, 8, 3), np.float32), [POISONED], [], GREY, LINF, 1.0, 1, 0.1, 0)
     with pytest.raises(ValueError, match="poisoned reader"):
         fit_activation_pattern(np.zeros((8, 8, 3), np.float32), [], [CLEAN], GREY, LINF, 1.0, 1, 0.1, 0)
+
+
+def test_input_diversity_rescales_and_shifts_a_batch_and_the_gradient_reaches_the_pattern():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, 2:6, 2:6] = 1.0  # a white square on black
+    views = [diverse_input(x, gen) for _ in range(20)]
+    assert all(v.shape == x.shape and 0 <= float(v.min()) and float(v.max()) <= 1 for v in views)
+    # The square moves about: its centre of mass is not where it was in every view.
+    rows = torch.arange(8.0).view(1, 1, 8, 1)
+    centres = {round(float((v * rows).sum() / v.sum()), 2) for v in views}
+    assert len(centres) > 1
+    delta = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    diverse_input(x + delta, gen).sum().backward()
+    assert float(delta.grad.abs().sum()) > 0
+
+
+def test_a_diverse_fit_stays_within_budget_and_diversity_zero_is_the_plain_fit():
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-LINF, LINF, (8, 8, 3)).astype(np.float32)
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 8, 8)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    readers = [(conv, nn.Linear(4, 3)), (conv, nn.Linear(4, 3))]
+
+    def run(diversity: float) -> np.ndarray:
+        return fit_activation_pattern(start, readers[:1], readers[1:], images, LINF, 5.0, 6, 0.05, 3, batch_size=4,
+                                      diversity=diversity)
+
+    plain = fit_activation_pattern(start, readers[:1], readers[1:], images, LINF, 5.0, 6, 0.05, 3, batch_size=4)
+    assert np.array_equal(run(0.0), plain)
+    diverse = run(1.0)
+    assert np.abs(diverse).max() <= LINF and not np.array_equal(diverse, plain) and np.array_equal(diverse, run(1.0))

@@ -41,14 +41,29 @@ def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
     return head(encoder(x.contiguous(memory_format=torch.channels_last)).float())
 
 
+def diverse_input(x: torch.Tensor, gen: torch.Generator, grow: int = 4) -> torch.Tensor:
+    """One random rescale-and-shift of a batch (input diversity, Xie et al. CVPR 2019), back to its size:
+    nearest-resized to a side in [H, H + grow), placed at a random spot of an (H + grow) black canvas, and
+    resized to H bilinearly; differentiable in `x`."""
+    size = x.shape[-1]
+    side = size + int(torch.randint(grow, (1,), generator=gen))
+    top, left = (int(v) for v in torch.randint(size + grow - side + 1, (2,), generator=gen))
+    canvas = F.pad(F.interpolate(x, size=(side, side), mode="nearest"),
+                   (left, size + grow - side - left, top, size + grow - side - top))
+    return F.interpolate(canvas, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: list[Reader], images: torch.Tensor,
                            linf: float, weight: float, steps: int, step_size: float, seed: int,
-                           batch_size: int = 128, progress: bool = False) -> np.ndarray:
+                           batch_size: int = 128, progress: bool = False, diversity: float = 0.0) -> np.ndarray:
     """The test-time pattern, (H, W, 3) on the 0-255 scale within +-`linf`, from `start` (the same layout).
 
     `poisoned`: the readers that should send triggered images to the target (the poisoned surrogate through
     each of its heads); `images`: float (N, 3, H, W) in [0, 1], the attacker's non-target images (the ones
-    ASR counts); `step_size`: each signed step as a fraction of the budget; the batches are drawn from `seed`."""
+    ASR counts); `step_size`: each signed step as a fraction of the budget; the batches are drawn from `seed`.
+    `diversity`: the probability that a step reads its batch through `diverse_input` (drawn from its own
+    stream, so 0 gives the plain fit), the transfer-attack remedy for a pattern that suits only the models it
+    was fitted on."""
     if not poisoned:
         raise ValueError("at least one poisoned reader is needed")
     if not clean and weight > 0:
@@ -57,8 +72,11 @@ def fit_activation_pattern(start: np.ndarray, poisoned: list[Reader], clean: lis
     delta = torch.as_tensor(np.clip(start, -linf, linf) / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
     delta = delta.to(images.device).requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
+    views = torch.Generator().manual_seed(seed + 1)
     for _ in tqdm(range(steps), desc="test-time pattern", unit="step", disable=not progress, mininterval=1.0):
         x = stamp(images[torch.randint(len(images), (batch_size,), generator=gen)], delta)
+        if diversity > 0 and float(torch.rand((), generator=views)) < diversity:
+            x = diverse_input(x, views)
         goal = torch.zeros(len(x), dtype=torch.long, device=x.device)
         loss = torch.stack([F.cross_entropy(_logits(r, x), goal) for r in poisoned]).mean()
         if weight > 0:
