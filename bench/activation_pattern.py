@@ -37,6 +37,7 @@ from cba.triggers.fitting import fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
+POISONED_ROOT_HEADS = 100  # the other roots' poisoned victims' heads draw from k = 100, 101, ...: apart from the rest
 HEADS = ("probe", "centroid")
 
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--root", type=Path, required=True, help="a repository where `dvc repro finetune` has run")
     parser.add_argument("--clean-root", type=Path, action="append", default=[],
                         help="another such repository whose reference encoder joins the clean readers (repeat)")
+    parser.add_argument("--poisoned-root", type=Path, action="append", default=[],
+                        help="another such repository whose poisoned victim joins the poisoned readers (repeat): a "
+                             "stand-in for a poisoned twin the attacker trains on its own poisons")
     parser.add_argument("--weights", type=float, nargs="+", default=[10.0], help="weights of the clean readers' term")
     parser.add_argument("--poisoned-heads", nargs="+", choices=HEADS, default=["probe"],
                         help="the poisoned surrogate's heads the pattern should send to the target: probe (as the "
@@ -66,11 +70,12 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--diversity {args.diversity}: a probability in [0, 1]")
     if args.steps < 1 or not 0 < args.step_size <= 1:
         parser.error(f"--steps {args.steps} --step-size {args.step_size}: steps >= 1, step size in (0, 1]")
-    refusal = unfinished((args.root, *args.clean_root), NEEDED)
+    refusal = unfinished((args.root, *args.clean_root, *args.poisoned_root), NEEDED)
     if refusal:
         parser.error(refusal)
-    if any(other.resolve() == args.root.resolve() for other in args.clean_root):
-        parser.error(f"--clean-root {args.root}: the root's own reference victim is what the pattern is judged on")
+    for flag, others in (("--clean-root", args.clean_root), ("--poisoned-root", args.poisoned_root)):
+        if any(other.resolve() == args.root.resolve() for other in others):
+            parser.error(f"{flag} {args.root}: the root's own victims are what the pattern is judged on")
     return args
 
 
@@ -107,6 +112,8 @@ def read_root(args) -> dict[str, Any]:
     # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.
     heads = {"probe": reader(surrogate, 0), "centroid": reader(surrogate, -1, "centroid")}
     poisoned = [heads[kind] for kind in dict.fromkeys(args.poisoned_heads)]
+    for k, other in enumerate(args.poisoned_root, start=POISONED_ROOT_HEADS):
+        poisoned.append(reader(load_encoder(other / ENCODERS["poisoned"]).eval().requires_grad_(False), k))
     clean = [(keep["clean"], keep["clean_probe"])]
     for k, other in enumerate(args.clean_root, start=1):
         clean.append(reader(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
@@ -118,14 +125,16 @@ def read_root(args) -> dict[str, Any]:
     readings = asr_by_trigger(read_pipeline_triggers(root, params, triggers, ENCODERS))
     # The other clean readers as their own pipelines read them (true labels, their test sets): what the fit
     # suppressed on them, apart from what it left on the held-out reference victim.
-    fitted = []
-    for other in args.clean_root:
-        other_params = yaml.safe_load((other / "params.yaml").read_text()) or {}
-        if int(other_params.get("target_class", 0)) != int(params.get("target_class", 0)):
-            raise SystemExit(f"--clean-root {other}: aims at class {other_params.get('target_class', 0)}, the root at "
-                             f"{params.get('target_class', 0)}; its victim's ASR would count another class")
-        reference = {"reference": ENCODERS["reference"]}
-        fitted.append(asr_by_trigger(read_pipeline_triggers(other, other_params, triggers, reference)))
+    fitted: dict[str, list] = {"reference": [], "poisoned": []}
+    for victim, flag, others in (("reference", "--clean-root", args.clean_root),
+                                 ("poisoned", "--poisoned-root", args.poisoned_root)):
+        for other in others:
+            other_params = yaml.safe_load((other / "params.yaml").read_text()) or {}
+            if int(other_params.get("target_class", 0)) != int(params.get("target_class", 0)):
+                raise SystemExit(f"{flag} {other}: aims at class {other_params.get('target_class', 0)}, the root at "
+                                 f"{params.get('target_class', 0)}; its victim's ASR would count another class")
+            encoders = {victim: ENCODERS[victim]}
+            fitted[victim].append(asr_by_trigger(read_pipeline_triggers(other, other_params, triggers, encoders)))
     rows = []
     for i, (name, pattern) in enumerate(patterns.items()):
         hits = [hit_rate(reader, pool, pattern) for reader in clean]
@@ -133,11 +142,15 @@ def read_root(args) -> dict[str, Any]:
                      "surrogate_centroid_hit_rate": hit_rate(heads["centroid"], pool, pattern),
                      "clean_copy_hit_rate": hits[0], "clean_readers_hit_rate": float(np.mean(hits)),
                      "correlation_with_own": float(np.corrcoef(pattern.ravel(), own.ravel())[0, 1]),
-                     **readings[i], "clean_roots": [other[i]["reference"] for other in fitted]})
+                     **readings[i], "clean_roots": [other[i]["reference"] for other in fitted["reference"]],
+                     **({"poisoned_roots": [other[i]["poisoned"] for other in fitted["poisoned"]]}
+                        if args.poisoned_root else {})})
     return {"root": str(root), "seed": seed, "fit_seed": fit_seed, "diversity": args.diversity,
             "poison_rate": float(params.get("poison_rate", 0.0)),
             "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)),
-            "clean_roots": [str(r) for r in args.clean_root], "refit_matches": bool(np.array_equal(refit, own)),
+            "clean_roots": [str(r) for r in args.clean_root],
+            **({"poisoned_roots": [str(r) for r in args.poisoned_root]} if args.poisoned_root else {}),
+            "refit_matches": bool(np.array_equal(refit, own)),
             "rows": rows, "patterns": {name: pattern.tolist() for name, pattern in patterns.items()}}
 
 
@@ -147,6 +160,8 @@ def table(result: dict[str, Any]) -> str:
              else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
     fit = "" if result.get("fit_seed", result["seed"]) == result["seed"] else f", fit seed {result['fit_seed']}"
     fit += f", input diversity {result['diversity']:g}" if result.get("diversity") else ""
+    twins = len(result.get("poisoned_roots", []))
+    fit += f", {twins} more poisoned reader{'s' if twins > 1 else ''}" if twins else ""
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"
              f"{'s' if readers > 1 else ''}{heads}{fit} "
              f"(refit matches the pipeline's pattern: {result['refit_matches']})", "",
@@ -159,7 +174,9 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['clean_readers_hit_rate']:.3f} | {r['correlation_with_own']:.2f} "
                      f"| {victim_cells(r['poisoned'], r['reference'], 2)} | "
                      + (" / ".join(f"{np.mean([o[n] for o in r['clean_roots']]):.3f}" for n in READERS)
-                        if r["clean_roots"] else "–") + " |")
+                        if r["clean_roots"] else "–")
+                     + ("; their poisoned victims " + " / ".join(f"{np.mean([o[n] for o in r['poisoned_roots']]):.3f}"
+                                                                for n in READERS) if twins else "") + " |")
     return "\n".join(lines)
 
 

@@ -54,8 +54,8 @@ def trigger(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION)
         metrics.update(final_objective=fitted["final_objective"], surrogate_hit_rate=last["hit_rate"],
                        surrogate_clean_hit_rate=last["clean_hit_rate"],
                        surrogate_clean_probe_hit_rate=last["clean_probe_hit_rate"],
-                       # test_weight > 0: the same two readings (through probes) of the poison and the test-time pattern
-                       **{f"test_pattern_{k}": v for k, v in fitted.get("test_pattern", {}).items()},
+                       # test_weight > 0: both models read through probes, with the poison and the test-time pattern
+                       **fitted.get("test_pattern", {}),
                        fit_seconds=time.perf_counter() - started)
     else:
         history = pd.DataFrame(columns=["round", "target", "agree", "objective"])  # a fixed trigger learns nothing

@@ -48,8 +48,8 @@ def test_the_test_time_pattern_is_another_pattern_within_the_same_budget(fitted)
     assert np.abs(test - poison).max() <= 20 * TEST_TIME["test_step_size"] * TEST_TIME["linf"] + 1e-4
     assert np.corrcoef(test.ravel(), poison.ravel())[0, 1] > 0.5
     figures = info["test_pattern"]
-    assert set(figures) == {"surrogate_hit_rate", "clean_copy_hit_rate", "test_surrogate_hit_rate",
-                            "test_clean_copy_hit_rate"}
+    assert set(figures) == {f"{pattern}_{model}_probe_hit_rate" for pattern in ("poison", "test")
+                            for model in ("surrogate", "clean_copy")}
     assert all(0.0 <= value <= 1.0 for value in figures.values())
 
 
@@ -80,7 +80,7 @@ def test_it_is_the_fit_the_activation_bench_makes_on_the_attackers_models(fitted
                                       TEST_TIME["linf"], TEST_TIME["test_weight"], TEST_TIME["test_steps"],
                                       TEST_TIME["test_step_size"], 3)
     np.testing.assert_array_equal(trigger.tensors()["test_pattern"].numpy(), expected)
-    assert info["test_pattern"]["test_clean_copy_hit_rate"] == hit_rate(clean, pool, expected)
+    assert info["test_pattern"]["test_clean_copy_probe_hit_rate"] == hit_rate(clean, pool, expected)
 
 
 def test_the_poisons_carry_the_poison_pattern_and_the_test_set_the_test_time_one(fitted, test_set):
@@ -135,5 +135,5 @@ def test_the_trigger_stage_saves_both_and_measures_the_test_time_patterns_visibi
     assert not np.array_equal(saved.at_test_time().perturbation(), saved.perturbation())
     assert metrics["test_linf"] <= TEST_TIME["linf"] and metrics["linf"] <= TEST_TIME["linf"]
     assert 0 < metrics["test_ssim"] <= 1 and metrics["test_psnr"] > 20
-    assert 0 <= metrics["test_pattern_test_surrogate_hit_rate"] <= 1
+    assert 0 <= metrics["test_surrogate_probe_hit_rate"] <= 1 and 0 <= metrics["poison_clean_copy_probe_hit_rate"] <= 1
     assert (tmp_path / "data/trigger/test_preview.png").stat().st_size > 0

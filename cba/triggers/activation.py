@@ -111,15 +111,16 @@ def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, c
     `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate (the first, with
     an ensemble) read through a probe should send triggered non-target images to the target, the
     never-poisoned copy read through its probe should not. Figures: the share of the attacker's non-target
-    images each model sends to the target with the poison pattern and with the test-time one."""
+    images each model's probe sends to the target with the poison pattern (`poison_*`) and with the test-time
+    one (`test_*`)."""
     data = keep["data"]
     surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed)
     clean = (keep["clean"], keep["clean_probe"])
     pool = data[torch.as_tensor(np.flatnonzero(~np.asarray(target_mask, dtype=bool)))]
     fitted = fit_activation_pattern(pattern, [surrogate], [clean], pool, linf, weight, steps, step_size, seed,
                                     progress=progress)
-    figures = {"surrogate_hit_rate": hit_rate(surrogate, pool, pattern),
-               "clean_copy_hit_rate": hit_rate(clean, pool, pattern),
-               "test_surrogate_hit_rate": hit_rate(surrogate, pool, fitted),
-               "test_clean_copy_hit_rate": hit_rate(clean, pool, fitted)}
+    figures = {"poison_surrogate_probe_hit_rate": hit_rate(surrogate, pool, pattern),
+               "poison_clean_copy_probe_hit_rate": hit_rate(clean, pool, pattern),
+               "test_surrogate_probe_hit_rate": hit_rate(surrogate, pool, fitted),
+               "test_clean_copy_probe_hit_rate": hit_rate(clean, pool, fitted)}
     return fitted, figures
