@@ -33,10 +33,11 @@ from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, rea
                           victim_cells)
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.activation import fit_activation_pattern, hit_rate, surrogate_reader
-from cba.triggers.fitting import fit_trigger
+from cba.triggers.fitting import attacker_pool, fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
+CLEAN_COPY_HEAD = -2  # the clean copy's head when the bench fits it (true labels), apart from the surrogate's 0 and -1
 POISONED_ROOT_HEADS = 100  # the other roots' poisoned victims' heads draw from k = 100, 101, ...: apart from the rest
 HEADS = ("probe", "centroid")
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--poisoned-root", type=Path, action="append", default=[],
                         help="another such repository whose poisoned victim joins the poisoned readers (repeat): a "
                              "stand-in for a poisoned twin the attacker trains on its own poisons")
+    parser.add_argument("--labels", choices=("pseudo", "true"), default="pseudo",
+                        help="the heads every reader is read through: fitted on the attacker's pseudo-labels (its "
+                             "threat model), or on its images' true labels (an attacker that holds them)")
     parser.add_argument("--weights", type=float, nargs="+", default=[10.0], help="weights of the clean readers' term")
     parser.add_argument("--poisoned-heads", nargs="+", choices=HEADS, default=["probe"],
                         help="the poisoned surrogate's heads the pattern should send to the target: probe (as the "
@@ -91,6 +95,9 @@ def attacker_models(root: Path, params: dict, quiet: bool) -> tuple[dict, np.nda
                             image_size=clean.images.shape[1])
     keep: dict = {}
     fit_trigger(trigger, clean.images, clean.labels, target, seed, progress=not quiet, keep=keep)
+    labels = clean.labels[attacker_pool(len(clean.labels), trigger.params["surrogate_size"], seed)]
+    # The attacker's images' true labels as the heads want them: the target's 0, the other classes 1, 2, ...
+    keep["labels"] = torch.as_tensor(np.where(labels == target, 0, labels + (labels < target)))
     return keep, trigger.perturbation().astype(np.float32), saved
 
 
@@ -105,8 +112,10 @@ def read_root(args) -> dict[str, Any]:
     data, mask = keep["data"], keep["target_mask"]
     pool = data[torch.as_tensor(np.flatnonzero(~mask))]  # the attacker's non-target images
 
+    labels = keep["labels"] if args.labels == "true" else None
+
     def reader(encoder, k: int, kind: str = "probe"):
-        return surrogate_reader(encoder, data, mask, clusters, fit_seed, k, kind)
+        return surrogate_reader(encoder, data, mask, clusters, fit_seed, k, kind, labels)
 
     surrogate = keep["poisoned"][0].requires_grad_(False)
     # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.
@@ -114,7 +123,7 @@ def read_root(args) -> dict[str, Any]:
     poisoned = [heads[kind] for kind in dict.fromkeys(args.poisoned_heads)]
     for k, other in enumerate(args.poisoned_root, start=POISONED_ROOT_HEADS):
         poisoned.append(reader(load_encoder(other / ENCODERS["poisoned"]).eval().requires_grad_(False), k))
-    clean = [(keep["clean"], keep["clean_probe"])]
+    clean = [(keep["clean"], keep["clean_probe"]) if labels is None else reader(keep["clean"], CLEAN_COPY_HEAD)]
     for k, other in enumerate(args.clean_root, start=1):
         clean.append(reader(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
     patterns = {"own": own}
@@ -145,7 +154,7 @@ def read_root(args) -> dict[str, Any]:
                      **readings[i], "clean_roots": [other[i]["reference"] for other in fitted["reference"]],
                      **({"poisoned_roots": [other[i]["poisoned"] for other in fitted["poisoned"]]}
                         if args.poisoned_root else {})})
-    return {"root": str(root), "seed": seed, "fit_seed": fit_seed, "diversity": args.diversity,
+    return {"root": str(root), "seed": seed, "fit_seed": fit_seed, "diversity": args.diversity, "labels": args.labels,
             "poison_rate": float(params.get("poison_rate", 0.0)),
             "poisoned_heads": list(dict.fromkeys(args.poisoned_heads)),
             "clean_roots": [str(r) for r in args.clean_root],
@@ -160,6 +169,7 @@ def table(result: dict[str, Any]) -> str:
              else f", fitted to the surrogate's {' and '.join(result['poisoned_heads'])}")
     fit = "" if result.get("fit_seed", result["seed"]) == result["seed"] else f", fit seed {result['fit_seed']}"
     fit += f", input diversity {result['diversity']:g}" if result.get("diversity") else ""
+    fit += ", heads on true labels" if result.get("labels") == "true" else ""
     twins = len(result.get("poisoned_roots", []))
     fit += f", {twins} more poisoned reader{'s' if twins > 1 else ''}" if twins else ""
     lines = [f"**seed {result['seed']}, poison rate {result['poison_rate']:g}**, {readers} clean reader"

@@ -96,11 +96,12 @@ def hit_rate(reader: Reader, images: torch.Tensor, pattern: np.ndarray) -> float
 
 
 def surrogate_reader(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int, seed: int,
-                     k: int = 0, kind: str = "probe") -> Reader:
-    """`encoder` read through a head fitted on the attacker's pseudo-labels (`cba.triggers.optimize.target_head`),
-    its own generator drawn from `seed` and `k`, so one head is the same whichever others are built."""
+                     k: int = 0, kind: str = "probe", labels: torch.Tensor | None = None) -> Reader:
+    """`encoder` read through a head fitted on the attacker's pseudo-labels, or on `labels` where it holds them
+    (`cba.triggers.optimize.target_head`), its own generator drawn from `seed` and `k`, so one head is the same
+    whichever others are built."""
     gen = torch.Generator().manual_seed(seed + HEAD_SEED + k)
-    return encoder, target_head(encoder, data, target_mask, clusters, kind, gen)
+    return encoder, target_head(encoder, data, target_mask, clusters, kind, gen, labels=labels)
 
 
 def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, clusters: int, linf: float,

@@ -156,15 +156,23 @@ def pseudo_labels(features: torch.Tensor, target_mask: np.ndarray, clusters: int
 
 
 def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray, clusters: int, kind: str,
-                gen: torch.Generator, temperature: float = 0.1, hard_negatives: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                gen: torch.Generator, temperature: float = 0.1, hard_negatives: bool = False,
+                labels: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits over {target, the other clusters} for raw encoder features: the attacker's stand-in for the
     victim's downstream classifier.
 
     - centroid: cosine to each centroid / temperature (a nearest-centroid classifier, as kNN votes);
     - probe: a linear probe on standardised features, trained on the pseudo-labels exactly as the
-      victim's probe is trained on true labels (`cba.evaluate.train_linear_probe`)."""
+      victim's probe is trained on true labels (`cba.evaluate.train_linear_probe`).
+
+    `labels` (the target's 0, the other classes 1, 2, ...): an attacker that holds labelled images reads through
+    heads fitted on them instead of the pseudo-labels (a probe, or the classes' centroids)."""
     features = _all_features(encoder, data)
-    labels, centroids = pseudo_labels(features, target_mask, clusters, gen, hard_negatives=hard_negatives)
+    if labels is None:
+        labels, centroids = pseudo_labels(features, target_mask, clusters, gen, hard_negatives=hard_negatives)
+    else:
+        labels, normed = torch.as_tensor(labels).long(), F.normalize(features, dim=1)
+        centroids = torch.stack([F.normalize(normed[labels == c].mean(0), dim=0) for c in range(int(labels.max()) + 1)])
     if kind == "centroid":
         return lambda raw: F.normalize(raw, dim=1) @ centroids.T / temperature
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
