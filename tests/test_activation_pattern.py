@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cba.triggers.activation import diverse_input, fit_activation_pattern, hit_rate
+from cba.triggers.activation import diverse_input, fit_activation_pattern, hit_rate, surrogate_reader
 
 LINF = 16.0
 
@@ -113,3 +113,17 @@ def test_a_diverse_fit_stays_within_budget_and_diversity_zero_is_the_plain_fit()
     assert np.array_equal(run(0.0), plain)
     diverse = run(1.0)
     assert np.abs(diverse).max() <= LINF and not np.array_equal(diverse, plain) and np.array_equal(diverse, run(1.0))
+
+
+def test_given_labels_replace_the_pseudo_labels_in_the_readers_heads():
+    """Images of three colours, labelled by colour (red the target, 0): a head fitted on the labels reads each
+    colour as its class, whatever k-means would have made of them."""
+    colours = torch.eye(3)[torch.arange(60) % 3]  # red, green, blue, red, ...
+    images = colours[:, :, None, None].expand(60, 3, 8, 8).clone() * 0.8 + 0.1
+    labels = torch.arange(60) % 3
+    mask = (labels == 0).numpy()
+    for kind in ("probe", "centroid"):
+        encoder, head = surrogate_reader(ChannelMeans(), images, mask, 2, seed=0, kind=kind, labels=labels)
+        assert torch.equal(head(encoder(images)).argmax(1), labels), kind
+    _, pseudo = surrogate_reader(ChannelMeans(), images, mask, 2, seed=0)  # two clusters: target and the rest
+    assert pseudo(ChannelMeans()(images)).shape[1] == 2

@@ -185,13 +185,13 @@ def test_activation_pattern_refits_the_attackers_models_and_reads_each_test_time
     assert not np.array_equal(other_draws["patterns"]["weight 5"], result["patterns"]["weight 5"])
     assert f"fit seed {seed + 1}" in (tmp_path / "draws.md").read_text()
     twins = bench.main(["--root", str(project), "--poisoned-root", str(other), "--weights", "5", "--steps", "4",
-                        "--diversity", "0.5", "--quiet", "--out", str(tmp_path / "twins.json")])
+                        "--diversity", "0.5", "--labels", "true", "--quiet", "--out", str(tmp_path / "twins.json")])
     for name in ("linear", "knn"):  # the other root's poisoned victim (here the same encoder), as its pipeline reads it
         assert twins["rows"][0]["poisoned_roots"][0][name] == pytest.approx(finetune[name]["asr"])
     assert twins["rows"][0]["poisoned"] == rows["own"]["poisoned"] and twins["diversity"] == 0.5
     assert not np.array_equal(twins["patterns"]["weight 5"], result["patterns"]["weight 5"])  # more readers, other steps
     text = (tmp_path / "twins.md").read_text()
-    assert "input diversity 0.5, 1 more poisoned reader" in text and "; their poisoned victims " in text
+    assert "input diversity 0.5, heads on true labels, 1 more poisoned reader" in text and "; their poisoned victims " in text
     for flag in ("--clean-root", "--poisoned-root"):
         with pytest.raises(SystemExit, match="own victims"):
             bench.parse_args(["--root", str(project), flag, str(project)])
