@@ -32,12 +32,11 @@ from cba.models.io import load_encoder
 from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
                           victim_cells)
 from cba.triggers import build_trigger, load_trigger
-from cba.triggers.activation import fit_activation_pattern, hit_rate, surrogate_reader
+from cba.triggers.activation import CLEAN_COPY_HEAD, fit_activation_pattern, hit_rate, surrogate_reader
 from cba.triggers.fitting import attacker_pool, fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
-CLEAN_COPY_HEAD = -2  # the clean copy's head when the bench fits it (true labels), apart from the surrogate's 0 and -1
 POISONED_ROOT_HEADS = 100  # the other roots' poisoned victims' heads draw from k = 100, 101, ...: apart from the rest
 HEADS = ("probe", "centroid")
 

@@ -153,7 +153,7 @@ def test_code_defaults_match_params_yaml():
         if key != "surrogate_size":  # the stage's choice of data, not the optimiser's
             assert getattr(config, key) == value, key
     universal_only = {"resolution", "step_size", "w_match", "match", "symmetric", "test_weight", "test_steps",
-                      "test_step_size"}
+                      "test_step_size", "test_labels"}
     assert set(GeneratedTrigger.defaults) == (set(OptimizedTrigger.defaults) - universal_only) | {"hidden", "lr"}
     assert not {"surrogate_lr", "temperature", "per_batch", "form"} & set(GeneratedTrigger.defaults)
 

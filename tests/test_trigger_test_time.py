@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.poison import poison_dataset, triggered_test_set
 from cba.triggers import build_trigger, load_trigger, save_trigger
-from cba.triggers.activation import fit_activation_pattern, hit_rate, surrogate_reader
+from cba.triggers.activation import CLEAN_COPY_HEAD, fit_activation_pattern, hit_rate, surrogate_reader
 from cba.triggers.optimized import OptimizedTrigger
 from conftest import TINY_TRIGGER as TINY
 
@@ -107,7 +108,8 @@ def test_save_and_load_keep_both_patterns(fitted, tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("test_weight", -1), ("test_weight", "high"), ("test_steps", 0),
-                                        ("test_steps", 2.5), ("test_step_size", 0), ("test_step_size", 1.5)])
+                                        ("test_steps", 2.5), ("test_step_size", 0), ("test_step_size", 1.5),
+                                        ("test_labels", "yes")])
 def test_bad_test_time_options_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
         build_trigger("optimized", {key: value}, seed=0)
@@ -137,3 +139,25 @@ def test_the_trigger_stage_saves_both_and_measures_the_test_time_patterns_visibi
     assert 0 < metrics["test_ssim"] <= 1 and metrics["test_psnr"] > 20
     assert 0 <= metrics["test_surrogate_probe_hit_rate"] <= 1 and 0 <= metrics["poison_clean_copy_probe_hit_rate"] <= 1
     assert (tmp_path / "data/trigger/test_preview.png").stat().st_size > 0
+
+
+def test_with_labels_both_models_are_read_through_probes_on_them_as_the_bench_reads_them(attacker_data):
+    images, mask = attacker_data
+    classes = generate(300, seed=21).labels  # attacker_data's own labels; its target is class 0
+    trigger = build_trigger("optimized", {**TEST_TIME, "test_labels": True}, seed=3)
+    with pytest.raises(ValueError, match="labels"):
+        trigger.fit(images, mask, progress=False)
+    info = trigger.fit(images, mask, progress=False, labels=classes)
+    keep: dict = {}
+    plain = build_trigger("optimized", TINY, seed=3)
+    plain.fit(images, mask, progress=False, keep=keep)
+    np.testing.assert_array_equal(trigger.perturbation(), plain.perturbation())  # the poison pattern does not care
+    given = torch.as_tensor(classes)  # target 0 already: the heads' classes are the labels themselves
+    readers = [surrogate_reader(encoder, keep["data"], mask, plain.params["clusters"], 3, k, labels=given)
+               for encoder, k in ((keep["poisoned"][0].requires_grad_(False), 0), (keep["clean"], CLEAN_COPY_HEAD))]
+    pool = keep["data"][np.flatnonzero(~mask)]
+    expected = fit_activation_pattern(plain.perturbation().astype(np.float32), readers[:1], readers[1:], pool,
+                                      TEST_TIME["linf"], TEST_TIME["test_weight"], TEST_TIME["test_steps"],
+                                      TEST_TIME["test_step_size"], 3)
+    np.testing.assert_array_equal(trigger.tensors()["test_pattern"].numpy(), expected)
+    assert info["test_pattern"]["test_clean_copy_probe_hit_rate"] == hit_rate(readers[1], pool, expected)

@@ -34,6 +34,7 @@ from cba.triggers.perturbation import stamp
 
 Reader = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # an encoder and a head: logits, target = 0
 HEAD_SEED = 11  # the surrogate's heads draw from seed + HEAD_SEED + k, apart from the trigger fit's own (+ 0..3)
+CLEAN_COPY_HEAD = -2  # k of the clean copy's head where the test-time fit builds it (true labels)
 
 
 def _logits(reader: Reader, x: torch.Tensor) -> torch.Tensor:
@@ -105,18 +106,22 @@ def surrogate_reader(encoder: nn.Module, data: torch.Tensor, target_mask: np.nda
 
 
 def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, clusters: int, linf: float,
-                     weight: float, steps: int, step_size: float, seed: int,
-                     progress: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+                     weight: float, steps: int, step_size: float, seed: int, progress: bool = False,
+                     labels: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """The trigger fit's test-time pattern and its figures on the attacker's own models.
 
     `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate (the first, with
     an ensemble) read through a probe should send triggered non-target images to the target, the
-    never-poisoned copy read through its probe should not. Figures: the share of the attacker's non-target
+    never-poisoned copy read through its probe should not; both probes are fitted on `labels` where the
+    attacker holds them (the target's 0), else on its pseudo-labels (the copy's is the trigger fit's). Figures: the share of the attacker's non-target
     images each model's probe sends to the target with the poison pattern (`poison_*`) and with the test-time
     one (`test_*`)."""
     data = keep["data"]
-    surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed)
-    clean = (keep["clean"], keep["clean_probe"])
+    given = None if labels is None else torch.as_tensor(labels)
+    surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed,
+                                 labels=given)
+    clean = ((keep["clean"], keep["clean_probe"]) if given is None
+             else surrogate_reader(keep["clean"], data, target_mask, clusters, seed, CLEAN_COPY_HEAD, labels=given))
     pool = data[torch.as_tensor(np.flatnonzero(~np.asarray(target_mask, dtype=bool)))]
     fitted = fit_activation_pattern(pattern, [surrogate], [clean], pool, linf, weight, steps, step_size, seed,
                                     progress=progress)

@@ -59,6 +59,8 @@ class OptimizeConfig:
     test_weight: float = _only("universal", 0.0)
     test_steps: int = _only("universal", 200)  # its signed steps
     test_step_size: float = _only("universal", 0.02)  # each step, as a fraction of the budget
+    # The attacker also holds its images' true labels: the test-time fit reads its models through probes on them.
+    test_labels: bool = _only("universal", False)
     hidden: int = _only("generator", 16)  # the generator's channels
     lr: float = _only("generator", 0.002)  # the generator's Adam rate
     surrogate_lr: float = _internal(0.6)

@@ -41,7 +41,9 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
     if not (labels[pool] == target_class).any():
         raise ConfigError("surrogate_size", trigger.params["surrogate_size"],
                           f"large enough to hold target-class images (class {target_class})")
+    # A test-time fit on true labels (`test_labels`) reads the attacker's images' classes; nothing else does.
+    given = {"labels": labels[pool]} if trigger.params.get("test_labels") else {}
     if keep is None:
-        return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress)
+        return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress, **given)
     keep["target_mask"] = labels[pool] == target_class
-    return trigger.fit(images[pool], keep["target_mask"], device=device, progress=progress, keep=keep)
+    return trigger.fit(images[pool], keep["target_mask"], device=device, progress=progress, keep=keep, **given)

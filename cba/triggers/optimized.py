@@ -64,7 +64,7 @@ OPTION_CHECKS = {
     "poison_share": _number(0.0, 1.0, "must be a number in (0, 1] (a share of the attacker's target-class images)"),
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT, "w_divert": _WEIGHT,
     "test_weight": _WEIGHT,
-    "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG, "symmetric": _FLAG,
+    "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG, "symmetric": _FLAG, "test_labels": _FLAG,
     "head": _choice(HEAD_CHOICES), "clean_head": _choice(CLEAN_HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
     "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
 }
@@ -112,9 +112,9 @@ class OptimizedTrigger(Trigger):
         return trigger
 
     def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
-            progress: bool = True, keep: dict | None = None) -> dict[str, Any]:
+            progress: bool = True, keep: dict | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
         """Learn the pattern from the attacker's images; return the optimisation's figures (`keep`: see
-        `optimize_trigger`)."""
+        `optimize_trigger`; `labels`: the images' classes, which `test_labels` needs)."""
         from cba.triggers.optimize import optimize_trigger  # torch-heavy, needed only here
 
         images = self._check_images(images)
@@ -123,6 +123,17 @@ class OptimizedTrigger(Trigger):
             raise ValueError("target_mask must mark at least one of the attacker's images as target class")
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
         config = OptimizeConfig(**options, form=self.form)
+        if self._separate_test_pattern() and self.params["test_labels"]:
+            if labels is None or len(labels) != len(images):
+                raise ValueError("test_labels needs the attacker's images' labels, one per image")
+            labels = np.asarray(labels)
+            target = labels[target_mask]
+            if len(target) == 0 or (target != target[0]).any() or (labels[~target_mask] == target[0]).any():
+                raise ValueError("the labels must give the target-class images, and only them, one class")
+            # The heads' classes: the target's 0, the others 1, 2, ... in their order.
+            labels = np.where(target_mask, 0, labels + (labels < target[0]))
+        else:
+            labels = None
         if self._separate_test_pattern() and keep is None:
             keep = {}
         perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep)
@@ -134,7 +145,7 @@ class OptimizedTrigger(Trigger):
             p = self.params
             self._arrays["test_pattern"], figures["test_pattern"] = fit_test_pattern(
                 self._arrays["pattern"], keep, target_mask, p["clusters"], p["linf"], p["test_weight"],
-                p["test_steps"], p["test_step_size"], self.seed, progress=progress)
+                p["test_steps"], p["test_step_size"], self.seed, progress=progress, labels=labels)
         return figures
 
     def at_test_time(self) -> "OptimizedTrigger":
