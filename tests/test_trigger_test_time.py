@@ -88,8 +88,9 @@ def test_the_poisons_carry_the_poison_pattern_and_the_test_set_the_test_time_one
     trigger, _ = fitted
     train = generate(200, seed=8)
     poisoned = poison_dataset(train, trigger, 0.05, 1, "clean_label", seed=0)
-    assert len(poisoned.indices)
-    np.testing.assert_array_equal(poisoned.train.images[poisoned.indices], trigger.apply(train.images[poisoned.indices]))
+    chosen = poisoned.indices
+    assert len(chosen)
+    np.testing.assert_array_equal(poisoned.train.images[chosen], trigger.apply(train.images[chosen]))
     triggered = triggered_test_set(test_set, trigger, 1)
     others = test_set.images[test_set.labels != 1]
     np.testing.assert_array_equal(triggered.images, trigger.at_test_time().apply(others))

@@ -112,10 +112,10 @@ def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, c
 
     `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate (the first, with
     an ensemble) read through a probe should send triggered non-target images to the target, the
-    never-poisoned copy read through its probe should not; both probes are fitted on `labels` where the
-    attacker holds them (the target's 0), else on its pseudo-labels (the copy's is the trigger fit's). Figures: the share of the attacker's non-target
-    images each model's probe sends to the target with the poison pattern (`poison_*`) and with the test-time
-    one (`test_*`)."""
+    never-poisoned copy read through its probe should not. Both probes are fitted on `labels` where the
+    attacker holds them (the target's 0), else on its pseudo-labels (the copy's is the trigger fit's own).
+    Figures: the share of the attacker's non-target images each model's probe sends to the target with the
+    poison pattern (`poison_*`) and with the test-time one (`test_*`)."""
     data = keep["data"]
     given = None if labels is None else torch.as_tensor(labels)
     surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed,
