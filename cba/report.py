@@ -161,4 +161,12 @@ def trigger_summary(stealth: dict) -> str:
             f"PSNR {stealth['psnr']:.1f} dB, SSIM {stealth['ssim']:.3f}.")
     if "final_objective" in stealth:
         line += f" Final trigger objective {stealth['final_objective']:.3f} (lower is better for the attacker)."
+    if "test_linf" in stealth:
+        s = stealth
+        reads = [s[f"{pattern}_{model}_probe_hit_rate"]
+                 for model in ("surrogate", "clean_copy") for pattern in ("test", "poison")]
+        line += (" The test inputs carry a test-time pattern fitted after the poisons: "
+                 f"L-inf {s['test_linf']:.1f}/255, mean L2 {s['test_l2']:.0f}, PSNR {s['test_psnr']:.1f} dB, "
+                 f"SSIM {s['test_ssim']:.3f}; the attacker's poisoned surrogate reads it as the target {reads[0]:.3f} "
+                 f"(the poison pattern {reads[1]:.3f}), its clean copy {reads[2]:.3f} ({reads[3]:.3f}).")
     return line

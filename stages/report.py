@@ -85,6 +85,10 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     analysis = read_details("analysis")
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _copy(TRIGGER_DIR / "preview.png", REPORT_DIR / "trigger_preview.png")
+    test_preview = []  # the pattern the test inputs carry, where the attack fitted one after the poisons
+    if (TRIGGER_DIR / "test_preview.png").exists():
+        _copy(TRIGGER_DIR / "test_preview.png", REPORT_DIR / "trigger_test_preview.png")
+        test_preview = ["The test-time pattern, on the same images.", "![test-time pattern](trigger_test_preview.png)"]
     plot_learning_curves(pd.read_csv(PLOTS_DIR / "pretrain_loss.csv"), pd.read_csv(PLOTS_DIR / "pretrain_knn.csv"),
                          REPORT_DIR / "learning_curves.png")
     analysis_parts = []
@@ -119,6 +123,7 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         trigger_summary(read_details("trigger")),
         "Clean image, triggered image, and the amplified difference.",
         "![trigger preview](trigger_preview.png)",
+        *test_preview,
         "## Learning curves",
         "![learning curves](learning_curves.png)",
         *analysis_parts,

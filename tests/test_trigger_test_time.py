@@ -13,6 +13,7 @@ import torch
 from cba.data.synthetic import generate
 from cba.errors import ConfigError
 from cba.poison import poison_dataset, triggered_test_set
+from cba.report import trigger_summary
 from cba.triggers import build_trigger, load_trigger, save_trigger
 from cba.triggers.activation import CLEAN_COPY_HEAD, fit_activation_pattern, hit_rate, surrogate_reader
 from cba.triggers.optimized import OptimizedTrigger
@@ -140,6 +141,9 @@ def test_the_trigger_stage_saves_both_and_measures_the_test_time_patterns_visibi
     assert 0 < metrics["test_ssim"] <= 1 and metrics["test_psnr"] > 20
     assert 0 <= metrics["test_surrogate_probe_hit_rate"] <= 1 and 0 <= metrics["poison_clean_copy_probe_hit_rate"] <= 1
     assert (tmp_path / "data/trigger/test_preview.png").stat().st_size > 0
+    line = trigger_summary(metrics)  # the report's trigger section names both patterns
+    assert f"PSNR {metrics['psnr']:.1f} dB" in line and f"PSNR {metrics['test_psnr']:.1f} dB" in line
+    assert f"its clean copy {metrics['test_clean_copy_probe_hit_rate']:.3f}" in line
 
 
 def test_with_labels_both_models_are_read_through_probes_on_them_as_the_bench_reads_them(attacker_data):
