@@ -167,7 +167,10 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
 
     data_digest = check_inputs_agree(ranks)
     random_init = monitor(method.encoder.to(device), 0) if ranks.is_main else {}
-    fingerprint = run_fingerprint(config, {**extra, "processes": ranks.world_size}, data_digest)
+    # The curves score the ASR set, and a checkpoint carries the curves so far: a test-time pattern changed
+    # with the poisons kept (trigger.params.test_weight) must not resume the old readings.
+    asr_set = hashlib.sha256(triggered.images.tobytes()).hexdigest()
+    fingerprint = run_fingerprint(config, {**extra, "processes": ranks.world_size, "asr_set": asr_set}, data_digest)
     result = train(method, train_set.images, train_set.labels, victim_augment(kind, extra, train_set.images.shape[1]),
                    config, device, evaluate=monitor,
                    checkpointer=Checkpointer(PRETRAIN_DIR / "checkpoints", fingerprint), progress=progress)

@@ -166,3 +166,35 @@ def test_with_labels_both_models_are_read_through_probes_on_them_as_the_bench_re
                                       TEST_TIME["test_step_size"], 3)
     np.testing.assert_array_equal(trigger.tensors()["test_pattern"].numpy(), expected)
     assert info["test_pattern"]["test_clean_copy_probe_hit_rate"] == hit_rate(readers[1], pool, expected)
+
+
+def test_pretraining_never_resumes_readings_of_another_test_time_pattern(tmp_path, monkeypatch):
+    """The poisons stay the same when only the test-time pattern changes, so a pretraining checkpoint would
+    match them; its learning curves, though, read the old pattern, so the stage must train afresh."""
+    import yaml
+
+    from stages.poison import poison
+    from stages.pretrain import pretrain
+    from stages.trigger import trigger as trigger_stage
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["options"] = {"train_size": 300, "test_size": 100}
+    params["trigger"]["params"].update(TINY)
+    params["pretrain"].update(epochs=1, width=4, batch_size=64, eval_every=1, eval_bank_size=100, warmup_epochs=0,
+                              device="cpu")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    trigger_stage(tmp_path / "params.yaml", progress=False)
+    poison(tmp_path / "params.yaml")
+
+    def resumed() -> int:
+        pretrain(tmp_path / "params.yaml", progress=False)
+        return json.loads((tmp_path / "metrics/pretrain.json").read_text())["resumed_epochs"]
+
+    assert resumed() == 0 and resumed() == 1  # the same run again resumes its checkpoint
+    saved = load_trigger(tmp_path / "data/trigger")
+    other = build_trigger("optimized", {**saved.params, "test_weight": 1.0}, seed=saved.seed)
+    pattern = saved.tensors()["pattern"]
+    other.set_tensors({"pattern": pattern, "test_pattern": -pattern})
+    save_trigger(other, tmp_path / "data/trigger")  # the same poisons, another test-time pattern
+    assert resumed() == 0
