@@ -32,7 +32,8 @@ from cba.models.io import load_encoder
 from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
                           victim_cells)
 from cba.triggers import build_trigger, load_trigger
-from cba.triggers.activation import CLEAN_COPY_HEAD, fit_activation_pattern, hit_rate, surrogate_reader
+from cba.triggers.activation import (attacker_readers, fit_activation_pattern, hit_rate, surrogate_reader,
+                                     target_first)
 from cba.triggers.fitting import attacker_pool, fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
@@ -95,8 +96,7 @@ def attacker_models(root: Path, params: dict, quiet: bool) -> tuple[dict, np.nda
     keep: dict = {}
     fit_trigger(trigger, clean.images, clean.labels, target, seed, progress=not quiet, keep=keep)
     labels = clean.labels[attacker_pool(len(clean.labels), trigger.params["surrogate_size"], seed)]
-    # The attacker's images' true labels as the heads want them: the target's 0, the other classes 1, 2, ...
-    keep["labels"] = torch.as_tensor(np.where(labels == target, 0, labels + (labels < target)))
+    keep["labels"] = torch.as_tensor(target_first(labels, target))  # the attacker's images' true labels
     return keep, trigger.perturbation().astype(np.float32), saved
 
 
@@ -116,13 +116,14 @@ def read_root(args) -> dict[str, Any]:
     def reader(encoder, k: int, kind: str = "probe"):
         return surrogate_reader(encoder, data, mask, clusters, fit_seed, k, kind, labels)
 
-    surrogate = keep["poisoned"][0].requires_grad_(False)
-    # Each head has its own generator, so the probe is the same whichever heads the pattern is fitted to.
-    heads = {"probe": reader(surrogate, 0), "centroid": reader(surrogate, -1, "centroid")}
+    # The trigger stage's two readers; each head has its own generator, so the probe is the same whichever
+    # heads the pattern is fitted to.
+    probe, copy = attacker_readers(keep, mask, clusters, fit_seed, labels)
+    heads = {"probe": probe, "centroid": reader(probe[0], -1, "centroid")}
     poisoned = [heads[kind] for kind in dict.fromkeys(args.poisoned_heads)]
     for k, other in enumerate(args.poisoned_root, start=POISONED_ROOT_HEADS):
         poisoned.append(reader(load_encoder(other / ENCODERS["poisoned"]).eval().requires_grad_(False), k))
-    clean = [(keep["clean"], keep["clean_probe"]) if labels is None else reader(keep["clean"], CLEAN_COPY_HEAD)]
+    clean = [copy]
     for k, other in enumerate(args.clean_root, start=1):
         clean.append(reader(load_encoder(other / ENCODERS["reference"]).eval().requires_grad_(False), k))
     patterns = {"own": own}

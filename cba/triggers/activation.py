@@ -105,23 +105,37 @@ def surrogate_reader(encoder: nn.Module, data: torch.Tensor, target_mask: np.nda
     return encoder, target_head(encoder, data, target_mask, clusters, kind, gen, labels=labels)
 
 
+def target_first(labels: np.ndarray, target: int) -> np.ndarray:
+    """Class labels as the heads take them: the target's 0, the other classes 1, 2, ... in their order."""
+    labels = np.asarray(labels)
+    return np.where(labels == target, 0, labels + (labels < target))
+
+
+def attacker_readers(keep: dict, target_mask: np.ndarray, clusters: int, seed: int,
+                     labels: torch.Tensor | None = None) -> tuple[Reader, Reader]:
+    """The poisoned surrogate (the first, with an ensemble) and the never-poisoned copy, each read through a
+    probe: on `labels` (`target_first`) where the attacker holds them, else on its pseudo-labels (the copy's
+    probe is then the trigger fit's own)."""
+    data = keep["data"]
+    surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed,
+                                 labels=labels)
+    clean = ((keep["clean"], keep["clean_probe"]) if labels is None
+             else surrogate_reader(keep["clean"], data, target_mask, clusters, seed, CLEAN_COPY_HEAD, labels=labels))
+    return surrogate, clean
+
+
 def fit_test_pattern(pattern: np.ndarray, keep: dict, target_mask: np.ndarray, clusters: int, linf: float,
                      weight: float, steps: int, step_size: float, seed: int, progress: bool = False,
                      labels: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """The trigger fit's test-time pattern and its figures on the attacker's own models.
 
-    `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate (the first, with
-    an ensemble) read through a probe should send triggered non-target images to the target, the
-    never-poisoned copy read through its probe should not. Both probes are fitted on `labels` where the
-    attacker holds them (the target's 0), else on its pseudo-labels (the copy's is the trigger fit's own).
+    `keep`: the attacker's models as `optimize_trigger` leaves them; the poisoned surrogate should send
+    triggered non-target images to the target, the never-poisoned copy should not (`attacker_readers`).
     Figures: the share of the attacker's non-target images each model's probe sends to the target with the
     poison pattern (`poison_*`) and with the test-time one (`test_*`)."""
     data = keep["data"]
-    given = None if labels is None else torch.as_tensor(labels)
-    surrogate = surrogate_reader(keep["poisoned"][0].requires_grad_(False), data, target_mask, clusters, seed,
-                                 labels=given)
-    clean = ((keep["clean"], keep["clean_probe"]) if given is None
-             else surrogate_reader(keep["clean"], data, target_mask, clusters, seed, CLEAN_COPY_HEAD, labels=given))
+    surrogate, clean = attacker_readers(keep, target_mask, clusters, seed,
+                                        None if labels is None else torch.as_tensor(labels))
     pool = data[torch.as_tensor(np.flatnonzero(~np.asarray(target_mask, dtype=bool)))]
     fitted = fit_activation_pattern(pattern, [surrogate], [clean], pool, linf, weight, steps, step_size, seed,
                                     progress=progress)

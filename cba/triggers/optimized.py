@@ -115,7 +115,8 @@ class OptimizedTrigger(Trigger):
             progress: bool = True, keep: dict | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
         """Learn the pattern from the attacker's images; return the optimisation's figures (`keep`: see
         `optimize_trigger`; `labels`: the images' classes, which `test_labels` needs)."""
-        from cba.triggers.optimize import optimize_trigger  # torch-heavy, needed only here
+        from cba.triggers.activation import fit_test_pattern, target_first  # torch-heavy, needed only here
+        from cba.triggers.optimize import optimize_trigger
 
         images = self._check_images(images)
         target_mask = np.asarray(target_mask, dtype=bool)
@@ -123,24 +124,23 @@ class OptimizedTrigger(Trigger):
             raise ValueError("target_mask must mark at least one of the attacker's images as target class")
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
         config = OptimizeConfig(**options, form=self.form)
-        if self._separate_test_pattern() and self.params["test_labels"]:
+        separate = self._separate_test_pattern()
+        if separate and self.params["test_labels"]:
             if labels is None or len(labels) != len(images):
                 raise ValueError("test_labels needs the attacker's images' labels, one per image")
             labels = np.asarray(labels)
             target = labels[target_mask]
             if len(target) == 0 or (target != target[0]).any() or (labels[~target_mask] == target[0]).any():
                 raise ValueError("the labels must give the target-class images, and only them, one class")
-            # The heads' classes: the target's 0, the others 1, 2, ... in their order.
-            labels = np.where(target_mask, 0, labels + (labels < target[0]))
+            labels = target_first(labels, target[0])
         else:
             labels = None
-        if self._separate_test_pattern() and keep is None:
+        if separate and keep is None:
             keep = {}
         perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep)
         self._adopt(perturbation)
         figures: dict[str, Any] = {"history": history, "final_objective": history[-1]["objective"]}
-        if self._separate_test_pattern():
-            from cba.triggers.activation import fit_test_pattern
+        if separate:
 
             p = self.params
             self._arrays["test_pattern"], figures["test_pattern"] = fit_test_pattern(
