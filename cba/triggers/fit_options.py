@@ -51,6 +51,9 @@ class OptimizeConfig:
     w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
     w_divert: float = 0.0  # the clean copy's probe should not move triggered images between non-target classes
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
+    # The attacker also holds its images' true labels: the pattern's fit reads its surrogates and their clean copy
+    # through heads on them (class centroids, or probes) instead of pseudo-labels.
+    fit_labels: bool = False
     # differential: match what the pattern adds to the poisons' gradient | full: all of it
     match: str = _only("universal", "differential")
     clip_gradient: str = "zero"  # the clip's gradient in the objective: zero (exact) | straight_through

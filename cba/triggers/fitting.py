@@ -41,8 +41,9 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
     if not (labels[pool] == target_class).any():
         raise ConfigError("surrogate_size", trigger.params["surrogate_size"],
                           f"large enough to hold target-class images (class {target_class})")
-    # A test-time fit on true labels (`test_labels`) reads the attacker's images' classes; nothing else does.
-    given = {"labels": labels[pool]} if trigger.params.get("test_labels") else {}
+    # A fit on true labels (`fit_labels`, `test_labels`) reads the attacker's images' classes; nothing else does.
+    holds_labels = trigger.params.get("fit_labels") or trigger.params.get("test_labels")
+    given = {"labels": labels[pool]} if holds_labels else {}
     if keep is None:
         return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress, **given)
     keep["target_mask"] = labels[pool] == target_class

@@ -283,14 +283,16 @@ def _perturbation(config: OptimizeConfig, size: int, eps: float, seed: int,
 
 def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: OptimizeConfig, seed: int,
                      device: torch.device | None = None, progress: bool = True,
-                     keep: dict | None = None) -> tuple[UniversalPattern | GeneratedPattern, list[dict]]:
+                     keep: dict | None = None,
+                     labels: np.ndarray | None = None) -> tuple[UniversalPattern | GeneratedPattern, list[dict]]:
     """Learn the trigger from uint8 NHWC `images`; `target_mask` marks the target-class ones.
 
     Returns the fitted perturbation (`cba.triggers.perturbation`: a pattern, or
     a generator, within +-linf everywhere) and one row of objective figures per
     round. A `keep` dict receives the attacker's models as the fit leaves them (`poisoned`: the surrogates'
     encoders, `clean`: the never-poisoned copy, `clean_probe`: its probe head) and `data`, the images as a
-    float tensor, for what is fitted after the pattern (`cba.triggers.activation`).
+    float tensor, for what is fitted after the pattern (`cba.triggers.activation`). `labels` (`target_first`
+    order): the attacker holds its images' classes, and every head reads through them (`fit_labels`).
     """
     device = device or torch.device("cpu")
     target_mask = np.asarray(target_mask, dtype=bool)
@@ -319,16 +321,18 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         # A frozen copy of the warmed-up surrogate, which never sees a poison, and its own head (own generator,
         # so the fit's random stream is the same with or without it).
         clean_encoder = copy.deepcopy(methods[0].encoder).eval().requires_grad_(False)
+        given = None if labels is None else torch.as_tensor(labels)
         with torch.random.fork_rng(devices=[]):
             clean_kind = config.head if config.clean_head == "same" else config.clean_head
             clean_head = target_head(clean_encoder, data, target_mask, config.clusters, clean_kind,
-                                     torch.Generator().manual_seed(seed + 1), hard_negatives=config.hard_negatives)
+                                     torch.Generator().manual_seed(seed + 1), hard_negatives=config.hard_negatives,
+                                     labels=given)
             # The copy read through a linear probe whatever `clean_head` is: as the victim's probe reads, so its
             # hit rate is the attacker's estimate of the ASR a victim without poisons shows (the 3x rule's
             # baseline), which a nearest-centroid reading underestimates.
             clean_probe = clean_head if clean_kind == "probe" else target_head(
                 clean_encoder, data, target_mask, config.clusters, "probe", torch.Generator().manual_seed(seed + 2),
-                hard_negatives=config.hard_negatives)
+                hard_negatives=config.hard_negatives, labels=given)
         others = torch.as_tensor(np.flatnonzero(~target_mask))
         readout = data[others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + 3))[:READOUT]]]
         target_pool = torch.as_tensor(np.flatnonzero(target_mask))
@@ -349,7 +353,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(config.w_match > 0)  # matching differentiates through the parameters' gradients
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
-                                 hard_negatives=config.hard_negatives) for encoder in encoders]
+                                 hard_negatives=config.hard_negatives, labels=given) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
                     **({"match": 0.0} if config.w_match > 0 else {}),
                     **({"neutral": 0.0} if config.w_neutral > 0 else {}),

@@ -65,6 +65,7 @@ OPTION_CHECKS = {
     "w_target": _WEIGHT, "w_agree": _WEIGHT, "w_match": _WEIGHT, "w_clean": _WEIGHT, "w_neutral": _WEIGHT, "w_divert": _WEIGHT,
     "test_weight": _WEIGHT,
     "bilevel": _FLAG, "eot": _FLAG, "hard_negatives": _FLAG, "symmetric": _FLAG, "test_labels": _FLAG,
+    "fit_labels": _FLAG,
     "head": _choice(HEAD_CHOICES), "clean_head": _choice(CLEAN_HEAD_CHOICES), "match": _choice(MATCH_CHOICES),
     "clip_gradient": _choice(CLIP_GRADIENT_CHOICES),
 }
@@ -91,6 +92,9 @@ class OptimizedTrigger(Trigger):
             p[key] = value
         if p["w_target"] == 0 and p["w_agree"] == 0 and p.get("w_match", 0.0) == 0:
             self._fail("w_target", "w_agree and w_match must not all be 0 (nothing to optimise)")
+        if p["fit_labels"] and p["hard_negatives"]:
+            self._fail("hard_negatives", "must be false with fit_labels: true (hard negatives are a pseudo-label "
+                       "centroid; true labels have none)")
 
     def _build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         zeros = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
@@ -114,8 +118,8 @@ class OptimizedTrigger(Trigger):
     def fit(self, images: np.ndarray, target_mask: np.ndarray, *, device: torch.device | None = None,
             progress: bool = True, keep: dict | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
         """Learn the pattern from the attacker's images; return the optimisation's figures (`keep`: see
-        `optimize_trigger`; `labels`: the images' classes, which `test_labels` needs)."""
-        from cba.triggers.activation import fit_test_pattern, target_first  # torch-heavy, needed only here
+        `optimize_trigger`; `labels`: the images' classes, which `fit_labels` and `test_labels` need)."""
+        from cba.triggers.activation import fit_test_pattern  # torch-heavy, needed only here
         from cba.triggers.optimize import optimize_trigger
 
         images = self._check_images(images)
@@ -125,19 +129,15 @@ class OptimizedTrigger(Trigger):
         options = {k: v for k, v in self.params.items() if k != "surrogate_size"}
         config = OptimizeConfig(**options, form=self.form)
         separate = self._separate_test_pattern()
-        if separate and self.params["test_labels"]:
-            if labels is None or len(labels) != len(images):
-                raise ValueError("test_labels needs the attacker's images' labels, one per image")
-            labels = np.asarray(labels)
-            target = labels[target_mask]
-            if len(target) == 0 or (target != target[0]).any() or (labels[~target_mask] == target[0]).any():
-                raise ValueError("the labels must give the target-class images, and only them, one class")
-            labels = target_first(labels, target[0])
+        test_labels = separate and self.params["test_labels"]
+        if test_labels or self.params["fit_labels"]:
+            labels = self._heads_labels(labels, target_mask)
         else:
             labels = None
         if separate and keep is None:
             keep = {}
-        perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep)
+        perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep,
+                                                 labels=labels if self.params["fit_labels"] else None)
         self._adopt(perturbation)
         figures: dict[str, Any] = {"history": history, "final_objective": history[-1]["objective"]}
         if separate:
@@ -145,8 +145,22 @@ class OptimizedTrigger(Trigger):
             p = self.params
             self._arrays["test_pattern"], figures["test_pattern"] = fit_test_pattern(
                 self._arrays["pattern"], keep, target_mask, p["clusters"], p["linf"], p["test_weight"],
-                p["test_steps"], p["test_step_size"], self.seed, progress=progress, labels=labels)
+                p["test_steps"], p["test_step_size"], self.seed, progress=progress,
+                labels=labels if test_labels else None)
         return figures
+
+    @staticmethod
+    def _heads_labels(labels: np.ndarray | None, target_mask: np.ndarray) -> np.ndarray:
+        """The attacker's images' classes as its heads take them (`target_first`), checked against `target_mask`."""
+        from cba.triggers.activation import target_first
+
+        if labels is None or len(labels) != len(target_mask):
+            raise ValueError("fit_labels and test_labels need the attacker's images' labels, one per image")
+        labels = np.asarray(labels)
+        target = labels[target_mask]
+        if (target != target[0]).any() or (labels[~target_mask] == target[0]).any():
+            raise ValueError("the labels must give the target-class images, and only them, one class")
+        return target_first(labels, target[0])
 
     def at_test_time(self) -> "OptimizedTrigger":
         """The poison pattern, or the test-time pattern fitted after it (`test_weight` > 0)."""
