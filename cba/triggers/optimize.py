@@ -171,14 +171,17 @@ def target_head(encoder: nn.Module, data: torch.Tensor, target_mask: np.ndarray,
     if labels is None:
         labels, centroids = pseudo_labels(features, target_mask, clusters, gen, hard_negatives=hard_negatives)
     else:
-        labels, normed = torch.as_tensor(labels).long(), F.normalize(features, dim=1)
-        centroids = torch.stack([F.normalize(normed[labels == c].mean(0), dim=0) for c in range(int(labels.max()) + 1)])
+        labels, centroids = torch.as_tensor(labels).long(), None  # the classes' centroids, if a centroid head asks
+    classes = len(centroids) if centroids is not None else int(labels.max()) + 1
     if kind == "centroid":
+        if centroids is None:
+            normed = F.normalize(features, dim=1)
+            centroids = torch.stack([F.normalize(normed[labels == c].mean(0), dim=0) for c in range(classes)])
         return lambda raw: F.normalize(raw, dim=1) @ centroids.T / temperature
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     # About 300 SGD steps whatever the pool size: features are computed once, so this takes a second.
     epochs = -(-300 // -(-len(features) // 1024))
-    probe = train_linear_probe(features.cpu(), labels, len(centroids), epochs=epochs, seed=seed).to(data.device)
+    probe = train_linear_probe(features.cpu(), labels, classes, epochs=epochs, seed=seed).to(data.device)
     for p in probe.parameters():
         p.requires_grad_(False)
     return probe
