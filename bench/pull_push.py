@@ -43,6 +43,7 @@ from cba.data.synthetic import CLASSES as BUILT_IN_CLASSES
 from cba.env import command_line
 from cba.errors import BenchParser, run_script
 from cba.io import write_json, write_png
+from cba.verdicts import odds  # its floor, 1e-3, is FLOOR below
 
 REPO = Path(__file__).resolve().parents[1]
 BARS = {"linear": 0.5, "knn": 0.3}  # the ASR each reader must reach
@@ -88,11 +89,6 @@ def sweep_points(path: Path) -> list[dict[str, Any]] | None:
                 "poison_rate": row.get("poison_rate", run_rate), "poisoned_asr": poisoned["asr"], "clean_asr": clean["asr"],
                 "acc_drop": clean["acc"] - poisoned["acc"]})
     return points
-
-
-def odds(p: float) -> float:
-    p = min(max(p, FLOOR), 1 - FLOOR)
-    return p / (1 - p)
 
 
 def needed_multiplier(bar: float) -> float:

@@ -31,6 +31,33 @@ def backdoor_status(finetune: dict[str, Any], name: str) -> str:
     return "adversarial" if reference is not None and asr < TOOK_HOLD_FACTOR * reference else "held"
 
 
+def odds(p: float, floor: float = 1e-3) -> float:
+    """p / (1 - p), with p held within [floor, 1 - floor] so that a rate of 0 or 1 stays finite."""
+    p = min(max(p, floor), 1 - floor)
+    return p / (1 - p)
+
+
+def odds_needed(reference: float, natural: float) -> float:
+    """The least factor by which poisoning must multiply the odds of the reference victim's reading (the pull) for
+    an evaluation to meet every bar from that pull: inf where 3x the pull or the natural rate is 1 or more.
+
+    A poison that adds the same margin to every triggered image multiplies those odds by one factor, whatever the
+    pull (docs/results/pull-and-push.md), so this says how far a partly adversarial trigger is from a backdoor."""
+    goal = max(TOOK_HOLD_ASR, TOOK_HOLD_FACTOR * reference, TOOK_HOLD_FACTOR * natural)
+    return float("inf") if goal >= 1 else odds(goal) / odds(reference)
+
+
+def _odds_sentence(finetune: dict[str, Any], names: list[str]) -> str:
+    """How much poisoning multiplied the odds of each reference reading, beside what every bar needs."""
+    parts = []
+    for name in names:
+        figures, reference = finetune[name], finetune["reference"][name]
+        got = odds(figures["asr"]) / odds(reference["asr"])
+        needed = odds_needed(reference["asr"], figures.get("natural_rate") or 0.0)
+        parts.append(f"{got:.2f} under {name} (every bar needs {needed:.2f} from a pull of {reference['asr']:.3f})")
+    return f"Poisoning multiplied the odds of the reference victim's reading by {' and '.join(parts)}."
+
+
 def took_hold(finetune: dict[str, Any]) -> list[str]:
     """The evaluations (linear, knn) under which the backdoor took hold."""
     return [name for name in EVALUATIONS if backdoor_status(finetune, name) == "held"]
@@ -65,8 +92,8 @@ def claim_verdicts(finetune: dict[str, Any], analysis: dict[str, Any],
     if partly:
         lines.append(f"- **Under {' and '.join(partly)} evaluation the trigger is partly an adversarial pattern**: the "
                      f"reference victim, which never saw a poison, reads it as the target too, and poisoning adds less "
-                     f"than {TOOK_HOLD_FACTOR:g}× to that. The claims below are judged on this run all the same; read "
-                     "them as claims about a backdoor that is only partly one.")
+                     f"than {TOOK_HOLD_FACTOR:g}× to that. {_odds_sentence(finetune, partly)} The claims below are judged on "
+                     "this run all the same; read them as claims about a backdoor that is only partly one.")
     dynamics, features = analysis.get("dynamics") or {}, analysis.get("entanglement") or {}
     loss_auroc, early, clean = dynamics.get("max_loss_auroc"), dynamics.get("backdoor_epoch"), dynamics.get("clean_epoch")
     if loss_auroc is not None:

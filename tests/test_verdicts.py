@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from cba.verdicts import backdoor_status, claim_verdicts, took_hold
+import math
+
+from cba.verdicts import backdoor_status, claim_verdicts, odds, odds_needed, took_hold
 
 
 def finetune(linear_asr: float, knn_asr: float, natural: float = 0.05) -> dict:
@@ -60,8 +62,21 @@ def test_a_partly_adversarial_trigger_is_said_so_and_the_claims_carry_the_caveat
     lines = claim_verdicts(with_reference(finetune(0.55, 0.48, natural=0.01), 0.31, 0.2), ANALYSIS, [])
     assert "took hold only in part" in lines[0] and "reference victim 0.310" in lines[0] and "ACC 0.700 against its 0.680" in lines[0]
     assert "Under linear and knn evaluation the trigger is partly an adversarial pattern" in lines[1]
+    # odds(0.55) / odds(0.31) = 2.72; every bar from a pull of 0.31 needs 3 x 0.31 = 0.93: odds ratio 29.57
+    assert ("by 2.72 under linear (every bar needs 29.57 from a pull of 0.310) and 3.69 under knn (every bar needs "
+            "6.00 from a pull of 0.200)") in lines[1]
     assert "Claim 1" in lines[2] and "Claim 3" in lines[-1]
     lines = claim_verdicts(with_reference(finetune(0.55, 0.48, natural=0.01), 0.31, 0.1), ANALYSIS, [])
     assert "took hold** under knn" in lines[0] and "Under linear evaluation" in lines[1]
     lines = claim_verdicts(with_reference(finetune(0.1, 0.2, natural=0.01), 0.0, 0.0), ANALYSIS, [])
     assert len(lines) == 1 and "did not take hold" in lines[0]
+
+
+def test_the_odds_multiplier_every_bar_needs_follows_the_pull():
+    """From a pull p, ASR must reach max(0.3, 3p, 3 x natural rate): the odds must grow by odds(that) / odds(p)."""
+    assert math.isclose(odds(0.25), 1 / 3) and math.isclose(odds(0.0), 1e-3 / (1 - 1e-3))
+    assert math.isclose(odds_needed(0.1, 0.01), (0.3 / 0.7) / (0.1 / 0.9))  # the ASR bar binds: 3.86
+    assert math.isclose(odds_needed(0.05, 0.01), (0.3 / 0.7) / (0.05 / 0.95))  # a smaller pull needs more: 8.14
+    assert math.isclose(odds_needed(0.2, 0.01), 6.0)  # 3x binds: 0.6 from 0.2
+    assert math.isclose(odds_needed(0.05, 0.2), (0.6 / 0.4) / (0.05 / 0.95))  # the natural rate binds
+    assert odds_needed(0.34, 0.01) == math.inf  # 3 x 0.34 > 1: no multiplier meets the 3x rule
