@@ -54,7 +54,10 @@ def _odds_sentence(finetune: dict[str, Any], names: list[str]) -> str:
         figures, reference = finetune[name], finetune["reference"][name]
         got = odds(figures["asr"]) / odds(reference["asr"])
         needed = odds_needed(reference["asr"], figures.get("natural_rate") or 0.0)
-        parts.append(f"{got:.2f} under {name} (every bar needs {needed:.2f} from a pull of {reference['asr']:.3f})")
+        pull = f"from a pull of {reference['asr']:.3f}"
+        need = (f"every bar needs {needed:.2f} {pull}" if needed < float("inf") else
+                f"no multiplier meets every bar {pull}: 3× the pull or the natural rate is 1 or more")
+        parts.append(f"{got:.2f} under {name} ({need})")
     return f"Poisoning multiplied the odds of the reference victim's reading by {' and '.join(parts)}."
 
 

@@ -66,6 +66,8 @@ def test_a_partly_adversarial_trigger_is_said_so_and_the_claims_carry_the_caveat
     assert ("by 2.72 under linear (every bar needs 29.57 from a pull of 0.310) and 3.69 under knn (every bar needs "
             "6.00 from a pull of 0.200)") in lines[1]
     assert "Claim 1" in lines[2] and "Claim 3" in lines[-1]
+    lines = claim_verdicts(with_reference(finetune(0.9, 0.48, natural=0.01), 0.4, 0.2), ANALYSIS, [])
+    assert "under linear (no multiplier meets every bar from a pull of 0.400: 3× the pull" in lines[1]  # 3 x 0.4 > 1
     lines = claim_verdicts(with_reference(finetune(0.55, 0.48, natural=0.01), 0.31, 0.1), ANALYSIS, [])
     assert "took hold** under knn" in lines[0] and "Under linear evaluation" in lines[1]
     lines = claim_verdicts(with_reference(finetune(0.1, 0.2, natural=0.01), 0.0, 0.0), ANALYSIS, [])
