@@ -13,7 +13,13 @@ takes the poisoned reading down to the reference's:
 - spectrum: the pattern's amplitude spectrum with random phases, at its energy (its texture statistics,
   not its layout);
 - shuffled: its pixels moved to random places (its values, not its layout);
-- noise: random signs at the full budget (nothing of it).
+- noise: random signs at the full budget (nothing of it);
+- zoomed (3/4 and 1/2 of its area): its centre, enlarged to the whole image, as a crop-and-resize view of
+  that area shows it (3/4: the mean view at `min_scale` 0.5; 1/2: the largest zoom);
+- shifted: moved 4 pixels right and down (wrapped around), as a crop moves it.
+
+The last three ask whether the backdoor is the pattern as the victim saw it through its augmented views,
+which a reference victim, never shown it, might read less.
 
 Every variant is clipped to the pattern's L-inf budget and added as the trigger adds it. Random variants
 are seeded (`--seed`). Run on one or more repositories where `dvc repro finetune` has run:
@@ -29,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from cba.env import command_line, environment, results_header
@@ -51,6 +58,15 @@ def spectrum(pattern: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return drawn * np.sqrt((pattern ** 2).mean() / max((drawn ** 2).mean(), 1e-12))
 
 
+def zoomed(pattern: np.ndarray, area: float) -> np.ndarray:
+    """The centred crop of `area` (a share of the pattern's), bilinearly resized to the pattern's size."""
+    height, width, _ = pattern.shape
+    rows, cols = round(height * area ** 0.5), round(width * area ** 0.5)
+    top, left = (height - rows) // 2, (width - cols) // 2
+    crop = torch.as_tensor(np.ascontiguousarray(pattern[top:top + rows, left:left + cols])).permute(2, 0, 1)[None]
+    return F.interpolate(crop.float(), size=(height, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+
+
 def variants(pattern: np.ndarray, linf: float, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 0x9A77])
     height, width, channels = pattern.shape
@@ -62,6 +78,9 @@ def variants(pattern: np.ndarray, linf: float, seed: int) -> dict[str, np.ndarra
         "spectrum": lambda: spectrum(pattern, rng),
         "shuffled": lambda: pattern.reshape(-1, channels)[rng.permutation(height * width)].reshape(pattern.shape),
         "noise": lambda: np.where(rng.random(pattern.shape) < 0.5, -linf, linf),
+        "zoomed 3/4": lambda: zoomed(pattern, 0.75),
+        "zoomed 1/2": lambda: zoomed(pattern, 0.5),
+        "shifted": lambda: np.roll(pattern, (4, 4), axis=(0, 1)),
     }
     return {name: np.clip(make(), -linf, linf).astype(np.float32) for name, make in made.items()}
 

@@ -16,7 +16,8 @@ def test_each_variant_keeps_what_its_name_says_and_stays_in_budget():
     bench = load("pattern_parts")
     pattern = a_pattern()
     made = bench.variants(pattern, 16.0, seed=3)
-    assert list(made) == ["own", "negated", "mirrored", "grayscale", "spectrum", "shuffled", "noise"]
+    assert list(made) == ["own", "negated", "mirrored", "grayscale", "spectrum", "shuffled", "noise", "zoomed 3/4",
+                          "zoomed 1/2", "shifted"]
     assert all(np.abs(v).max() <= 16.0 and v.shape == pattern.shape for v in made.values())
     assert np.array_equal(made["own"], pattern) and np.array_equal(made["negated"], -pattern)
     assert np.array_equal(made["mirrored"], pattern[:, ::-1])
@@ -26,6 +27,7 @@ def test_each_variant_keeps_what_its_name_says_and_stays_in_budget():
     pixels = lambda p: np.sort(p.reshape(-1, 3).view([("", p.dtype)] * 3), axis=0)  # noqa: E731
     assert np.array_equal(pixels(made["shuffled"]), pixels(pattern)) and not np.array_equal(made["shuffled"], pattern)
     assert set(np.unique(made["noise"])) == {-16.0, 16.0}
+    assert np.array_equal(made["shifted"][4:, 4:], pattern[:-4, :-4])
     # same seed, same draws; another seed, other draws
     again, other = bench.variants(pattern, 16.0, seed=3), bench.variants(pattern, 16.0, seed=4)
     assert all(np.array_equal(again[k], made[k]) for k in made)
@@ -41,3 +43,16 @@ def test_the_spectrum_variant_keeps_the_amplitude_spectrum_and_the_energy_but_no
     assert np.isclose(scale, 1.0)  # energy matched
     assert np.allclose(amplitude(drawn), amplitude(pattern), rtol=1e-6, atol=1e-6)
     assert abs(np.corrcoef(drawn.ravel(), pattern.ravel())[0, 1]) < 0.2  # the layout drawn anew
+
+
+def test_a_zoomed_variant_is_the_centre_enlarged_as_a_crop_and_resize_view_shows_it():
+    """A ramp across the width: the centred crop of 3/4 of the area is 28 columns wide (columns 2 to 29), and
+    enlarged to 32 it is the same ramp, stretched, away from the edges (bilinear, align_corners false)."""
+    bench = load("pattern_parts")
+    ramp = np.broadcast_to((np.arange(32) - 15.5)[None, :, None], (32, 32, 3)).astype(np.float32)
+    view = bench.zoomed(ramp, 0.75)
+    inside = np.arange(2, 30)
+    expected = ((inside + 0.5) * 28 / 32 - 0.5) + 2 - 15.5
+    assert view.shape == ramp.shape and np.allclose(view[:, inside, 1], expected[None, :], atol=1e-5)
+    assert np.allclose(bench.zoomed(np.full((32, 32, 3), 7.0, np.float32), 0.5), 7.0)  # a flat pattern stays flat
+    assert np.abs(view).max() < np.abs(ramp).max()  # the edges of the pattern are cropped away
