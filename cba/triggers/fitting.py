@@ -30,7 +30,7 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
 
     The attacker holds `surrogate_size` unlabelled training images and knows
     which of them are target-class images (the ones a clean-label attacker
-    poisons). A `keep` dict receives the attacker's models after the fit (`optimize_trigger`) and
+    poisons); their classes go along, for the options that give the attacker them. A `keep` dict receives the attacker's models after the fit (`optimize_trigger`) and
     `target_mask`, which of `data` are target-class images."""
     if not trigger.learns_from_data:
         return None
@@ -41,10 +41,8 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
     if not (labels[pool] == target_class).any():
         raise ConfigError("surrogate_size", trigger.params["surrogate_size"],
                           f"large enough to hold target-class images (class {target_class})")
-    # A fit on true labels (`fit_labels`, `test_labels`) reads the attacker's images' classes; nothing else does.
-    holds_labels = trigger.params.get("fit_labels") or trigger.params.get("test_labels")
-    given = {"labels": labels[pool]} if holds_labels else {}
-    if keep is None:
-        return trigger.fit(images[pool], labels[pool] == target_class, device=device, progress=progress, **given)
-    keep["target_mask"] = labels[pool] == target_class
-    return trigger.fit(images[pool], keep["target_mask"], device=device, progress=progress, keep=keep, **given)
+    # The trigger reads its images' classes only where its options give the attacker them (fit_labels, test_labels).
+    target_mask = labels[pool] == target_class
+    if keep is not None:
+        keep["target_mask"] = target_mask
+    return trigger.fit(images[pool], target_mask, device=device, progress=progress, keep=keep, labels=labels[pool])

@@ -130,10 +130,7 @@ class OptimizedTrigger(Trigger):
         config = OptimizeConfig(**options, form=self.form)
         separate = self._separate_test_pattern()
         test_labels = separate and self.params["test_labels"]
-        if test_labels or self.params["fit_labels"]:
-            labels = self._heads_labels(labels, target_mask)
-        else:
-            labels = None
+        labels = self._heads_labels(labels, target_mask) if test_labels or self.params["fit_labels"] else None
         if separate and keep is None:
             keep = {}
         perturbation, history = optimize_trigger(images, target_mask, config, self.seed, device, progress, keep,
