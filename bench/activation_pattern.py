@@ -22,15 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.data.io import load_imageset
 from cba.io import write_json
 from cba.models.io import load_encoder
-from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
-                          victim_cells)
+from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, pipeline_params, read_pipeline_triggers,
+                          unfinished, victim_cells)
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.activation import (attacker_readers, fit_activation_pattern, hit_rate, surrogate_reader,
                                      target_first)
@@ -102,7 +101,7 @@ def attacker_models(root: Path, params: dict, quiet: bool) -> tuple[dict, np.nda
 
 def read_root(args) -> dict[str, Any]:
     root = args.root
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     seed = int(params.get("seed", 0))
     fit_seed = seed if args.fit_seed is None else args.fit_seed  # the refit keeps the pipeline's seed
     keep, refit, saved = attacker_models(root, params, args.quiet)
@@ -138,7 +137,7 @@ def read_root(args) -> dict[str, Any]:
     for victim, flag, others in (("reference", "--clean-root", args.clean_root),
                                  ("poisoned", "--poisoned-root", args.poisoned_root)):
         for other in others:
-            other_params = yaml.safe_load((other / "params.yaml").read_text()) or {}
+            other_params = pipeline_params(other)
             if int(other_params.get("target_class", 0)) != int(params.get("target_class", 0)):
                 raise SystemExit(f"{flag} {other}: aims at class {other_params.get('target_class', 0)}, the root at "
                                  f"{params.get('target_class', 0)}; its victim's ASR would count another class")

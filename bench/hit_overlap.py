@@ -57,13 +57,13 @@ import torch
 import yaml
 
 from cba.attack import reader_options, run_attack, victim_settings
-from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.evaluate import extract_features, fit_linear_probe, knn_votes
 from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set, validate_poison
+from cba.readings import pipeline_params, pipeline_sets
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.fitting import fit_trigger
 
@@ -194,11 +194,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     root = args.root
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     options = reader_options(params)
     trigger = load_trigger(root / "data/trigger")
-    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
+    clean, test = pipeline_sets(root)
     for rate in args.rates or []:  # bad input fails here, before any training
         validate_poison(clean.labels, clean.num_classes, rate, target, "clean_label")
     if args.trigger_params is not None:

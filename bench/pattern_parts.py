@@ -36,13 +36,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.io import write_json
-from cba.readings import (ENCODERS, asr_by_trigger, pipeline_files, read_pipeline_triggers, unfinished,
-                          victim_cells)
+from cba.readings import (ENCODERS, asr_by_trigger, pipeline_files, pipeline_params, read_pipeline_triggers,
+                          unfinished, victim_cells)
 from cba.triggers import load_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
@@ -102,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_root(root: Path, seed: int) -> dict[str, Any]:
     """Both victims of one pipeline reading every variant of its pattern."""
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     run_seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     trigger = load_trigger(root / "data/trigger")
     if "pattern" not in trigger.tensors():

@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cba.env import command_line, environment, results_header
 from cba.data.io import load_imageset
 from cba.errors import BenchParser, run_script
 from cba.io import write_json
-from cba.readings import ENCODERS, READERS, pipeline_files, read_pipeline_triggers, unfinished
+from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, read_pipeline_triggers, unfinished
 from cba.triggers import load_trigger
 
 
@@ -56,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pipeline(root: Path) -> dict[str, Any]:
     """What the bench needs of one root: its params, seed, target and trigger."""
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     return {"root": root, "params": params, "seed": int(params.get("seed", 0)),
             "target": int(params.get("target_class", 0)), "poison_rate": float(params.get("poison_rate", 0.0)),
             "trigger": load_trigger(root / "data/trigger")}

@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -131,16 +130,17 @@ def measure(root: Path, ks: list[int] = (200,)) -> dict[str, Any]:
     from cba.models.io import load_encoder
     from cba.poison import triggered_test_set
     from cba.probe import load_probe
+    from cba.readings import pipeline_params, pipeline_sets
     from cba.triggers import load_trigger
 
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     target, seed = int(params.get("target_class", 0)), int(params.get("seed", 0))
     options = reader_options(params)
     k, temperature = options["k"], options["temperature"]
     encoder = load_encoder(root / NEEDED[0])
     probe = load_probe(root / NEEDED[1])
     trigger = load_trigger(root / NEEDED[2])
-    clean, test = load_imageset(root / NEEDED[3]), load_imageset(root / NEEDED[4])
+    clean, test = pipeline_sets(root)
     train = load_imageset(root / NEEDED[5])
     poisoned = torch.from_numpy(pd.read_parquet(root / NEEDED[6])["poisoned"].to_numpy(dtype=bool, copy=True))
     bank, bank_labels = extract_features(encoder, clean.images), torch.as_tensor(clean.labels).long()

@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.io import write_json
-from cba.readings import READERS, pipeline_files, unfinished, victim_cells
+from cba.readings import READERS, pipeline_files, pipeline_params, unfinished, victim_cells
 from cba.report import defense_table
 from cba.triggers import load_trigger
 from cba.triggers.io import save_trigger
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     refusal = unfinished([args.root], STAGE_INPUTS)
     if refusal:
         parser.error(refusal)
-    params = yaml.safe_load((args.root / "params.yaml").read_text()) or {}
+    params = pipeline_params(args.root)
     args.defenses = args.defenses or list(params.get("defenses") or [])
     if not args.defenses:
         parser.error(f"--root {args.root}: params.yaml names no defenses; give --defenses")
@@ -166,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    params = yaml.safe_load((args.root / "params.yaml").read_text())
+    params = pipeline_params(args.root)
     runs = {"pipeline's own (root's metrics)": figures(args.root, args.defenses)}
     scratch = args.work or Path(tempfile.mkdtemp(prefix="test_pattern_defenses_")) / "copy"
     try:

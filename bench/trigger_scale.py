@@ -29,16 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from cba.attack import reader_options
-from cba.data.io import load_imageset
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.evaluate import read_triggered_sets
 from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
+from cba.readings import pipeline_params, pipeline_sets
 from cba.triggers import load_trigger
 from cba.triggers.base import Trigger
 from cba.triggers.optimized import OptimizedTrigger
@@ -96,12 +95,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     root = args.root
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params = pipeline_params(root)
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     options = reader_options(params)
     trigger = load_trigger(root / "data/trigger")
     triggers = {scale: scaled(trigger, scale) for scale in args.scales}  # bad input fails before any reading
-    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
+    clean, test = pipeline_sets(root)
     # The triggered test sets do not depend on the victim: built once per scale, read by both.
     triggered = {scale: triggered_test_set(test, scaled_trigger, target, seed).images
                  for scale, scaled_trigger in triggers.items()}

@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from cba.attack import reader_options
+from cba.data.base import ImageSet
 from cba.data.io import load_imageset
 from cba.evaluate import read_triggered_sets
 from cba.models.io import load_encoder
@@ -24,6 +27,17 @@ def pipeline_files(encoders: Iterable[str] = ENCODERS.values()) -> tuple[str, ..
     """What `read_pipeline_triggers` reads of a root, with these encoders."""
     return ("params.yaml", "data/trigger", *encoders, "data/poisoned/clean_train.safetensors",
             "data/poisoned/test.safetensors")
+
+
+def pipeline_params(root: Path) -> dict[str, Any]:
+    """The params.yaml a finished pipeline ran with (an empty file: every default)."""
+    return yaml.safe_load((root / "params.yaml").read_text()) or {}
+
+
+def pipeline_sets(root: Path) -> tuple[ImageSet, ImageSet]:
+    """The pipeline's clean labelled training set and its test set, as `cba poison` wrote them."""
+    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
+    return clean, test
 
 
 def unfinished(roots: Iterable[Path], needed: Iterable[str]) -> str | None:
@@ -57,7 +71,7 @@ def read_pipeline_triggers(root: Path, params: dict[str, Any], triggers: list[Tr
     triggered set is built once for all encoders; each encoder's clean features and probe once for all sets.
     Returns, per encoder, `cba.evaluate.evaluate_features`'s metrics per trigger."""
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
-    clean, test = (load_imageset(root / f"data/poisoned/{name}.safetensors") for name in ("clean_train", "test"))
+    clean, test = pipeline_sets(root)
     triggered = [triggered_test_set(test, trigger, target, seed).images for trigger in triggers]
     return {name: read_triggered_sets(load_encoder(root / path), clean.images, clean.labels, test.images,
                                       test.labels, triggered, target, clean.num_classes, **reader_options(params))
