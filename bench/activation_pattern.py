@@ -33,7 +33,7 @@ from cba.readings import (ENCODERS, READERS, asr_by_trigger, pipeline_files, pip
 from cba.triggers import build_trigger, load_trigger
 from cba.triggers.activation import (attacker_readers, fit_activation_pattern, hit_rate, surrogate_reader,
                                      target_first)
-from cba.triggers.fitting import attacker_pool, fit_trigger
+from cba.triggers.fitting import fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = pipeline_files()
@@ -94,8 +94,7 @@ def attacker_models(root: Path, params: dict, quiet: bool) -> tuple[dict, np.nda
                             image_size=clean.images.shape[1])
     keep: dict = {}
     fit_trigger(trigger, clean.images, clean.labels, target, seed, progress=not quiet, keep=keep)
-    labels = clean.labels[attacker_pool(len(clean.labels), trigger.params["surrogate_size"], seed)]
-    keep["labels"] = torch.as_tensor(target_first(labels, target))  # the attacker's images' true labels
+    keep["labels"] = torch.as_tensor(target_first(keep["labels"], target))  # as the heads take them
     return keep, trigger.perturbation().astype(np.float32), saved
 
 

@@ -80,8 +80,12 @@ def test_true_labels_change_the_pattern_and_the_fit_stays_deterministic(attacker
 def test_the_stages_fit_hands_the_attackers_labels_over(attacker_data, classes, labelled_fit):
     images, _ = attacker_data
     trigger = build_trigger("optimized", LABELLED, seed=3)
-    fit_trigger(trigger, images, classes, 0, 3, progress=False)  # surrogate_size 300: every image, in order
+    keep: dict = {}
+    fit_trigger(trigger, images, classes, 0, 3, progress=False, keep=keep)  # surrogate_size 300: every image, in order
     np.testing.assert_array_equal(trigger.perturbation(), labelled_fit[0].perturbation())
+    # What a bench refitting the attacker's models gets back: its images' classes and which are the target's.
+    np.testing.assert_array_equal(keep["labels"], classes)
+    np.testing.assert_array_equal(keep["target_mask"], classes == 0)
 
 
 @pytest.mark.parametrize("params, key", [({"fit_labels": "yes"}, "fit_labels"),

@@ -30,8 +30,9 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
 
     The attacker holds `surrogate_size` unlabelled training images and knows
     which of them are target-class images (the ones a clean-label attacker
-    poisons); their classes go along, for the options that give the attacker them. A `keep` dict receives the attacker's models after the fit (`optimize_trigger`) and
-    `target_mask`, which of `data` are target-class images."""
+    poisons); their classes go along, for the options that give the attacker them. A `keep` dict receives
+    the attacker's models after the fit (`optimize_trigger`), `target_mask`, which of `data` are target-class
+    images, and `labels`, their classes (in the training set's numbering)."""
     if not trigger.learns_from_data:
         return None
     labels = np.asarray(labels)
@@ -44,5 +45,5 @@ def fit_trigger(trigger: Trigger, images: np.ndarray, labels: np.ndarray, target
     # The trigger reads its images' classes only where its options give the attacker them (fit_labels, test_labels).
     target_mask = labels[pool] == target_class
     if keep is not None:
-        keep["target_mask"] = target_mask
+        keep.update(target_mask=target_mask, labels=labels[pool])
     return trigger.fit(images[pool], target_mask, device=device, progress=progress, keep=keep, labels=labels[pool])
