@@ -68,10 +68,11 @@ def took_hold(finetune: dict[str, Any]) -> list[str]:
 
 def _figures(finetune: dict[str, Any], name: str) -> str:
     figures, reference = finetune.get(name) or {}, (finetune.get("reference") or {}).get(name) or {}
-    text = f"{name} ASR {figures.get('asr', float('nan')):.3f} (natural rate {figures.get('natural_rate', float('nan')):.3f}"
+    nan = float("nan")
+    text = f"{name} ASR {figures.get('asr', nan):.3f} (natural rate {figures.get('natural_rate', nan):.3f}"
     if reference:
-        text += (f"; reference victim {reference.get('asr', float('nan')):.3f}, ACC {figures.get('acc', float('nan')):.3f} "
-                 f"against its {reference.get('acc', float('nan')):.3f}")
+        text += (f"; reference victim {reference.get('asr', nan):.3f}, ACC {figures.get('acc', nan):.3f} "
+                 f"against its {reference.get('acc', nan):.3f}")
     return text + ")"
 
 
@@ -82,12 +83,12 @@ def claim_verdicts(finetune: dict[str, Any], analysis: dict[str, Any],
     held = [name for name in EVALUATIONS if status[name] == "held"]
     partly = [name for name in EVALUATIONS if status[name] == "adversarial"]
     asr = ", ".join(_figures(finetune, name) for name in EVALUATIONS)
-    rule = (f"ASR ≥ {TOOK_HOLD_ASR}, ≥ {TOOK_HOLD_FACTOR:g}× the natural rate (non-target images sent to the target "
-            f"without the trigger) and ≥ {TOOK_HOLD_FACTOR:g}× the reference victim's ASR (the same pretraining without "
-            "poisons, the same trigger)")
+    rule = (f"ASR ≥ {TOOK_HOLD_ASR}, ≥ {TOOK_HOLD_FACTOR:g}× the natural rate (non-target images sent to the "
+            f"target without the trigger) and ≥ {TOOK_HOLD_FACTOR:g}× the reference victim's ASR (the same "
+            "pretraining without poisons, the same trigger)")
     if not held and not partly:
-        return [f"- **The backdoor did not take hold** ({asr}; rule: {rule}). The claims below cannot be judged on this run, "
-                "and the defense rows measure a backdoor that is not there."]
+        return [f"- **The backdoor did not take hold** ({asr}; rule: {rule}). The claims below cannot be judged on "
+                "this run, and the defense rows measure a backdoor that is not there."]
     if held:
         lines = [f"- **The backdoor took hold** under {' and '.join(held)} evaluation ({asr}; rule: {rule})."]
     else:
@@ -95,35 +96,39 @@ def claim_verdicts(finetune: dict[str, Any], analysis: dict[str, Any],
     if partly:
         lines.append(f"- **Under {' and '.join(partly)} evaluation the trigger is partly an adversarial pattern**: the "
                      f"reference victim, which never saw a poison, reads it as the target too, and poisoning adds less "
-                     f"than {TOOK_HOLD_FACTOR:g}× to that. {_odds_sentence(finetune, partly)} The claims below are judged on "
-                     "this run all the same; read them as claims about a backdoor that is only partly one.")
+                     f"than {TOOK_HOLD_FACTOR:g}× to that. {_odds_sentence(finetune, partly)} The claims below are "
+                     "judged on this run all the same; read them as claims about a backdoor that is only partly one.")
     dynamics, features = analysis.get("dynamics") or {}, analysis.get("entanglement") or {}
-    loss_auroc, early, clean = dynamics.get("max_loss_auroc"), dynamics.get("backdoor_epoch"), dynamics.get("clean_epoch")
+    loss_auroc = dynamics.get("max_loss_auroc")
+    early, clean = dynamics.get("backdoor_epoch"), dynamics.get("clean_epoch")
     if loss_auroc is not None:
         entangled = loss_auroc < SEPARABLE
         order = ("" if early is None or clean is None else
-                 f"; the kNN backdoor passed 50% at epoch {early}, the clean task reached 90% of its final kNN ACC at epoch {clean}")
-        lines.append(f"- **Claim 1, entangled learning: {'holds' if entangled else 'does not hold'}.** The per-sample loss "
-                     f"separates poisoned from clean samples with AUROC {loss_auroc:.3f} at best "
+                 f"; the kNN backdoor passed 50% at epoch {early}, the clean task reached 90% of its final kNN ACC "
+                 f"at epoch {clean}")
+        lines.append(f"- **Claim 1, entangled learning: {'holds' if entangled else 'does not hold'}.** The per-sample "
+                     f"loss separates poisoned from clean samples with AUROC {loss_auroc:.3f} at best "
                      f"({'below' if entangled else 'at or above'} {SEPARABLE}){order}.")
     separability = features.get("separability_auroc")
     if separability is not None:
         entangled = separability < SEPARABLE
-        lines.append(f"- **Claim 2, entangled features: {'holds' if entangled else 'does not hold'}.** A linear classifier "
-                     f"tells poisoned from clean target-class features with AUROC {separability:.3f} "
-                     f"({'below' if entangled else 'at or above'} {SEPARABLE}); silhouette {features.get('silhouette', float('nan')):.3f}.")
+        silhouette = features.get("silhouette", float("nan"))
+        lines.append(f"- **Claim 2, entangled features: {'holds' if entangled else 'does not hold'}.** A linear "
+                     f"classifier tells poisoned from clean target-class features with AUROC {separability:.3f} "
+                     f"({'below' if entangled else 'at or above'} {SEPARABLE}); silhouette {silhouette:.3f}.")
     worked = [d["defense"] for d in defenses if _defense_worked(d)]
     verdict = "holds" if not worked else f"does not hold for {', '.join(worked)}"
-    lines.append(f"- **Claim 3, defenses fail: {verdict}.** A detection defense works if its own decision flags the poisoned "
-                 f"data with TPR ≥ {SEPARABLE} at FPR ≤ 0.2 or flags the target class; a repair works if ASR falls to "
-                 f"{REPAIR_ASR_FACTOR:g}× or less while ACC drops by at most {REPAIR_ACC_DROP:g}.")
+    lines.append(f"- **Claim 3, defenses fail: {verdict}.** A detection defense works if its own decision flags the "
+                 f"poisoned data with TPR ≥ {SEPARABLE} at FPR ≤ 0.2 or flags the target class; a repair works if ASR "
+                 f"falls to {REPAIR_ASR_FACTOR:g}× or less while ACC drops by at most {REPAIR_ACC_DROP:g}.")
     return lines
 
 
 def _defense_worked(result: dict[str, Any]) -> bool:
     if result.get("target_flagged"):
         return True
-    if result.get("tpr") is not None and result.get("fpr") is not None and result["tpr"] >= SEPARABLE and result["fpr"] <= 0.2:
+    tpr, fpr = result.get("tpr"), result.get("fpr")
+    if tpr is not None and fpr is not None and tpr >= SEPARABLE and fpr <= 0.2:
         return True
     before, after = result.get("asr_before"), result.get("asr_after")
     if before and after is not None and after <= REPAIR_ASR_FACTOR * before:

@@ -19,7 +19,8 @@ from cba.ssl.io import load_method
 from cba.record import Classifier, classifier_acc_asr, own_head
 from cba.triggers import load_trigger
 from stages.common import (DETAILS_DIR, FINETUNE_DIR, METRICS_DIR, PARAMS_OPTION, PRETRAIN_DIR, REFERENCE_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics, read_manifest)
+                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics,
+                           read_manifest)
 from stages.params import Params
 
 if TYPE_CHECKING:
@@ -51,9 +52,9 @@ def readout(encoder: torch.nn.Module, probe: LinearProbe, test: ImageSet, trigge
         return {}
     train = load_stage_set("train")
     keep = test.labels != target  # the images `triggered` holds, in the same order
-    return trigger_readout(probe, extract_features(encoder, test.images[keep]), extract_features(encoder, triggered.images),
-                           extract_features(encoder, train.images[poisoned]), extract_features(encoder, train.images[clean_target]),
-                           target, list(test.classes))
+    features = (extract_features(encoder, images) for images in
+                (test.images[keep], triggered.images, train.images[poisoned], train.images[clean_target]))
+    return trigger_readout(probe, *features, target, list(test.classes))
 
 
 @one_line_errors
@@ -79,7 +80,8 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
                                     target, clean.num_classes, triggered_labels=triggered.labels, **config)
     # The same reading of the same trigger on the reference victim (`cba reference`: no poisons).
     reference, _ = evaluate_encoder(reference_encoder, clean.images, clean.labels, test.images, test.labels,
-                                    triggered.images, target, clean.num_classes, triggered_labels=triggered.labels, **config)
+                                    triggered.images, target, clean.num_classes, triggered_labels=triggered.labels,
+                                    **config)
     save_probe(FINETUNE_DIR / "probe.safetensors", fit.probe)
     metrics["linear"]["probe"] = fit.summary()
     metrics["readout"] = readout(encoder, fit.probe, test, triggered, target, manifest)
@@ -96,7 +98,8 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
     metrics["reference"] = reference
     write_metrics("finetune", {
         "acc": metrics[primary]["acc"], "asr": metrics[primary]["asr"], "primary": primary, **metrics,
-        "method": meta.get("method"), "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
+        "method": meta.get("method"),
+        "augmentation_protocol": "per_batch" if meta.get("per_batch") == "True" else "per_sample",
         "env": environment("cpu"),
     })
     line = " | ".join(f"{label} ACC {metrics[name]['acc']:.3f} ASR {metrics[name]['asr']:.3f} (natural "
@@ -104,4 +107,5 @@ def finetune(params_path: Path = PARAMS_OPTION) -> None:
                       for name, label in (("linear", "linear"), ("knn", "kNN")))
     print(f"finetune: {line}; probe weight decay {fit.weight_decay:g}")
     print("reference victim (no poisons), same trigger: " + " | ".join(
-        f"{label} ACC {reference[name]['acc']:.3f} ASR {reference[name]['asr']:.3f}" for name, label in (("linear", "linear"), ("knn", "kNN"))))
+        f"{label} ACC {reference[name]['acc']:.3f} ASR {reference[name]['asr']:.3f}"
+        for name, label in (("linear", "linear"), ("knn", "kNN"))))

@@ -26,8 +26,9 @@ from cba.ssl.io import save_method
 from cba.train import Checkpointer, TrainConfig, train
 from cba.triggers import load_trigger
 from cba.triggers.base import JSON_FILE as TRIGGER_JSON, TENSORS_FILE as TRIGGER_TENSORS
-from stages.common import (PROGRESS_OPTION, DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR, PRETRAIN_DIR,
-                           TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors, write_metrics, read_manifest)
+from stages.common import (PROGRESS_OPTION, DETAILS_DIR, METRICS_DIR, PARAMS_OPTION, PLOTS_DIR, POISON_DIR,
+                           PRETRAIN_DIR, TRIGGER_DIR, check_outputs, check_target, load_stage_set, one_line_errors,
+                           write_metrics, read_manifest)
 from stages.params import Params
 
 KEYS = ["method", "backbone", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
@@ -72,7 +73,8 @@ LOSS_LOG_BYTES = 2 << 30  # the per-sample loss log (epochs x images float32) mu
 
 def check_loss_log(epochs: int, images: int) -> None:
     if epochs * images * 4 > LOSS_LOG_BYTES:
-        raise ConfigError("pretrain.epochs", epochs, f"at most {LOSS_LOG_BYTES // (4 * images)} for {images} training images "
+        raise ConfigError("pretrain.epochs", epochs,
+                          f"at most {LOSS_LOG_BYTES // (4 * images)} for {images} training images "
                           "(the per-sample loss log keeps epochs x images floats, 2 GiB at most)")
 
 
@@ -93,8 +95,10 @@ TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "m
 
 
 def run_fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:
-    """Identifies a run for resuming: its settings (the process count among them), the training code and the exact training data."""
-    return hashlib.sha256(json.dumps([config.__dict__, extra, source_digest(entries=TRAINING_CODE), data_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identifies a run for resuming: its settings (the process count among them), the training code and the
+    exact training data."""
+    identity = [config.__dict__, extra, source_digest(entries=TRAINING_CODE), data_digest]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def new_method(config: TrainConfig, extra: dict, num_classes: int) -> tuple[torch.nn.Module, str]:
@@ -113,8 +117,8 @@ def save_victim(folder: Path, method: torch.nn.Module, extra: dict, kind: str) -
     """The trained encoder (what every evaluation reads) and the whole method (what the defenses retrain)."""
     meta = {"method": extra["method"], "augmentation": kind, "per_batch": str(extra["per_batch"])}
     save_encoder(folder / "encoder.safetensors", method.encoder, extra["backbone"], extra["width"], **meta)
-    save_method(folder / "model.safetensors", method, extra["method"], extra["backbone"], extra["width"], extra["hparams"],
-                augmentation=kind, per_batch=extra["per_batch"])
+    save_method(folder / "model.safetensors", method, extra["method"], extra["backbone"], extra["width"],
+                extra["hparams"], augmentation=kind, per_batch=extra["per_batch"])
 
 
 def check_inputs_agree(ranks: distributed.Ranks, data_file: Path = POISON_DIR / "train.safetensors",
@@ -124,7 +128,7 @@ def check_inputs_agree(ranks: distributed.Ranks, data_file: Path = POISON_DIR / 
     if ranks.distributed:
         distributed.check_same_everywhere(str(data_file), data_digest)
     if ranks.distributed and scores_trigger:
-        trigger_digest = file_digest(TRIGGER_DIR / TRIGGER_JSON, "sha256") + file_digest(TRIGGER_DIR / TRIGGER_TENSORS, "sha256")
+        trigger_digest = "".join(file_digest(TRIGGER_DIR / name, "sha256") for name in (TRIGGER_JSON, TRIGGER_TENSORS))
         distributed.check_same_everywhere(str(TRIGGER_DIR), hashlib.sha256(trigger_digest.encode()).hexdigest())
     return data_digest
 
@@ -133,7 +137,8 @@ def check_inputs_agree(ranks: distributed.Ranks, data_file: Path = POISON_DIR / 
 def pretrain(params_path: Path = PARAMS_OPTION, progress: bool = PROGRESS_OPTION) -> None:
     """Pretrain an encoder on data/poisoned/train; resume from data/pretrain/checkpoints/ if they match.
 
-    Under `torchrun --no-python --nproc_per_node N cba pretrain` it trains on N processes (NCCL on GPUs, gloo on CPUs)."""
+    Under `torchrun --no-python --nproc_per_node N cba pretrain` it trains on N processes (NCCL on GPUs, gloo
+    on CPUs)."""
     params = Params.load(params_path)
     check_outputs(PRETRAIN_DIR, METRICS_DIR, DETAILS_DIR, PLOTS_DIR)
     config, extra = read_config(params)
@@ -145,7 +150,8 @@ def run_on_ranks(body: Callable[..., None], config: TrainConfig, extra: dict, pr
     inside names the pretrain option it concerns."""
     ranks, device = distributed.start(extra["device"])
     try:
-        with in_section("pretrain.augmentation", ["kind"]), in_section("pretrain", ["method", "backbone", "width", "batch_size"]):
+        with (in_section("pretrain.augmentation", ["kind"]),
+              in_section("pretrain", ["method", "backbone", "width", "batch_size"])):
             body(config, extra, ranks, device, progress)
     finally:
         distributed.finish()
@@ -182,17 +188,19 @@ def _pretrain(config: TrainConfig, extra: dict, ranks: distributed.Ranks, device
     write_parquet(PRETRAIN_DIR / "losses.parquet", result.loss_frame(manifest["poisoned"].to_numpy()))
     curves = pd.DataFrame(result.curves)
     write_csv(PLOTS_DIR / "pretrain_loss.csv", curves[["epoch", "loss", "lr"]])
-    knn_rows = curves.dropna(subset=["knn_acc"])[["epoch", "knn_acc", "knn_asr"]] if "knn_acc" in curves else curves[["epoch"]]
+    knn_rows = (curves.dropna(subset=["knn_acc"])[["epoch", "knn_acc", "knn_asr"]] if "knn_acc" in curves
+                else curves[["epoch"]])
     write_csv(PLOTS_DIR / "pretrain_knn.csv", knn_rows)
     last = result.curves[-1]
     write_metrics("pretrain", {
         "final_loss": last["loss"], "knn_acc": last.get("knn_acc"), "knn_asr": last.get("knn_asr"),
         "random_init_knn_acc": random_init["knn_acc"], "random_init_knn_asr": random_init["knn_asr"],
-        "epochs": config.epochs, "seconds": seconds, "resumed_epochs": result.resumed_epochs, "method": extra["method"], "backbone": extra["backbone"],
-        "width": extra["width"], "augmentation": kind,
+        "epochs": config.epochs, "seconds": seconds, "resumed_epochs": result.resumed_epochs,
+        "method": extra["method"], "backbone": extra["backbone"], "width": extra["width"], "augmentation": kind,
         "augmentation_protocol": "per_batch" if extra["per_batch"] else "per_sample",
         "env": {**environment(device), "processes": ranks.world_size},
     })
-    print(f"pretrain {extra['method']}: kNN ACC {last.get('knn_acc', float('nan')):.3f}, ASR {last.get('knn_asr', float('nan')):.3f} "
+    nan = float("nan")
+    print(f"pretrain {extra['method']}: kNN ACC {last.get('knn_acc', nan):.3f}, ASR {last.get('knn_asr', nan):.3f} "
           f"(random init ACC {random_init['knn_acc']:.3f}) in {seconds:.0f}s")
 

@@ -19,58 +19,93 @@ from stages.params import Params
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
-           ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder (bench/reader_floor.py)"),
+           ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder "
+                            "(bench/reader_floor.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),
            ("target_sweep_neutral", "The target the sweep found best, with the neutral term (bench/target_sweep.py)"),
            ("target_sweep_seed2", "The default attack on a third seed (bench/target_sweep.py)"),
-           ("target_sweep_seed1_surrogate20", "Seed 1 with a surrogate warmed up as long as the victim trains (bench/target_sweep.py)"),
-           ("target_sweep_surrogate20", "The default attack with a surrogate warmed up as long as the victim trains (bench/target_sweep.py)"),
+           ("target_sweep_seed1_surrogate20", "Seed 1 with a surrogate warmed up as long as the victim trains "
+                                              "(bench/target_sweep.py)"),
+           ("target_sweep_surrogate20", "The default attack with a surrogate warmed up as long as the victim trains "
+                                        "(bench/target_sweep.py)"),
            ("target_sweep_circle_neutral", "The default attack aimed at circle (bench/target_sweep.py)"),
            ("target_sweep_fashion", "The default attack on real data, Fashion-MNIST (bench/target_sweep.py)"),
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
-           ("reader_floor_fashion", "Fashion-MNIST: what the readers get from raw pixels and the untrained encoder (bench/reader_floor.py)"),
+           ("reader_floor_fashion", "Fashion-MNIST: what the readers get from raw pixels and the untrained encoder "
+                                    "(bench/reader_floor.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
-           ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 (bench/maturity.py)"),
-           ("maturity_fashion_width32", "Fashion-MNIST: the poisoned victim at twice the width, read every 10 epochs (bench/maturity.py)"),
-           ("maturity_fashion_byol", "Fashion-MNIST: a BYOL victim, poisoned beside clean, read every 5 epochs (bench/maturity.py)"),
-           ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images (bench/trigger_survival.py)"),
-           ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit (bench/target_sweep.py)"),
+           ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
+                                  "(bench/maturity.py)"),
+           ("maturity_fashion_width32", "Fashion-MNIST: the poisoned victim at twice the width, read every 10 epochs "
+                                        "(bench/maturity.py)"),
+           ("maturity_fashion_byol", "Fashion-MNIST: a BYOL victim, poisoned beside clean, read every 5 epochs "
+                                     "(bench/maturity.py)"),
+           ("trigger_survival_fashion", "What survives the augmentations on Fashion-MNIST images "
+                                        "(bench/trigger_survival.py)"),
+           ("target_sweep_fashion_straight_through", "Fashion-MNIST with a straight-through clip in the fit "
+                                                     "(bench/target_sweep.py)"),
            ("target_sweep_budget", "The default attack at larger budgets (bench/target_sweep.py)"),
-           ("poison_dose", "The default pattern at five poison rates, beside the reference victim (bench/target_sweep.py)"),
-           ("hit_overlap_dose", "Which triggered images the poisons add: the pattern's pull and the poisons' push (bench/hit_overlap.py)"),
-           ("hit_overlap_neutral50", "The same split for a pattern fitted with w_neutral 50: less pull, still less push (bench/hit_overlap.py)"),
+           ("poison_dose", "The default pattern at five poison rates, beside the reference victim "
+                           "(bench/target_sweep.py)"),
+           ("hit_overlap_dose", "Which triggered images the poisons add: the pattern's pull and the poisons' push "
+                                "(bench/hit_overlap.py)"),
+           ("hit_overlap_neutral50", "The same split for a pattern fitted with w_neutral 50: less pull, still less "
+                                     "push (bench/hit_overlap.py)"),
            ("hit_overlap_neutral5", "The same split for a pattern fitted with w_neutral 5 (bench/hit_overlap.py)"),
            ("poison_dose_seed1", "Seed 1 with every plus image poisoned (bench/target_sweep.py)"),
            ("poison_dose_seed2", "Seed 2 with every plus image poisoned (bench/target_sweep.py)"),
-           ("poison_dose_fashion", "Fashion-MNIST: the default attack at 5% and with every coat poisoned (bench/target_sweep.py)"),
+           ("poison_dose_fashion", "Fashion-MNIST: the default attack at 5% and with every coat poisoned "
+                                   "(bench/target_sweep.py)"),
            ("budget_fashion", "Fashion-MNIST: the default attack at L-inf 48, 64 and 96 (bench/target_sweep.py)"),
-           ("neutral_off_fashion", "Fashion-MNIST without the neutral term, at L-inf 16 and 48 (bench/target_sweep.py)"),
+           ("neutral_off_fashion", "Fashion-MNIST without the neutral term, at L-inf 16 and 48 "
+                                   "(bench/target_sweep.py)"),
            ("target_sweep_resolution", "The default attack with smoother patterns (bench/target_sweep.py)"),
-           ("target_sweep_poison_share", "The attacker's surrogate sees clean target images too (bench/target_sweep.py)"),
+           ("target_sweep_poison_share", "The attacker's surrogate sees clean target images too "
+                                         "(bench/target_sweep.py)"),
            ("readout_ceiling", "Each downstream reader's ceiling on the pipeline's encoder (bench/readout_ceiling.py)"),
-           ("trigger_scale", "The pipeline's pattern at other test-time amplitudes, on the victim and the reference (bench/trigger_scale.py)"),
+           ("trigger_scale", "The pipeline's pattern at other test-time amplitudes, on the victim and the reference "
+                             "(bench/trigger_scale.py)"),
            ("trigger_scale_seed1", "Seed 1: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
            ("trigger_scale_seed2", "Seed 2: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
-           ("trigger_scale_fine_avx512", "A weaker copy of the pattern at test time, AVX-512, seed 0 (bench/trigger_scale.py)"),
-           ("trigger_scale_fine_dose_avx512", "The same with every plus image poisoned, AVX-512, seed 0 (bench/trigger_scale.py)"),
-           ("trigger_scale_fine_avx2", "A weaker copy of the pattern at test time, the committed AVX2 run (bench/trigger_scale.py)"),
-           ("trigger_scale_fashion", "Fashion-MNIST: the pattern at other test-time amplitudes (bench/trigger_scale.py)"),
-           ("target_sweep_fashion_min_scale02", "Fashion-MNIST with CTRL's smaller crop, min_scale 0.2 (bench/target_sweep.py)"),
-           ("maturity_default_avx2", "The default backdoor as the encoder matures, 40 epochs, beside a victim without poisons (bench/maturity.py)"),
+           ("trigger_scale_fine_avx512", "A weaker copy of the pattern at test time, AVX-512, seed 0 "
+                                         "(bench/trigger_scale.py)"),
+           ("trigger_scale_fine_dose_avx512", "The same with every plus image poisoned, AVX-512, seed 0 "
+                                              "(bench/trigger_scale.py)"),
+           ("trigger_scale_fine_avx2", "A weaker copy of the pattern at test time, the committed AVX2 run "
+                                       "(bench/trigger_scale.py)"),
+           ("trigger_scale_fashion", "Fashion-MNIST: the pattern at other test-time amplitudes "
+                                     "(bench/trigger_scale.py)"),
+           ("target_sweep_fashion_min_scale02", "Fashion-MNIST with CTRL's smaller crop, min_scale 0.2 "
+                                                "(bench/target_sweep.py)"),
+           ("maturity_default_avx2", "The default backdoor as the encoder matures, 40 epochs, beside a victim without "
+                                     "poisons (bench/maturity.py)"),
            ("maturity_plus", "The previous default's backdoor as the encoder matures, 40 epochs (bench/maturity.py)"),
-           ("pull_push", "Every measured attack at once: what poisoning adds to the pattern's own pull (bench/pull_push.py)"),
-           ("pull_matrix_avx512", "Whose is the pull: every seed's pattern on every seed's reference encoder, AVX-512 (bench/pull_matrix.py)"),
-           ("pull_matrix_poisoned_avx512", "Every seed's pattern on every seed's poisoned victim, AVX-512 (bench/pull_matrix.py)"),
+           ("pull_push", "Every measured attack at once: what poisoning adds to the pattern's own pull "
+                         "(bench/pull_push.py)"),
+           ("pull_matrix_avx512", "Whose is the pull: every seed's pattern on every seed's reference encoder, AVX-512 "
+                                  "(bench/pull_matrix.py)"),
+           ("pull_matrix_poisoned_avx512", "Every seed's pattern on every seed's poisoned victim, AVX-512 "
+                                           "(bench/pull_matrix.py)"),
            ("pull_matrix_avx2", "Whose is the pull on the AVX2 stream, five seeds (bench/pull_matrix.py)"),
-           ("pull_matrix_poisoned_avx2", "Every seed's pattern on every seed's poisoned victim, AVX2 stream (bench/pull_matrix.py)"),
-           ("pattern_parts_avx2", "Which part of the pattern the backdoor reads, five seeds, AVX2 stream (bench/pattern_parts.py)"),
-           ("pattern_parts_avx512", "Which part of the pattern the backdoor reads, five seeds, AVX-512 (bench/pattern_parts.py)"),
-           ("activation_pattern_avx2_seed0", "A test-time pattern fitted against the attacker's models, AVX2 stream, seed 0 (bench/activation_pattern.py)"),
-           ("activation_pattern_avx2_seed3", "The same on seed 3: the probe's bars met, kNN's not (bench/activation_pattern.py)"),
-           ("activation_pattern_avx512_seed0", "The same on AVX-512, seed 0 (the default on such a machine): every bar met from weight 20 (bench/activation_pattern.py)"),
-           ("activation_pattern_five_clean_avx2_seed1", "Seed 1 with four more clean readers: the pull leaves the readers the fit sees, not the held-out victim (bench/activation_pattern.py)"),
+           ("pull_matrix_poisoned_avx2", "Every seed's pattern on every seed's poisoned victim, AVX2 stream "
+                                         "(bench/pull_matrix.py)"),
+           ("pattern_parts_avx2", "Which part of the pattern the backdoor reads, five seeds, AVX2 stream "
+                                  "(bench/pattern_parts.py)"),
+           ("pattern_parts_avx512", "Which part of the pattern the backdoor reads, five seeds, AVX-512 "
+                                    "(bench/pattern_parts.py)"),
+           ("activation_pattern_avx2_seed0", "A test-time pattern fitted against the attacker's models, AVX2 stream, "
+                                             "seed 0 (bench/activation_pattern.py)"),
+           ("activation_pattern_avx2_seed3", "The same on seed 3: the probe's bars met, kNN's not "
+                                             "(bench/activation_pattern.py)"),
+           ("activation_pattern_avx512_seed0", "The same on AVX-512, seed 0 (the default on such a machine): every "
+                                               "bar met from weight 20 (bench/activation_pattern.py)"),
+           ("activation_pattern_five_clean_avx2_seed1",
+            "Seed 1 with four more clean readers: the pull leaves the readers the fit sees, not the held-out victim "
+            "(bench/activation_pattern.py)"),
            ("defense_matrix", "Defenses x attacks: claim 3 (bench/defense_matrix.py)"),
-           ("test_pattern_defenses_avx512_seed0", "Claim 3 on the one attack that meets every bar: the pipeline's defenses with the fitted test-time pattern, AVX-512, seed 0 (bench/test_pattern_defenses.py)"))
+           ("test_pattern_defenses_avx512_seed0",
+            "Claim 3 on the one attack that meets every bar: the pipeline's defenses with the fitted test-time "
+            "pattern, AVX-512, seed 0 (bench/test_pattern_defenses.py)"))
 
 
 @one_line_errors
@@ -81,7 +116,8 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     poison, pretrain, finetune = (read_details(name) for name in ("poison", "pretrain", "finetune"))
     for name, record in (("poison", poison), ("pretrain", pretrain), ("finetune", finetune)):
         if not record:
-            raise ConfigError("path", f"metrics/details/{name}.json", f"the file does not exist; run `cba {name}` first")
+            raise ConfigError("path", f"metrics/details/{name}.json",
+                              f"the file does not exist; run `cba {name}` first")
     analysis = read_details("analysis")
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _copy(TRIGGER_DIR / "preview.png", REPORT_DIR / "trigger_preview.png")
@@ -108,8 +144,9 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
     defense_parts = []
     if defenses:
         defense_parts = ["## Defenses against this attack",
-                         "Detection defenses: AUROC, and TPR/FPR/precision of the flagged set at the defense's own threshold. "
-                         "Neural Cleanse: whether the true target class is flagged. Repairs: ACC and ASR before → after.",
+                         "Detection defenses: AUROC, and TPR/FPR/precision of the flagged set at the defense's own "
+                         "threshold. Neural Cleanse: whether the true target class is flagged. Repairs: ACC and ASR "
+                         "before → after.",
                          defense_table(defenses)]
     verdicts = claim_verdicts(finetune, analysis, defenses)
     parts = [
@@ -142,7 +179,8 @@ def report(params_path: Path = PARAMS_OPTION) -> None:
         tmp.write_text("\n\n".join(parts) + "\n")
     summary = summary_figures(finetune, defenses)
     write_json(METRICS_DIR / "summary.json", summary)
-    print(f"report -> {REPORT_DIR / 'report.md'}; " + ", ".join(f"{key} {value:.3f}" for key, value in list(summary.items())[:6]))
+    headline = ", ".join(f"{key} {value:.3f}" for key, value in list(summary.items())[:6])
+    print(f"report -> {REPORT_DIR / 'report.md'}; {headline}")
 
 
 def _bench_text(name: str) -> str:
