@@ -43,13 +43,12 @@ from cba.data.synthetic import CLASSES as BUILT_IN_CLASSES
 from cba.env import command_line
 from cba.errors import BenchParser, run_script
 from cba.io import write_json, write_png
-from cba.verdicts import odds  # its floor, 1e-3, is FLOOR below
+from cba.verdicts import ODDS_FLOOR as FLOOR, odds  # ASRs are shown and fitted no lower than FLOOR
 
 REPO = Path(__file__).resolve().parents[1]
 BARS = {"linear": 0.5, "knn": 0.3}  # the ASR each reader must reach
 RATIO = 3.0
 ACC_DROP = 0.03  # the poisoned victim's ACC may be at most this far under the clean victim's
-FLOOR = 1e-3  # ASRs are shown and fitted no lower than this (a share of about 1800 images)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,7 +31,10 @@ def backdoor_status(finetune: dict[str, Any], name: str) -> str:
     return "adversarial" if reference is not None and asr < TOOK_HOLD_FACTOR * reference else "held"
 
 
-def odds(p: float, floor: float = 1e-3) -> float:
+ODDS_FLOOR = 1e-3  # rates are held this far from 0 and 1 (a share of about 1800 triggered images)
+
+
+def odds(p: float, floor: float = ODDS_FLOOR) -> float:
     """p / (1 - p), with p held within [floor, 1 - floor] so that a rate of 0 or 1 stays finite."""
     p = min(max(p, floor), 1 - floor)
     return p / (1 - p)
