@@ -32,7 +32,8 @@ SLOW_FILES = {"test_pipeline_e2e.py", "test_benches_on_pipeline.py", "test_distr
               "test_defenses_detection.py", "test_defenses_model.py", "test_trigger_optimized.py",
               "test_trigger_generated.py"}
 SLOW_FIXTURES = {"supervised_badnets"}
-SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder"}
+SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder",
+              "test_a_run_reads_the_untrained_encoder_then_the_trained_one"}
 
 
 def pytest_collection_modifyitems(items: list) -> None:
