@@ -19,6 +19,11 @@ from stages.params import Params
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
+           ("method_learning_simclr", "Does SimCLR learn the clean task at this budget: its recipe, read every 5 "
+                                      "epochs (bench/method_learning.py)"),
+           ("method_learning_byol", "Does BYOL learn it, and which knob of its recipe moves that "
+                                    "(bench/method_learning.py)"),
+           ("method_learning_simsiam", "Does SimSiam learn it, and which knob moves that (bench/method_learning.py)"),
            ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder "
                             "(bench/reader_floor.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),

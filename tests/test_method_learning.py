@@ -73,7 +73,7 @@ def test_a_run_reads_the_untrained_encoder_then_the_trained_one(tmp_path):
                                            "--variants", "{}", "{lr: 0.2, predictor_gain: 3}", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["variant"] for r in rows] == [{}, {"lr": 0.2, "predictor_gain": 3}]
-    assert [r["lr"] for r in rows] == [0.06, 0.2]  # the method's own rate unless the variant names one
+    assert [r["lr"] for r in rows] == [0.3, 0.2]  # the method's own rate unless the variant names one
     for row in rows:
         assert [c["epoch"] for c in row["curves"]] == [0, 1, 2]
         assert row["curves"][0]["cosine_to_init"] == pytest.approx(1.0)  # epoch 0 is the untrained encoder
