@@ -42,7 +42,7 @@ from cba.attack import initial_backbone, params_splits, reader_options, victim_s
 from cba.augment import build_augment
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
-from cba.evaluate import accuracy, extract_features, knn_predict
+from cba.evaluate import accuracy, extract_features, knn_predict, pick_device
 from cba.io import write_json
 from cba.params_file import add_params_options, params_from_args
 from cba.ssl import METHODS, build_method
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="default: pretrain.epochs")
     parser.add_argument("--every", type=int, default=5, help="read kNN ACC every this many epochs")
     parser.add_argument("--bank-size", type=int, default=5000, help="clean labelled images in the kNN bank")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("bench/results/method_learning.md"))
     args = parser.parse_args(argv)
     args.pipeline = params_from_args(args, parser)
@@ -102,7 +103,7 @@ def scale_predictor_gradients(method: nn.Module, gain: float) -> None:
         p.register_hook(lambda grad: grad * gain)
 
 
-def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, test) -> dict[str, Any]:
+def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, test, device: torch.device) -> dict[str, Any]:
     recipe = victim_settings(args.pipeline, args.method)
     hparams = {**recipe["hparams"], **{k: v for k, v in variant.items() if k in recipe["hparams"]}}
     chosen = {key: variant.get(key, recipe[key]) for key in RECIPE_KEYS}
@@ -120,11 +121,9 @@ def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, te
     bank = np.random.default_rng(seed).permutation(len(train_set))[: args.bank_size]
 
     def knn_acc(encoder: nn.Module, epoch: int) -> dict[str, float]:
-        encoder.eval()
         preds = knn_predict(extract_features(encoder, train_set.images[bank]), torch.as_tensor(train_set.labels[bank]),
                             extract_features(encoder, test.images), train_set.num_classes, options["k"],
                             options["temperature"])
-        encoder.train()
         return {"knn_acc": accuracy(preds, test.labels), "cosine_to_init": cosine_to_init(encoder, initial)}
 
     started = time.perf_counter()
@@ -132,8 +131,7 @@ def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, te
     config = TrainConfig(epochs=epochs, batch_size=int(chosen["batch_size"]), lr=float(lr),
                          weight_decay=float(chosen["weight_decay"]), warmup_epochs=min(2, epochs // 4), seed=seed,
                          eval_every=args.every)
-    result = train(method, train_set.images, train_set.labels, augment, config, torch.device("cpu"), evaluate=knn_acc,
-                   progress=False)
+    result = train(method, train_set.images, train_set.labels, augment, config, device, evaluate=knn_acc, progress=False)
     curves += [{k: row[k] for k in ("epoch", "loss", "knn_acc", "cosine_to_init")} for row in result.curves
                if "knn_acc" in row]
     row = {"variant": variant, "lr": float(lr), "curves": curves, "seconds": time.perf_counter() - started}
@@ -156,11 +154,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = command_line(argv)
+    device = pick_device(args.device)
     train_set, test = params_splits(args.pipeline)
-    rows = [run_variant(variant, args, train_set, test) for variant in args.variants]
+    rows = [run_variant(variant, args, train_set, test, device) for variant in args.variants]
     data = args.pipeline.get("data") or {}
     result = {"method": args.method, "rows": rows,
-              "_run": {"command": command, "env": environment(torch.device("cpu")),
+              "_run": {"command": command, "env": environment(device),
                        "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
                        "recipe": victim_settings(args.pipeline, args.method)}}
     write_json(args.out.with_suffix(".json"), result)
