@@ -55,7 +55,8 @@ BENCH_KEYS = ("predictor_gain", "colour")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_params_options(parser, REPO / "params.yaml", help="the data set, seed, backbone and victim recipe to start from")
+    add_params_options(parser, REPO / "params.yaml",
+                       help="the data set, seed, backbone and victim recipe to start from")
     parser.add_argument("--method", default="byol", help=f"one of {', '.join(METHODS.names())}")
     parser.add_argument("--variants", nargs="+", type=yaml.safe_load, default=[{}], metavar="YAML",
                         help="changes to the recipe, one mapping per variant ('{}' is the recipe as it is)")
@@ -103,7 +104,8 @@ def scale_predictor_gradients(method: nn.Module, gain: float) -> None:
         p.register_hook(lambda grad: grad * gain)
 
 
-def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, test, device: torch.device) -> dict[str, Any]:
+def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, test,
+                device: torch.device) -> dict[str, Any]:
     recipe = victim_settings(args.pipeline, args.method)
     hparams = {**recipe["hparams"], **{k: v for k, v in variant.items() if k in recipe["hparams"]}}
     chosen = {key: variant.get(key, recipe[key]) for key in RECIPE_KEYS}
@@ -131,11 +133,13 @@ def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, te
     config = TrainConfig(epochs=epochs, batch_size=int(chosen["batch_size"]), lr=float(lr),
                          weight_decay=float(chosen["weight_decay"]), warmup_epochs=min(2, epochs // 4), seed=seed,
                          eval_every=args.every)
-    result = train(method, train_set.images, train_set.labels, augment, config, device, evaluate=knn_acc, progress=False)
+    result = train(method, train_set.images, train_set.labels, augment, config, device, evaluate=knn_acc,
+                   progress=False)
     curves += [{k: row[k] for k in ("epoch", "loss", "knn_acc", "cosine_to_init")} for row in result.curves
                if "knn_acc" in row]
     row = {"variant": variant, "lr": float(lr), "curves": curves, "seconds": time.perf_counter() - started}
-    print(f"{args.method} {variant}: " + ", ".join(f"epoch {c['epoch']} {c['knn_acc']:.3f}" for c in curves), flush=True)
+    readings = ", ".join(f"epoch {c['epoch']} {c['knn_acc']:.3f}" for c in curves)
+    print(f"{args.method} {variant}: {readings}", flush=True)
     return row
 
 

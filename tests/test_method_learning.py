@@ -10,8 +10,8 @@ import torch
 
 from benches import load, refused
 
-TINY = ["--set", "data.options.train_size=200", "--set", "data.options.test_size=60", "--set", "pretrain.width=4",
-        "--bank-size", "100"]
+TINY = ["--set", "data.options.train_size=200", "--set", "data.options.test_size=60",
+        "--set", "pretrain.width=4", "--bank-size", "100"]
 
 
 @pytest.mark.parametrize("variant, named", [("{no_such_knob: 1}", "no_such_knob"), ("{colour: pink}", "colour"),
