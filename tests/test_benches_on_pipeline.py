@@ -229,7 +229,10 @@ def test_test_pattern_defenses_reruns_the_pipelines_own_stages_with_the_test_tim
     for victim in ("poisoned", "reference"):
         for reader in ("linear", "knn"):
             assert negated["readings"][victim][reader] == pytest.approx(expected[victim][reader])
-    assert negated["readings"] != pipeline["readings"]
+    # ... which differ from the own pattern's wherever the two patterns read differently at all (on a processor
+    # whose float stream makes them tie on this small fixture, the runs must tie too).
+    own_expected = asr_by_trigger(read_pipeline_triggers(project, params, [trigger], ENCODERS))[0]
+    assert (negated["readings"] != pipeline["readings"]) == (expected != own_expected)
     assert negated["defenses"]["strip"] != pipeline["defenses"]["strip"]  # STRIP screens the triggered inputs
     # The root is only read.
     assert np.array_equal(load_trigger(project / "data/trigger").tensors()["pattern"].numpy(), own)
