@@ -36,7 +36,7 @@ from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, ConfigError, run_script
 from cba.evaluate import evaluate_features, extract_features, to_float
 from cba.io import write_json
-from cba.models.io import load_encoder
+from cba.models.io import load_encoder, named_encoder_paths
 from cba.params_file import add_params_options, read_params
 from cba.poison import triggered_test_set
 from cba.triggers import load_trigger
@@ -53,19 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a trained encoder to read beside the floor rows (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/reader_floor.json"))
     return parser.parse_args(argv)
-
-
-def named_encoders(specs: list[str]) -> dict[str, Path]:
-    """`LABEL=PATH` pairs, each checked before any reading: a bad one is one line."""
-    found: dict[str, Path] = {}
-    for spec in specs:
-        label, sep, path = spec.partition("=")
-        if not sep or not label or not path:
-            raise SystemExit(f"--encoder {spec!r} is not valid; allowed: LABEL=PATH")
-        if not Path(path).is_file():
-            raise SystemExit(f"--encoder {spec!r}: no file at {path}")
-        found[label] = Path(path)
-    return found
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
@@ -95,7 +82,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = command_line(argv)
-    encoders = named_encoders(args.encoder)
+    encoders = named_encoder_paths(args.encoder)
     try:
         params = read_params(args.params, args.sets)
         trigger = load_trigger(args.trigger)

@@ -33,7 +33,8 @@ SLOW_FILES = {"test_pipeline_e2e.py", "test_benches_on_pipeline.py", "test_distr
               "test_trigger_generated.py"}
 SLOW_FIXTURES = {"supervised_badnets"}
 SLOW_TESTS = {"test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes", "test_abl_on_a_contrastive_encoder",
-              "test_a_run_reads_the_untrained_encoder_then_the_trained_one"}
+              "test_a_run_reads_the_untrained_encoder_then_the_trained_one",
+              "test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_trigger_moves"}
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -1,4 +1,5 @@
-"""Analysis of attacks: learning dynamics (claim 1), feature entanglement (claim 2), 2-D embeddings.
+"""Analysis of attacks: learning dynamics (claim 1), feature entanglement (claim 2), 2-D embeddings,
+and what features say of the built-in images' generative factors.
 
 Pure functions on arrays and DataFrames; only the plot functions write files.
 
@@ -18,6 +19,7 @@ _SUBMODULE = {
     **dict.fromkeys(("choose_points", "embed_2d", "plot_embedding"), "embedding"),
     **dict.fromkeys(("centroid_distance_ratio", "entanglement_metrics", "poison_silhouette", "separability_auroc"),
                     "entanglement"),
+    **dict.fromkeys(("READ_FACTORS", "factor_readout", "factor_targets"), "factors"),
 }
 
 __all__ = sorted(_SUBMODULE)

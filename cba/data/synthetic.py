@@ -61,11 +61,26 @@ def _shape_masks(labels: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray
     return masks
 
 
-def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> ImageSet:
-    """Generate `n` images deterministically from `seed`, in chunks to bound memory."""
+# The generative factors `generate_with_factors` returns beside the images, one row per image.
+FACTORS = {
+    "label": "class index",
+    "theta": "rotation of the shape, radians",
+    "radius": "size of the shape, pixels",
+    "centre": "(x, y) offset of the shape from the image centre, pixels",
+    "background_from": "RGB in [0, 1] at the background gradient's start",
+    "background_to": "RGB in [0, 1] at the gradient's end",
+    "gradient_angle": "direction in which the background goes from the first colour to the second, radians",
+    "foreground": "RGB in [0, 1] of the shape",
+}
+
+
+def generate_with_factors(n: int, seed: int, image_size: int = 32,
+                          chunk: int = 2048) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """`generate`'s images (the same draws, byte for byte) and the factors each was drawn from (`FACTORS`)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), size=n)
     out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    drawn: dict[str, list[np.ndarray]] = {name: [] for name in FACTORS if name != "label"}
     grid = (np.arange(image_size) + 0.5) - image_size / 2
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     for start in range(0, n, chunk):
@@ -92,7 +107,18 @@ def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> Imag
         img = background * (1 - mask) + fg * mask
         img += rng.normal(0, 0.04, img.shape)
         out[start : start + m] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return ImageSet(out, labels.astype(np.int64), list(CLASSES))
+        for name, value in (("theta", theta.reshape(m)), ("radius", radius),
+                            ("centre", np.stack([cx.reshape(m), cy.reshape(m)], axis=1)),
+                            ("background_from", c0.reshape(m, 3)), ("background_to", c1.reshape(m, 3)),
+                            ("gradient_angle", phi.reshape(m)), ("foreground", fg.reshape(m, 3))):
+            drawn[name].append(value)
+    factors = {"label": labels.astype(np.int64), **{name: np.concatenate(parts) for name, parts in drawn.items()}}
+    return ImageSet(out, labels.astype(np.int64), list(CLASSES)), factors
+
+
+def generate(n: int, seed: int, image_size: int = 32, chunk: int = 2048) -> ImageSet:
+    """Generate `n` images deterministically from `seed`, in chunks to bound memory."""
+    return generate_with_factors(n, seed, image_size, chunk)[0]
 
 
 def split_size(split: str, train_size: int, test_size: int, num_classes: int) -> int:
@@ -107,7 +133,14 @@ def split_size(split: str, train_size: int, test_size: int, num_classes: int) ->
 def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
          test_size: int = DEFAULT_SIZES["test"], image_size: int = 32) -> ImageSet:
     """`root` is ignored: the data are generated, never read."""
+    return load_with_factors(split, seed=seed, train_size=train_size, test_size=test_size, image_size=image_size)[0]
+
+
+def load_with_factors(split: str, *, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
+                      test_size: int = DEFAULT_SIZES["test"],
+                      image_size: int = 32) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """The split `load` gives and the factors each of its images was drawn from (`FACTORS`)."""
     n = split_size(split, train_size, test_size, len(CLASSES))
     if image_size not in (32, 64, 96):
         raise ConfigError("image_size", image_size, "one of 32, 64, 96")
-    return generate(n, seed + SPLIT_OFFSET[split], image_size)
+    return generate_with_factors(n, seed + SPLIT_OFFSET[split], image_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from safetensors import safe_open
 from torch import nn
@@ -58,3 +59,16 @@ def load_weights(module: nn.Module, state: dict, path: str | os.PathLike, what: 
                   + (f", e.g. {wrong[0]} {tuple(state[wrong[0]].shape)} for {tuple(own[wrong[0]].shape)}" if wrong else ""))
         raise ConfigError("path", str(path), f"weights that fit {what} ({detail})")
     module.load_state_dict(state)
+
+
+def named_encoder_paths(specs: list[str]) -> dict[str, Path]:
+    """`LABEL=PATH` pairs, each checked before any reading: a bad one is one line."""
+    found: dict[str, Path] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--encoder {spec!r} is not valid; allowed: LABEL=PATH")
+        if not Path(path).is_file():
+            raise SystemExit(f"--encoder {spec!r}: no file at {path}")
+        found[label] = Path(path)
+    return found

@@ -1,0 +1,197 @@
+"""What an encoder keeps of the built-in images' generative factors: which shortcut met its loss.
+
+`bench/method_learning.py` found methods (BYOL, SimSiam) whose encoders learn little of the class at the
+pipeline's budget although their weights move and their loss falls. A loss met without the class is met
+with something else, and on the built-in data every image is drawn from known factors: the shape's place,
+size, rotation and colour, the background's colours and the direction of its ramp
+(`cba.data.synthetic.FACTORS`). This bench reads each factor linearly out of frozen features
+(`cba.analysis.factors`: a ridge fitted on `--fit-size` training images, R² on the whole test set), beside
+the pipeline's kNN ACC (a bank of the same training images), for
+
+- `raw pixels` and `random init` (the pipeline's initial encoder): what any reader gets for free;
+- one clean encoder per `--methods` entry, trained with the pipeline's recipe from params.yaml and no
+  poisons (`cba.attack.run_attack` at poison rate 0; `--cache` keeps them between runs);
+- every `--encoder LABEL=PATH` (an `encoder.safetensors` that cba wrote, e.g. the pipeline's victim).
+
+With `--trigger` (a saved trigger folder) it also reads what the trigger does to each factor's reading on
+the non-target test images: the mean change of the prediction in units of the factor's spread, so that a
+pattern which the encoder reads as, say, a darker background or a shape moved left shows as such; and
+the kNN ASR of that reader.
+
+    OMP_NUM_THREADS=2 python bench/encoder_factors.py --methods simclr byol simsiam \\
+        --encoder victim=data/pretrain/encoder.safetensors --trigger data/trigger   # about ten minutes on two cores
+
+Only the built-in data set (`data.name: synthetic`) has factors. Writes `--out` (markdown) and the same
+path with `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cba.analysis.factors import READ_FACTORS, factor_readout, factor_targets
+from cba.attack import initial_backbone, params_splits, reader_options, run_attack, victim_settings
+from cba.data.synthetic import load_with_factors
+from cba.env import command_line, environment, results_header
+from cba.errors import BenchParser, ConfigError, run_script
+from cba.evaluate import accuracy, attack_success_rate, extract_features, knn_predict, pick_device, to_float
+from cba.io import write_json
+from cba.models.io import load_encoder, named_encoder_paths
+from cba.params_file import add_params_options, params_from_args
+from cba.poison import triggered_test_set
+from cba.ssl import METHODS
+from cba.triggers import Trigger, build_trigger, load_trigger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_params_options(parser, REPO / "params.yaml", help="the data set, seed, target class and victim recipe")
+    parser.add_argument("--methods", nargs="*", default=["simclr", "byol", "simsiam"],
+                        help="train a clean encoder of each with the pipeline's recipe; of "
+                        f"{', '.join(METHODS.names())}")
+    parser.add_argument("--encoder", action="append", default=[], metavar="LABEL=PATH",
+                        help="a trained encoder to read beside them (repeatable)")
+    parser.add_argument("--trigger", type=Path, default=None,
+                        help="a saved trigger folder (as `cba trigger` writes it): read what it does to each factor")
+    parser.add_argument("--fit-size", type=int, default=5000, help="training images the readouts and the kNN bank use")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a folder of trained victims to reuse (cba.victim_cache)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/encoder_factors.md"))
+    args = parser.parse_args(argv)
+    args.pipeline = params_from_args(args, parser)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods {' '.join(unknown)}: choose from {', '.join(METHODS.names())}")
+    name = (args.pipeline.get("data") or {}).get("name", "synthetic")
+    if name != "synthetic":
+        parser.error(f"data.name {name!r}: only the built-in data set (synthetic) has generative factors")
+    if args.fit_size < 10:
+        parser.error(f"--fit-size {args.fit_size}: at least 10 images are needed")
+    return args
+
+
+def split_factors(params: dict[str, Any], split: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The factors of `split`'s images, checked to belong to the very images the pipeline loads."""
+    data = params.get("data") or {}
+    drawn, factors = load_with_factors(split, seed=int(params.get("seed", 0)), **(data.get("options") or {}))
+    if not np.array_equal(drawn.images, images):
+        raise SystemExit(f"the {split} images differ from the factors' draw: data.options must be synthetic's own")
+    return factors
+
+
+def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger: Trigger,
+                  args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
+    """The encoder `cba pretrain` would train with `method` and no poisons (the trigger only marks its test
+    set), and its last epoch's mean loss, which must be finite for its readings to mean anything."""
+    record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=0.0, cache=args.cache,
+                        device=args.device_obj, **victim_settings(params, method))
+    losses = record.losses
+    loss = float(losses.loc[losses["epoch"] == losses["epoch"].max(), "loss"].mean())
+    if not np.isfinite(loss):
+        raise SystemExit(f"{method}: the clean encoder's final loss is {loss}; its readings would mean nothing")
+    return record.encoder.eval(), loss
+
+
+def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit, test, targets, keep, triggered,
+                 target: int, options: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    fit_features, test_features = extract(fit.images), extract(test.images)
+    preds = knn_predict(fit_features, torch.as_tensor(fit.labels), test_features, test.num_classes, options["k"],
+                        options["temperature"])
+    row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels)}
+    triggered_features = None
+    if triggered is not None:
+        triggered_features = extract(triggered.images)
+        hits = knn_predict(fit_features, torch.as_tensor(fit.labels), triggered_features, test.num_classes,
+                           options["k"], options["temperature"])
+        row["knn_asr"] = attack_success_rate(hits, target)
+        triggered_features = triggered_features.numpy()
+    row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
+                                    triggered_features, keep)
+    row["seconds"] = time.perf_counter() - started
+    print(f"{label}: kNN ACC {row['knn_acc']:.3f}, R² " + ", ".join(
+        f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS), flush=True)
+    return row
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    head = "| features read | kNN ACC | " + " | ".join(f"R² {name}" for name in READ_FACTORS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(READ_FACTORS)]
+    for r in rows:
+        lines.append(f"| {r['reader']} | {r['knn_acc']:.3f} | "
+                     + " | ".join(f"{r['factors'][name]['r2']:.2f}" for name in READ_FACTORS) + " |")
+    if "knn_asr" not in rows[0]:
+        return "\n".join(lines)
+    lines += ["", "What the trigger does to each reading (non-target test images; mean change of the prediction "
+              "over the factor's standard deviation, one figure per dimension):", "",
+              "| features read | kNN ASR | " + " | ".join(READ_FACTORS) + " |",
+              "|---|---|" + "---|" * len(READ_FACTORS)]
+    for r in rows:
+        lines.append(f"| {r['reader']} | {r['knn_asr']:.3f} | " + " | ".join(
+            ", ".join(f"{v:+.2f}" for v in r["factors"][name]["shift"]) for name in READ_FACTORS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = command_line(argv)
+    encoders = named_encoder_paths(args.encoder)
+    params = args.pipeline
+    try:
+        trigger = load_trigger(args.trigger) if args.trigger is not None else None
+        loaded = {label: load_encoder(path).eval() for label, path in encoders.items()}
+        train_set, test = params_splits(params)
+    except (OSError, ConfigError) as exc:
+        raise SystemExit(str(exc).splitlines()[0]) from None
+    args.device_obj = pick_device(args.device)
+    options, settings = reader_options(params), victim_settings(params)
+    target, image_size = settings["target_class"], train_set.images.shape[1]
+    fit_rows = np.sort(np.random.default_rng(settings["seed"]).permutation(len(train_set))[: args.fit_size])
+    fit = train_set.subset(fit_rows)
+    train_targets = factor_targets(split_factors(params, "train", train_set.images), train_set.classes, image_size)
+    targets = {"fit": {name: value[fit_rows] for name, value in train_targets.items()},
+               "test": factor_targets(split_factors(params, "test", test.images), test.classes, image_size)}
+    keep = np.flatnonzero(test.labels != target)
+    triggered = triggered_test_set(test, trigger, target, options["seed"]) if trigger is not None else None
+    marker = trigger or build_trigger("patch", {}, seed=settings["seed"], image_size=image_size)
+    trained, final_losses = {}, {}
+    for method in args.methods:
+        started = time.perf_counter()
+        trained[f"{method}, clean"], final_losses[method] = clean_encoder(method, params, train_set, test, marker, args)
+        print(f"{method}: trained in {time.perf_counter() - started:.0f} s, final loss {final_losses[method]:.3f}",
+              flush=True)
+    untrained = initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()
+    readers = {"raw pixels": lambda images: to_float(images).flatten(1),
+               **{label: (lambda images, encoder=encoder: extract_features(encoder, images))
+                  for label, encoder in {"random init": untrained, **trained, **loaded}.items()}}
+    rows = [read_encoder(label, extract, fit, test, targets, keep, triggered, target, options)
+            for label, extract in readers.items()]
+    data = params.get("data") or {}
+    result = {"rows": rows, "_run": {
+        "command": command, "env": environment(args.device_obj), "recipe": settings,
+        "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
+        "fit_size": len(fit_rows), "final_losses": final_losses, "target_class": target,
+        "encoders": {k: str(v) for k, v in encoders.items()},
+        "trigger": None if trigger is None else {"name": trigger.name, "params": trigger.params}}}
+    write_json(args.out.with_suffix(".json"), result)
+    args.out.write_text(
+        results_header("What encoders keep of the images' generative factors", command, result["_run"]["env"])
+        + f"Data: synthetic {result['_run']['data']['options']}; readouts and kNN bank on {len(fit_rows)} training "
+        f"images, R² on the {len(test)} test images (orientation: shapes with a rotational symmetry only). "
+        f"Clean encoders' final losses: {', '.join(f'{m} {v:.3f}' for m, v in final_losses.items()) or 'none'}.\n\n"
+        + tables(rows) + "\n")
+    print(tables(rows))
+    return result
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,82 @@
+"""What an encoder's features say about the factors the built-in images were drawn from.
+
+`cba.data.synthetic.generate_with_factors` returns, beside each image, the draws that made it: the class,
+the shape's rotation, size, place and colour, and the background's two colours and the direction of the
+ramp between them. A contrastive method is meant to keep the class and drop what its augmentations
+change; a method that learns nothing of the class may still have learned something, and which factor it
+kept says which shortcut met its loss. The readable summaries (`factor_targets`):
+
+- `position`: the shape's centre, over the image side (crops move it);
+- `size`: the shape's radius in pixels (crops rescale it);
+- `orientation`: (cos kθ, sin kθ) with k the shape's rotational symmetry (4 for a square), only for the
+  shapes that have one (not circle, ring);
+- `background colour`: the mean of the ramp's two colours (colour jitter changes it);
+- `background ramp`: the ramp's luminance change across the image as a 2-vector, its direction and
+  strength (the part of the background a crop and grayscale keep);
+- `shape colour`: the shape's RGB;
+- `shape contrast`: the shape's luminance minus the background's mean luminance.
+
+`factor_readout` fits a ridge regression from features to each summary on one set of images (the penalty
+chosen by cross-validation there) and scores it on another: R² 1 is a linear read of the factor, 0 no
+better than its mean. With triggered copies of the scored images it also gives the trigger's systematic
+effect on each read factor: the mean change of the prediction, in units of the factor's spread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+# Rotations after which each shape looks the same: orientation is read modulo 2π / k.
+SYMMETRY_ORDER = {"square": 4, "triangle": 3, "plus": 4, "tee": 1, "stripes": 2, "checker": 2, "crescent": 1,
+                  "dumbbell": 2}
+LUMA = np.array([0.299, 0.587, 0.114])
+READ_FACTORS = ("position", "size", "orientation", "background colour", "background ramp", "shape colour",
+                "shape contrast")
+ALPHAS = np.logspace(-2, 4, 7)
+
+
+def factor_targets(factors: dict[str, np.ndarray], classes: list[str], image_size: int) -> dict[str, np.ndarray]:
+    """Each readable summary of `factors` as an (N, d) array; NaN rows where it is undefined (orientation)."""
+    theta, labels = factors["theta"], factors["label"]
+    order = np.array([SYMMETRY_ORDER.get(name, np.nan) for name in classes])[labels]
+    ramp = (factors["background_to"] - factors["background_from"]) @ LUMA
+    background = (factors["background_from"] + factors["background_to"]) / 2
+    angle = factors["gradient_angle"]
+    return {
+        "position": factors["centre"] / image_size,
+        "size": factors["radius"][:, None],
+        "orientation": np.stack([np.cos(order * theta), np.sin(order * theta)], axis=1),
+        "background colour": background,
+        "background ramp": ramp[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1),
+        "shape colour": factors["foreground"],
+        "shape contrast": (factors["foreground"] @ LUMA - background @ LUMA)[:, None],
+    }
+
+
+def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray], features: np.ndarray,
+                   targets: dict[str, np.ndarray], triggered: np.ndarray | None = None,
+                   triggered_rows: np.ndarray | None = None) -> dict[str, dict]:
+    """Per factor: `r2` on (`features`, `targets`) of a ridge fitted on (`fit_features`, `fit_targets`), the
+    penalty `alpha` it chose, and, given `triggered` (features of the images `features[triggered_rows]`, all
+    of them by default, with the trigger), `shift`: the mean change of the prediction per target dimension
+    over that dimension's standard deviation on those images."""
+    out: dict[str, dict] = {}
+    for name, fit_target in fit_targets.items():
+        keep_fit, keep = ~np.isnan(fit_target).any(1), ~np.isnan(targets[name]).any(1)
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
+        model.fit(fit_features[keep_fit], fit_target[keep_fit])
+        truth = targets[name][keep]
+        row = {"r2": float(r2_score(truth, model.predict(features[keep]))),
+               "alpha": float(model[-1].alpha_)}
+        if triggered is not None:
+            rows = np.arange(len(features)) if triggered_rows is None else np.asarray(triggered_rows)
+            defined = ~np.isnan(targets[name][rows]).any(1)
+            clean, stamped = features[rows][defined], triggered[defined]
+            change = (model.predict(stamped) - model.predict(clean)).reshape(len(clean), -1)
+            row["shift"] = (change.mean(0) / targets[name][rows][defined].std(0)).tolist()
+        out[name] = row
+    return out

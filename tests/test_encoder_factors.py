@@ -1,0 +1,105 @@
+"""The built-in images' generative factors, their linear readout, and bench/encoder_factors.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benches import load, refused
+from cba.analysis.factors import READ_FACTORS, factor_readout, factor_targets
+from cba.data.synthetic import CLASSES, generate, generate_with_factors, load_with_factors
+
+TINY = ["--set", "data.options.train_size=300", "--set", "data.options.test_size=120", "--set", "pretrain.width=4",
+        "--set", "pretrain.epochs=1", "--fit-size", "200"]
+
+
+def test_the_factors_come_with_the_very_images_generate_draws():
+    images, factors = generate_with_factors(70, seed=3, chunk=32)  # three chunks: the draws interleave per chunk
+    assert np.array_equal(images.images, generate(70, seed=3, chunk=32).images)
+    assert np.array_equal(factors["label"], images.labels)
+    assert {name: value.shape[1:] for name, value in factors.items()} == {
+        "label": (), "theta": (), "radius": (), "centre": (2,), "background_from": (3,), "background_to": (3,),
+        "gradient_angle": (), "foreground": (3,)}
+    assert np.abs(factors["centre"]).max() <= 0.15 * 32 and factors["radius"].min() >= 0.22 * 32
+    loaded, again = load_with_factors("test", seed=3, train_size=50, test_size=40)
+    assert len(loaded) == 40 and np.array_equal(again["theta"], generate_with_factors(40, 3 + 1_000_003)[1]["theta"])
+
+
+def test_a_shape_drawn_brighter_than_its_background_reads_so():
+    images, factors = generate_with_factors(300, seed=4)
+    targets = factor_targets(factors, CLASSES, 32)
+    luma = images.images.astype(float) @ np.array([0.299, 0.587, 0.114]) / 255
+    centre = luma[:, 15:17, 15:17].mean(axis=(1, 2))  # a solid disc or square always covers the image's centre
+    corners = luma[:, [0, 0, -1, -1], [0, -1, 0, -1]].mean(axis=1)  # the mean of the ramp's two ends, or near it
+    solid = np.isin(factors["label"], [CLASSES.index("circle"), CLASSES.index("square")])
+    assert np.corrcoef(targets["shape contrast"][solid, 0], (centre - corners)[solid])[0, 1] > 0.9
+
+
+def test_orientation_is_undefined_exactly_for_the_round_shapes():
+    _, factors = generate_with_factors(300, seed=5)
+    targets = factor_targets(factors, CLASSES, 32)
+    undefined = np.isnan(targets["orientation"]).any(1)
+    assert np.array_equal(undefined, np.isin(factors["label"], [CLASSES.index("circle"), CLASSES.index("ring")]))
+    assert set(targets) == set(READ_FACTORS)
+    assert all(len(value) == 300 for value in targets.values())
+
+
+def hand_made(n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Features that hold every factor's summary as columns, beside noise columns."""
+    _, factors = generate_with_factors(n, seed)
+    targets = factor_targets(factors, CLASSES, 32)
+    columns = [np.nan_to_num(value) for value in targets.values()]
+    noise = np.random.default_rng(seed).normal(size=(n, 20))
+    return np.concatenate([*columns, noise], axis=1), targets
+
+
+def test_the_readout_finds_factors_that_are_there_and_not_those_that_are_not():
+    fit, fit_targets = hand_made(600, 1)
+    test, targets = hand_made(300, 2)
+    readout = factor_readout(fit, fit_targets, test, targets)
+    assert all(readout[name]["r2"] > 0.95 for name in READ_FACTORS)
+    noise = np.random.default_rng(0)
+    blind = factor_readout(noise.normal(size=fit.shape), fit_targets, noise.normal(size=test.shape), targets)
+    assert all(blind[name]["r2"] < 0.1 for name in READ_FACTORS)
+
+
+def test_the_shift_is_the_triggers_change_of_a_reading_in_units_of_its_spread():
+    fit, fit_targets = hand_made(600, 1)
+    test, targets = hand_made(300, 2)
+    rows = np.arange(0, 300, 2)
+    triggered = test[rows].copy()
+    triggered[:, 0] += targets["position"][rows, 0].std()  # column 0 is the shape's x: moved one spread right
+    shifts = factor_readout(fit, fit_targets, test, targets, triggered, rows)
+    assert shifts["position"]["shift"][0] == pytest.approx(1.0, abs=0.08)
+    others = [abs(v) for name in READ_FACTORS for v in shifts[name]["shift"] if name != "position"]
+    assert max(others + [abs(shifts["position"]["shift"][1])]) < 0.05
+
+
+def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys):
+    bench = load("encoder_factors")
+    assert refused(bench.parse_args, ["--set", "data.name=cifar10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cifar10" in err
+    assert refused(bench.parse_args, ["--methods", "dino"]) == 2
+    assert "dino" in capsys.readouterr().err
+
+
+def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_trigger_moves(tmp_path):
+    from cba.triggers import build_trigger, save_trigger
+
+    trigger = build_trigger("blend", {}, seed=0, image_size=32)
+    save_trigger(trigger, tmp_path / "trigger")
+    out = tmp_path / "factors.md"
+    result = load("encoder_factors").main([*TINY, "--methods", "simclr", "--trigger", str(tmp_path / "trigger"),
+                                           "--out", str(out)])
+    rows = {row["reader"]: row for row in result["rows"]}
+    assert list(rows) == ["raw pixels", "random init", "simclr, clean"]
+    assert rows["raw pixels"]["factors"]["background colour"]["r2"] > 0.9  # colour is linear in the pixels
+    assert rows["raw pixels"]["factors"]["position"]["r2"] < 0.2  # where the shape is, is not
+    assert np.isfinite(result["_run"]["final_losses"]["simclr"])
+    assert all(len(row["factors"]["background colour"]["shift"]) == 3 for row in rows.values())
+    text = out.read_text()
+    assert "R² background ramp" in text and "What the trigger does" in text and "simclr, clean" in text
+    assert json.loads(out.with_suffix(".json").read_text())["_run"]["fit_size"] == 200
