@@ -6,7 +6,8 @@ with something else, and on the built-in data every image is drawn from known fa
 size, rotation and colour, the background's colours and the direction of its ramp
 (`cba.data.synthetic.FACTORS`). This bench reads each factor linearly out of frozen features
 (`cba.analysis.factors`: a ridge fitted on `--fit-size` training images, R² on the whole test set), beside
-the pipeline's kNN ACC (a bank of the same training images), for
+the pipeline's kNN ACC (a bank of the same training images) and the features' effective rank (how many
+directions they use), for
 
 - `raw pixels` and `random init` (the pipeline's initial encoder): what any reader gets for free;
 - one clean encoder per `--methods` entry, trained with the pipeline's recipe from params.yaml and no
@@ -35,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cba.analysis.factors import READ_FACTORS, factor_readout, factor_targets
+from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets
 from cba.attack import initial_backbone, params_splits, reader_options, run_attack, victim_settings
 from cba.data.synthetic import load_with_factors
 from cba.env import command_line, environment, results_header
@@ -107,7 +108,8 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
     fit_features, test_features = extract(fit.images), extract(test.images)
     preds = knn_predict(fit_features, torch.as_tensor(fit.labels), test_features, test.num_classes, options["k"],
                         options["temperature"])
-    row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels)}
+    row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels), "dims": test_features.shape[1],
+                           "effective_rank": effective_rank(test_features.numpy().astype(np.float64))}
     triggered_features = None
     if triggered is not None:
         triggered_features = extract(triggered.images)
@@ -118,16 +120,18 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep)
     row["seconds"] = time.perf_counter() - started
-    print(f"{label}: kNN ACC {row['knn_acc']:.3f}, R² " + ", ".join(
-        f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS), flush=True)
+    readings = ", ".join(f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS)
+    print(f"{label}: kNN ACC {row['knn_acc']:.3f}, effective rank {row['effective_rank']:.1f} of {row['dims']}, "
+          f"R² {readings}", flush=True)
     return row
 
 
 def tables(rows: list[dict[str, Any]]) -> str:
-    head = "| features read | kNN ACC | " + " | ".join(f"R² {name}" for name in READ_FACTORS) + " |"
-    lines = [head, "|---|---|" + "---|" * len(READ_FACTORS)]
+    head = ("| features read | kNN ACC | effective rank (of dims) | "
+            + " | ".join(f"R² {name}" for name in READ_FACTORS) + " |")
+    lines = [head, "|---|---|---|" + "---|" * len(READ_FACTORS)]
     for r in rows:
-        lines.append(f"| {r['reader']} | {r['knn_acc']:.3f} | "
+        lines.append(f"| {r['reader']} | {r['knn_acc']:.3f} | {r['effective_rank']:.1f} ({r['dims']}) | "
                      + " | ".join(f"{r['factors'][name]['r2']:.2f}" for name in READ_FACTORS) + " |")
     if "knn_asr" not in rows[0]:
         return "\n".join(lines)

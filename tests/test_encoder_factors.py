@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benches import load, refused
-from cba.analysis.factors import READ_FACTORS, factor_readout, factor_targets
+from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets
 from cba.data.synthetic import CLASSES, generate, generate_with_factors, load_with_factors
 
 TINY = ["--set", "data.options.train_size=300", "--set", "data.options.test_size=120", "--set", "pretrain.width=4",
@@ -77,6 +77,18 @@ def test_the_shift_is_the_triggers_change_of_a_reading_in_units_of_its_spread():
     assert max(others + [abs(shifts["position"]["shift"][1])]) < 0.05
 
 
+def test_the_effective_rank_counts_the_directions_the_features_use():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(64, 64)))[0]
+    square = np.repeat(np.eye(64), 10, axis=0)  # 640 points that use 64 directions alike
+    spread = (square - square.mean(0)) @ basis
+    assert effective_rank(spread) == pytest.approx(63, abs=1)  # centring removes one direction
+    line = np.outer(rng.normal(size=640), rng.normal(size=64))  # every point on one line through the origin
+    assert effective_rank(line + 3.0) == pytest.approx(1, abs=1e-6)  # ... shifted: the centring takes it back
+    few = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 64))  # rank 4, embedded in 64 dimensions
+    assert 2 < effective_rank(few) <= 4 + 1e-6
+
+
 def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys):
     bench = load("encoder_factors")
     assert refused(bench.parse_args, ["--set", "data.name=cifar10"]) == 2
@@ -100,6 +112,8 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert rows["raw pixels"]["factors"]["position"]["r2"] < 0.2  # where the shape is, is not
     assert np.isfinite(result["_run"]["final_losses"]["simclr"])
     assert all(len(row["factors"]["background colour"]["shift"]) == 3 for row in rows.values())
+    assert rows["raw pixels"]["dims"] == 32 * 32 * 3
+    assert 1 < rows["random init"]["effective_rank"] <= rows["random init"]["dims"]
     text = out.read_text()
     assert "R² background ramp" in text and "What the trigger does" in text and "simclr, clean" in text
     assert json.loads(out.with_suffix(".json").read_text())["_run"]["fit_size"] == 200

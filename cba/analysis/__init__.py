@@ -19,7 +19,7 @@ _SUBMODULE = {
     **dict.fromkeys(("choose_points", "embed_2d", "plot_embedding"), "embedding"),
     **dict.fromkeys(("centroid_distance_ratio", "entanglement_metrics", "poison_silhouette", "separability_auroc"),
                     "entanglement"),
-    **dict.fromkeys(("READ_FACTORS", "factor_readout", "factor_targets"), "factors"),
+    **dict.fromkeys(("READ_FACTORS", "effective_rank", "factor_readout", "factor_targets"), "factors"),
 }
 
 __all__ = sorted(_SUBMODULE)

@@ -16,6 +16,10 @@ kept says which shortcut met its loss. The readable summaries (`factor_targets`)
 - `shape colour`: the shape's RGB;
 - `shape contrast`: the shape's luminance minus the background's mean luminance.
 
+`effective_rank` says how many directions the features use at all (Roy and Vetterli's entropy of the
+normalised singular values): a method whose features collapsed onto a few directions has few left for
+any factor.
+
 `factor_readout` fits a ridge regression from features to each summary on one set of images (the penalty
 chosen by cross-validation there) and scores it on another: R² 1 is a linear read of the factor, 0 no
 better than its mean. With triggered copies of the scored images it also gives the trigger's systematic
@@ -80,3 +84,12 @@ def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray],
             row["shift"] = (change.mean(0) / targets[name][rows][defined].std(0)).tolist()
         out[name] = row
     return out
+
+
+def effective_rank(features: np.ndarray) -> float:
+    """exp of the entropy of the centred features' singular values, normalised to sum to 1: d for d equally
+    used directions, 1 for features on one line."""
+    singular = np.linalg.svd(features - features.mean(0), compute_uv=False)
+    p = singular / singular.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
