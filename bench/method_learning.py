@@ -28,6 +28,7 @@ Writes `--out` (markdown) and the same path with `.json`.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pipeline = params_from_args(args, parser)
     if args.method not in METHODS:
         parser.error(f"--method {args.method!r}: choose one of {', '.join(METHODS.names())}")
-    recipe = victim_settings(args.pipeline, args.method)
+    args.recipe, args.readers = victim_settings(args.pipeline, args.method), reader_options(args.pipeline)
+    recipe = args.recipe
     for variant in args.variants:  # every variant checked before the first one trains
         if not isinstance(variant, dict):
             parser.error(f"--variants {variant!r}: a YAML mapping is needed, e.g. '{{lr: 0.3}}'")
@@ -106,20 +108,20 @@ def scale_predictor_gradients(method: nn.Module, gain: float) -> None:
 
 def run_variant(variant: dict[str, Any], args: argparse.Namespace, train_set, test,
                 device: torch.device) -> dict[str, Any]:
-    recipe = victim_settings(args.pipeline, args.method)
+    recipe = args.recipe
     hparams = {**recipe["hparams"], **{k: v for k, v in variant.items() if k in recipe["hparams"]}}
     chosen = {key: variant.get(key, recipe[key]) for key in RECIPE_KEYS}
     seed, epochs = recipe["seed"], args.epochs or recipe["epochs"]
     initial = initial_backbone(recipe["backbone"], recipe["width"], seed)
-    method = build_method(args.method, initial_backbone(recipe["backbone"], recipe["width"], seed),
-                          num_classes=train_set.num_classes, **hparams)
+    # The copy leaves torch's generator where a second build would: the heads draw the same weights.
+    method = build_method(args.method, copy.deepcopy(initial), num_classes=train_set.num_classes, **hparams)
     lr = chosen["lr"] if chosen["lr"] is not None else method.default_lr
     if variant.get("predictor_gain") is not None:
         scale_predictor_gradients(method, float(variant["predictor_gain"]))
     augment = build_augment(method.augmentation, train_set.images.shape[1], recipe["per_batch"], chosen["min_scale"])
     if variant.get("colour") is not None:
         augment = with_colour(augment, variant["colour"])
-    options = reader_options(args.pipeline)
+    options = args.readers
     bank = np.random.default_rng(seed).permutation(len(train_set))[: args.bank_size]
 
     def knn_acc(encoder: nn.Module, epoch: int) -> dict[str, float]:
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"method": args.method, "rows": rows,
               "_run": {"command": command, "env": environment(device),
                        "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
-                       "recipe": victim_settings(args.pipeline, args.method)}}
+                       "recipe": args.recipe}}
     write_json(args.out.with_suffix(".json"), result)
     args.out.write_text(results_header(f"Does {args.method} learn the clean task at this budget", command,
                                        result["_run"]["env"])
