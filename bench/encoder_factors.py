@@ -16,8 +16,8 @@ directions they use), for
 
 With `--trigger` (a saved trigger folder) it also reads what the trigger does to each factor's reading on
 the non-target test images: the mean change of the prediction in units of the factor's spread, so that a
-pattern which the encoder reads as, say, a darker background or a shape moved left shows as such; and
-the kNN ASR of that reader.
+pattern which the encoder reads as, say, a darker background or a shape moved left shows as such; the
+same change within each true class, for the factor it moves most; and the kNN ASR of that reader.
 
     OMP_NUM_THREADS=2 python bench/encoder_factors.py --methods simclr byol simsiam \\
         --encoder victim=data/pretrain/encoder.safetensors --trigger data/trigger   # about ten minutes on two cores
@@ -118,7 +118,7 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         row["knn_asr"] = attack_success_rate(hits, target)
         triggered_features = triggered_features.numpy()
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
-                                    triggered_features, keep)
+                                    triggered_features, keep, test.labels[keep])
     row["seconds"] = time.perf_counter() - started
     readings = ", ".join(f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS)
     print(f"{label}: kNN ACC {row['knn_acc']:.3f}, effective rank {row['effective_rank']:.1f} of {row['dims']}, "
@@ -126,7 +126,12 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
     return row
 
 
-def tables(rows: list[dict[str, Any]]) -> str:
+def most_moved(rows: list[dict[str, Any]]) -> str:
+    """The factor whose reading the trigger moves most, on average over the readers."""
+    return max(READ_FACTORS, key=lambda name: np.mean([np.linalg.norm(r["factors"][name]["shift"]) for r in rows]))
+
+
+def tables(rows: list[dict[str, Any]], classes: list[str]) -> str:
     head = ("| features read | kNN ACC | effective rank (of dims) | "
             + " | ".join(f"R² {name}" for name in READ_FACTORS) + " |")
     lines = [head, "|---|---|---|" + "---|" * len(READ_FACTORS)]
@@ -142,6 +147,13 @@ def tables(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r['reader']} | {r['knn_asr']:.3f} | " + " | ".join(
             ", ".join(f"{v:+.2f}" for v in r["factors"][name]["shift"]) for name in READ_FACTORS) + " |")
+    moved = most_moved(rows)
+    groups = sorted(rows[0]["factors"][moved]["shift_by_group"])
+    lines += ["", f"The factor the trigger moves most, {moved}, by the images' true class (same units):", "",
+              "| features read | " + " | ".join(classes[g] for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    for r in rows:
+        lines.append(f"| {r['reader']} | " + " | ".join(
+            ", ".join(f"{v:+.2f}" for v in r["factors"][moved]["shift_by_group"][g]) for g in groups) + " |")
     return "\n".join(lines)
 
 
@@ -192,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + f"Data: synthetic {result['_run']['data']['options']}; readouts and kNN bank on {len(fit_rows)} training "
         f"images, R² on the {len(test)} test images (orientation: shapes with a rotational symmetry only). "
         f"Clean encoders' final losses: {', '.join(f'{m} {v:.3f}' for m, v in final_losses.items()) or 'none'}.\n\n"
-        + tables(rows) + "\n")
-    print(tables(rows))
+        + tables(rows, test.classes) + "\n")
+    print(tables(rows, test.classes))
     return result
 
 

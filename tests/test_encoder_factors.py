@@ -71,8 +71,12 @@ def test_the_shift_is_the_triggers_change_of_a_reading_in_units_of_its_spread():
     rows = np.arange(0, 300, 2)
     triggered = test[rows].copy()
     triggered[:, 0] += targets["position"][rows, 0].std()  # column 0 is the shape's x: moved one spread right
-    shifts = factor_readout(fit, fit_targets, test, targets, triggered, rows)
-    assert shifts["position"]["shift"][0] == pytest.approx(1.0, abs=0.08)
+    triggered[rows % 4 == 2, 0] += targets["position"][rows, 0].std()  # group 2: moved twice as far
+    shifts = factor_readout(fit, fit_targets, test, targets, triggered, rows, groups=rows % 4)
+    assert shifts["position"]["shift"][0] == pytest.approx(1.5, abs=0.12)
+    by_group = shifts["position"]["shift_by_group"]
+    assert sorted(by_group) == [0, 2] and by_group[0][0] == pytest.approx(1.0, abs=0.08)
+    assert by_group[2][0] == pytest.approx(2.0, abs=0.15)
     others = [abs(v) for name in READ_FACTORS for v in shifts[name]["shift"] if name != "position"]
     assert max(others + [abs(shifts["position"]["shift"][1])]) < 0.05
 
@@ -116,4 +120,5 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert 1 < rows["random init"]["effective_rank"] <= rows["random init"]["dims"]
     text = out.read_text()
     assert "R² background ramp" in text and "What the trigger does" in text and "simclr, clean" in text
+    assert "by the images' true class" in text
     assert json.loads(out.with_suffix(".json").read_text())["_run"]["fit_size"] == 200

@@ -63,11 +63,13 @@ def factor_targets(factors: dict[str, np.ndarray], classes: list[str], image_siz
 
 def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray], features: np.ndarray,
                    targets: dict[str, np.ndarray], triggered: np.ndarray | None = None,
-                   triggered_rows: np.ndarray | None = None) -> dict[str, dict]:
+                   triggered_rows: np.ndarray | None = None,
+                   groups: np.ndarray | None = None) -> dict[str, dict]:
     """Per factor: `r2` on (`features`, `targets`) of a ridge fitted on (`fit_features`, `fit_targets`), the
     penalty `alpha` it chose, and, given `triggered` (features of the images `features[triggered_rows]`, all
     of them by default, with the trigger), `shift`: the mean change of the prediction per target dimension
-    over that dimension's standard deviation on those images."""
+    over that dimension's standard deviation on those images; given also `groups` (a label per triggered
+    image, e.g. its class), `shift_by_group`: the same mean within each group, in the same units."""
     out: dict[str, dict] = {}
     for name, fit_target in fit_targets.items():
         keep_fit, keep = ~np.isnan(fit_target).any(1), ~np.isnan(targets[name]).any(1)
@@ -81,7 +83,12 @@ def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray],
             defined = ~np.isnan(targets[name][rows]).any(1)
             clean, stamped = features[rows][defined], triggered[defined]
             change = (model.predict(stamped) - model.predict(clean)).reshape(len(clean), -1)
-            row["shift"] = (change.mean(0) / targets[name][rows][defined].std(0)).tolist()
+            spread = targets[name][rows][defined].std(0)
+            row["shift"] = (change.mean(0) / spread).tolist()
+            if groups is not None:
+                kept = np.asarray(groups)[defined]
+                row["shift_by_group"] = {int(g): (change[kept == g].mean(0) / spread).tolist()
+                                         for g in np.unique(kept)}
         out[name] = row
     return out
 
