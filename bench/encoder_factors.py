@@ -116,6 +116,7 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         hits = knn_predict(fit_features, torch.as_tensor(fit.labels), triggered_features, test.num_classes,
                            options["k"], options["temperature"])
         row["knn_asr"] = attack_success_rate(hits, target)
+        row["_hits"] = hits.numpy() == target
         triggered_features = triggered_features.numpy()
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
@@ -154,7 +155,20 @@ def tables(rows: list[dict[str, Any]], classes: list[str]) -> str:
     for r in rows:
         lines.append(f"| {r['reader']} | " + " | ".join(
             ", ".join(f"{v:+.2f}" for v in r["factors"][moved]["shift_by_group"][g]) for g in groups) + " |")
+    lines += ["", f"kNN target calls on triggered images by how far the trigger moves each image's {moved} reading "
+              "(thirds of that reader's images, lowest first; mean move in brackets):", "",
+              "| features read | first third | second third | last third |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{rate:.3f} ({move:+.2f})" for rate, move in r["by_move"]]
+        lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def calls_by_move(hits: np.ndarray, along: np.ndarray, parts: int = 3) -> list[tuple[float, float]]:
+    """(share of target calls, mean move) in each of `parts` equal slices of the images sorted by their move."""
+    defined = np.flatnonzero(~np.isnan(along))
+    ordered = defined[np.argsort(along[defined], kind="stable")]
+    return [(float(hits[part].mean()), float(along[part].mean())) for part in np.array_split(ordered, parts)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,6 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   for label, encoder in {"random init": untrained, **trained, **loaded}.items()}}
     rows = [read_encoder(label, extract, fit, test, targets, keep, triggered, target, options)
             for label, extract in readers.items()]
+    if triggered is not None:
+        moved = most_moved(rows)
+        for row in rows:  # the per-image arrays give way to their summary before the JSON
+            row["by_move"] = calls_by_move(row.pop("_hits"), row["factors"][moved]["along"])
+    for row in rows:
+        for reading in row["factors"].values():
+            reading.pop("along", None)
     data = params.get("data") or {}
     result = {"rows": rows, "_run": {
         "command": command, "env": environment(args.device_obj), "recipe": settings,

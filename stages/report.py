@@ -24,6 +24,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("method_learning_byol", "Does BYOL learn it, and which knob of its recipe moves that "
                                     "(bench/method_learning.py)"),
            ("method_learning_simsiam", "Does SimSiam learn it, and which knob moves that (bench/method_learning.py)"),
+           ("encoder_factors", "What each encoder keeps of the images' generative factors, and what the trigger "
+                               "reads as (bench/encoder_factors.py)"),
            ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder "
                             "(bench/reader_floor.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),

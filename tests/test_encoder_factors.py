@@ -77,8 +77,18 @@ def test_the_shift_is_the_triggers_change_of_a_reading_in_units_of_its_spread():
     by_group = shifts["position"]["shift_by_group"]
     assert sorted(by_group) == [0, 2] and by_group[0][0] == pytest.approx(1.0, abs=0.08)
     assert by_group[2][0] == pytest.approx(2.0, abs=0.15)
+    along = shifts["position"]["along"]  # each image's own move along the mean shift, in the same units
+    assert along.shape == (len(rows),) and np.all(np.abs(along[rows % 4 == 0] - 1.0) < 0.2)
+    assert np.all(np.abs(along[rows % 4 == 2] - 2.0) < 0.3)
     others = [abs(v) for name in READ_FACTORS for v in shifts[name]["shift"] if name != "position"]
     assert max(others + [abs(shifts["position"]["shift"][1])]) < 0.05
+
+
+def test_target_calls_are_split_by_how_far_each_image_moved():
+    bench = load("encoder_factors")
+    along = np.array([0.5, np.nan, 3.0, 1.0, 2.0, 0.0, 2.5])
+    hits = np.array([0, 1, 1, 0, 1, 0, 1], dtype=bool)
+    assert bench.calls_by_move(hits, along) == [(0.0, 0.25), (0.5, 1.5), (1.0, 2.75)]  # the NaN image is left out
 
 
 def test_the_effective_rank_counts_the_directions_the_features_use():
@@ -120,5 +130,6 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert 1 < rows["random init"]["effective_rank"] <= rows["random init"]["dims"]
     text = out.read_text()
     assert "R² background ramp" in text and "What the trigger does" in text and "simclr, clean" in text
-    assert "by the images' true class" in text
+    assert "by the images' true class" in text and "kNN target calls on triggered images" in text
+    assert all(len(row["by_move"]) == 3 and "along" not in row["factors"]["size"] for row in rows.values())
     assert json.loads(out.with_suffix(".json").read_text())["_run"]["fit_size"] == 200

@@ -69,7 +69,9 @@ def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray],
     penalty `alpha` it chose, and, given `triggered` (features of the images `features[triggered_rows]`, all
     of them by default, with the trigger), `shift`: the mean change of the prediction per target dimension
     over that dimension's standard deviation on those images; given also `groups` (a label per triggered
-    image, e.g. its class), `shift_by_group`: the same mean within each group, in the same units."""
+    image, e.g. its class), `shift_by_group`: the same mean within each group, in the same units; and
+    `along`, each triggered image's own change along the mean shift's direction, in the same units (an
+    array, NaN where the factor is undefined)."""
     out: dict[str, dict] = {}
     for name, fit_target in fit_targets.items():
         keep_fit, keep = ~np.isnan(fit_target).any(1), ~np.isnan(targets[name]).any(1)
@@ -85,6 +87,9 @@ def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray],
             change = (model.predict(stamped) - model.predict(clean)).reshape(len(clean), -1)
             spread = targets[name][rows][defined].std(0)
             row["shift"] = (change.mean(0) / spread).tolist()
+            direction = np.asarray(row["shift"]) / (np.linalg.norm(row["shift"]) or 1.0)
+            row["along"] = np.full(len(rows), np.nan)
+            row["along"][defined] = (change / spread) @ direction
             if groups is not None:
                 kept = np.asarray(groups)[defined]
                 row["shift_by_group"] = {int(g): (change[kept == g].mean(0) / spread).tolist()
