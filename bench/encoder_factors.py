@@ -89,12 +89,12 @@ def split_factors(params: dict[str, Any], split: str, images: np.ndarray) -> dic
     return factors
 
 
-def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger: Trigger,
-                  args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
+def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger: Trigger, device: torch.device,
+                  cache: Path | None) -> tuple[torch.nn.Module, float]:
     """The encoder `cba pretrain` would train with `method` and no poisons (the trigger only marks its test
     set), and its last epoch's mean loss, which must be finite for its readings to mean anything."""
-    record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=0.0, cache=args.cache,
-                        device=args.device_obj, **victim_settings(params, method))
+    record = run_attack(train_set, test, trigger, mode="clean_label", poison_rate=0.0, cache=cache, device=device,
+                        **victim_settings(params, method))
     losses = record.losses
     loss = float(losses.loc[losses["epoch"] == losses["epoch"].max(), "loss"].mean())
     if not np.isfinite(loss):
@@ -105,16 +105,16 @@ def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger:
 def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit, test, targets, keep, triggered,
                  target: int, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    fit_features, test_features = extract(fit.images), extract(test.images)
-    preds = knn_predict(fit_features, torch.as_tensor(fit.labels), test_features, test.num_classes, options["k"],
+    fit_features, test_features, fit_labels = extract(fit.images), extract(test.images), torch.as_tensor(fit.labels)
+    preds = knn_predict(fit_features, fit_labels, test_features, test.num_classes, options["k"],
                         options["temperature"])
     row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels), "dims": test_features.shape[1],
                            "effective_rank": effective_rank(test_features.numpy().astype(np.float64))}
     triggered_features = None
     if triggered is not None:
         triggered_features = extract(triggered.images)
-        hits = knn_predict(fit_features, torch.as_tensor(fit.labels), triggered_features, test.num_classes,
-                           options["k"], options["temperature"])
+        hits = knn_predict(fit_features, fit_labels, triggered_features, test.num_classes, options["k"],
+                           options["temperature"])
         row["knn_asr"] = attack_success_rate(hits, target)
         row["_hits"] = hits.numpy() == target
         triggered_features = triggered_features.numpy()
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_set, test = params_splits(params)
     except (OSError, ConfigError) as exc:
         raise SystemExit(str(exc).splitlines()[0]) from None
-    args.device_obj = pick_device(args.device)
+    device = pick_device(args.device)
     options, settings = reader_options(params), victim_settings(params)
     target, image_size = settings["target_class"], train_set.images.shape[1]
     fit_rows = np.sort(np.random.default_rng(settings["seed"]).permutation(len(train_set))[: args.fit_size])
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained, final_losses = {}, {}
     for method in args.methods:
         started = time.perf_counter()
-        trained[f"{method}, clean"], final_losses[method] = clean_encoder(method, params, train_set, test, marker, args)
+        encoder, final_losses[method] = clean_encoder(method, params, train_set, test, marker, device, args.cache)
+        trained[f"{method}, clean"] = encoder
         print(f"{method}: trained in {time.perf_counter() - started:.0f} s, final loss {final_losses[method]:.3f}",
               flush=True)
     untrained = initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             reading.pop("along", None)
     data = params.get("data") or {}
     result = {"rows": rows, "_run": {
-        "command": command, "env": environment(args.device_obj), "recipe": settings,
+        "command": command, "env": environment(device), "recipe": settings,
         "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
         "fit_size": len(fit_rows), "final_losses": final_losses, "target_class": target,
         "encoders": {k: str(v) for k, v in encoders.items()},
