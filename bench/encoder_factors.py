@@ -41,7 +41,7 @@ from cba.attack import initial_backbone, params_splits, reader_options, run_atta
 from cba.data.synthetic import load_with_factors
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, ConfigError, run_script
-from cba.evaluate import accuracy, attack_success_rate, extract_features, knn_predict, pick_device, to_float
+from cba.evaluate import accuracy, attack_success_rate, feature_readers, knn_predict, pick_device
 from cba.io import write_json
 from cba.models.io import load_encoder, named_encoder_paths
 from cba.params_file import add_params_options, params_from_args
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{method}: trained in {time.perf_counter() - started:.0f} s, final loss {final_losses[method]:.3f}",
               flush=True)
     untrained = initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()
-    readers = {"raw pixels": lambda images: to_float(images).flatten(1),
-               **{label: (lambda images, encoder=encoder: extract_features(encoder, images))
-                  for label, encoder in {"random init": untrained, **trained, **loaded}.items()}}
+    readers = feature_readers({"random init": untrained, **trained, **loaded})
     rows = [read_encoder(label, extract, fit, test, targets, keep, triggered, target, options)
             for label, extract in readers.items()]
     if triggered is not None:

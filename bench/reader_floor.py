@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cba.attack import initial_backbone, params_splits, reader_options, victim_settings
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, ConfigError, run_script
-from cba.evaluate import evaluate_features, extract_features, to_float
+from cba.evaluate import evaluate_features, feature_readers
 from cba.io import write_json
 from cba.models.io import load_encoder, named_encoder_paths
 from cba.params_file import add_params_options, read_params
@@ -53,11 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a trained encoder to read beside the floor rows (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/reader_floor.json"))
     return parser.parse_args(argv)
-
-
-def pixels(images: np.ndarray) -> torch.Tensor:
-    """The image as its own feature: (N, H*W*C) floats in [0, 1]."""
-    return to_float(images).flatten(1)
 
 
 def read_row(label: str, extract, train, test, triggered, target: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -96,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = victim_settings(params)
     untrained = {f"random init ({settings['backbone']}, width {settings['width']}, seed {settings['seed']})":
                  initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()}
-    readers = {"raw pixels": pixels, **{label: (lambda images, encoder=encoder: extract_features(encoder, images))
-                                        for label, encoder in {**untrained, **loaded}.items()}}
+    readers = feature_readers({**untrained, **loaded})
     rows = [read_row(label, extract, train, test, triggered, target, options) for label, extract in readers.items()]
     data = params.get("data") or {}
     result = {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),

@@ -7,7 +7,7 @@ target. ACC is measured on the clean test set.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,6 +53,15 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 5
         raise ConfigError("encoder", f"{bad} of {len(features)} images with non-finite features",
                           "finite features (the weights are NaN or inf: did pretraining diverge? lower pretrain.lr)")
     return features
+
+
+def feature_readers(encoders: dict[str, nn.Module]) -> dict[str, Callable[[np.ndarray], torch.Tensor]]:
+    """Named readers of uint8 images: `raw pixels` (the flattened image in [0, 1], what any reader gets without
+    an encoder), then each encoder's frozen features, in the order given."""
+    readers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {"raw pixels": lambda images: to_float(images).flatten(1)}
+    for label, encoder in encoders.items():
+        readers[label] = lambda images, encoder=encoder: extract_features(encoder, images)
+    return readers
 
 
 @torch.no_grad()

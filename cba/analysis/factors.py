@@ -77,17 +77,16 @@ def factor_readout(fit_features: np.ndarray, fit_targets: dict[str, np.ndarray],
         keep_fit, keep = ~np.isnan(fit_target).any(1), ~np.isnan(targets[name]).any(1)
         model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
         model.fit(fit_features[keep_fit], fit_target[keep_fit])
-        truth = targets[name][keep]
-        row = {"r2": float(r2_score(truth, model.predict(features[keep]))),
-               "alpha": float(model[-1].alpha_)}
+        predicted = model.predict(features).reshape(len(features), -1)  # once: for R² and as the shift's baseline
+        row = {"r2": float(r2_score(targets[name][keep], predicted[keep])), "alpha": float(model[-1].alpha_)}
         if triggered is not None:
             rows = np.arange(len(features)) if triggered_rows is None else np.asarray(triggered_rows)
             defined = ~np.isnan(targets[name][rows]).any(1)
-            clean, stamped = features[rows][defined], triggered[defined]
-            change = (model.predict(stamped) - model.predict(clean)).reshape(len(clean), -1)
+            change = model.predict(triggered[defined]).reshape(int(defined.sum()), -1) - predicted[rows][defined]
             spread = targets[name][rows][defined].std(0)
-            row["shift"] = (change.mean(0) / spread).tolist()
-            direction = np.asarray(row["shift"]) / (np.linalg.norm(row["shift"]) or 1.0)
+            shift = change.mean(0) / spread
+            row["shift"] = shift.tolist()
+            direction = shift / (np.linalg.norm(shift) or 1.0)
             row["along"] = np.full(len(rows), np.nan)
             row["along"][defined] = (change / spread) @ direction
             if groups is not None:
