@@ -17,7 +17,14 @@ directions they use), for
 With `--trigger` (a saved trigger folder) it also reads what the trigger does to each factor's reading on
 the non-target test images: the mean change of the prediction in units of the factor's spread, so that a
 pattern which the encoder reads as, say, a darker background or a shape moved left shows as such; the
-same change within each true class, for the factor it moves most; and the kNN ASR of that reader.
+same change within each true class, for the factor it moves most; and the ASR of that reader, by kNN and
+by a linear probe (the pipeline's converged probe, fitted on the same training images).
+
+With `--rescale S ...` it redraws the non-target test images with every shape's radius times S and all else
+the same (`cba.data.synthetic.generate_with_factors`), and reads them as it reads the triggered ones: how
+far a real change of size moves the size reading, and how often each reader then calls the target. A
+trigger that works by looking like a larger shape would send images to the target as a real enlargement
+that moves the reading as far does.
 
     OMP_NUM_THREADS=2 python bench/encoder_factors.py --methods simclr byol simsiam \\
         --encoder victim=data/pretrain/encoder.safetensors --trigger data/trigger   # about ten minutes on two cores
@@ -41,7 +48,8 @@ from cba.attack import initial_backbone, params_splits, reader_options, run_atta
 from cba.data.synthetic import load_with_factors
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, ConfigError, run_script
-from cba.evaluate import accuracy, attack_success_rate, feature_readers, knn_predict, pick_device
+from cba.evaluate import (accuracy, attack_success_rate, feature_readers, fit_linear_probe, knn_predict,
+                          pick_device, probe_predict)
 from cba.io import write_json
 from cba.models.io import load_encoder, named_encoder_paths
 from cba.params_file import add_params_options, params_from_args
@@ -62,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a trained encoder to read beside them (repeatable)")
     parser.add_argument("--trigger", type=Path, default=None,
                         help="a saved trigger folder (as `cba trigger` writes it): read what it does to each factor")
+    parser.add_argument("--rescale", type=float, nargs="*", default=[], metavar="S",
+                        help="also read the test images redrawn with every shape's radius times S (0 < S <= 2)")
     parser.add_argument("--fit-size", type=int, default=5000, help="training images the readouts and the kNN bank use")
     parser.add_argument("--cache", type=Path, default=None,
                         help="a folder of trained victims to reuse (cba.victim_cache)")
@@ -75,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = (args.pipeline.get("data") or {}).get("name", "synthetic")
     if name != "synthetic":
         parser.error(f"data.name {name!r}: only the built-in data set (synthetic) has generative factors")
+    bad = [scale for scale in args.rescale if not 0 < scale <= 2]
+    if bad:
+        parser.error(f"--rescale {bad[0]}: a radius scale in (0, 2]")
     if args.fit_size < 10:
         parser.error(f"--fit-size {args.fit_size}: at least 10 images are needed")
     return args
@@ -87,6 +100,15 @@ def split_factors(params: dict[str, Any], split: str, images: np.ndarray) -> dic
     if not np.array_equal(drawn.images, images):
         raise SystemExit(f"the {split} images differ from the factors' draw: data.options must be synthetic's own")
     return factors
+
+
+def rescaled_test_images(params: dict[str, Any], scale: float, test_labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The test images `keep` selects, redrawn with every shape's radius times `scale` and all else the same."""
+    data = params.get("data") or {}
+    redrawn, _ = load_with_factors("test", seed=int(params.get("seed", 0)), radius_scale=scale,
+                                   **(data.get("options") or {}))
+    assert np.array_equal(redrawn.labels, test_labels)  # the same draws: only the shapes' size differs
+    return redrawn.images[keep]
 
 
 def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger: Trigger, device: torch.device,
@@ -103,23 +125,37 @@ def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger:
 
 
 def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit, test, targets, keep, triggered,
-                 target: int, options: dict[str, Any]) -> dict[str, Any]:
+                 rescaled: dict[float, np.ndarray], target: int, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     fit_features, test_features, fit_labels = extract(fit.images), extract(test.images), torch.as_tensor(fit.labels)
-    preds = knn_predict(fit_features, fit_labels, test_features, test.num_classes, options["k"],
-                        options["temperature"])
+    knn = lambda features: knn_predict(fit_features, fit_labels, features, test.num_classes,  # noqa: E731
+                                       options["k"], options["temperature"])
+    preds = knn(test_features)
     row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels), "dims": test_features.shape[1],
                            "effective_rank": effective_rank(test_features.numpy().astype(np.float64))}
+    if triggered is not None or rescaled:
+        probe = fit_linear_probe(fit_features, fit_labels, test.num_classes, seed=options["seed"],
+                                 **options["probe_options"]).probe
+        calls = {"knn": knn, "probe": lambda features: probe_predict(probe, features)}
+        row["natural"] = {name: attack_success_rate(call(test_features[keep]), target) for name, call in calls.items()}
     triggered_features = None
     if triggered is not None:
         triggered_features = extract(triggered.images)
-        hits = knn_predict(fit_features, fit_labels, triggered_features, test.num_classes, options["k"],
-                           options["temperature"])
+        hits = calls["knn"](triggered_features)
         row["knn_asr"] = attack_success_rate(hits, target)
+        row["probe_asr"] = attack_success_rate(calls["probe"](triggered_features), target)
         row["_hits"] = hits.numpy() == target
         triggered_features = triggered_features.numpy()
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
+    row["rescaled"] = []
+    for scale, images in rescaled.items():
+        features = extract(images)
+        size = factor_readout(fit_features.numpy(), {"size": targets["fit"]["size"]}, test_features.numpy(),
+                              {"size": targets["test"]["size"]}, features.numpy(), keep)["size"]
+        row["rescaled"].append({"scale": scale, "size_shift": size["shift"][0],
+                                **{f"{name}_target": attack_success_rate(call(features), target)
+                                   for name, call in calls.items()}})
     row["seconds"] = time.perf_counter() - started
     readings = ", ".join(f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS)
     print(f"{label}: kNN ACC {row['knn_acc']:.3f}, effective rank {row['effective_rank']:.1f} of {row['dims']}, "
@@ -139,14 +175,16 @@ def tables(rows: list[dict[str, Any]], classes: list[str]) -> str:
     for r in rows:
         lines.append(f"| {r['reader']} | {r['knn_acc']:.3f} | {r['effective_rank']:.1f} ({r['dims']}) | "
                      + " | ".join(f"{r['factors'][name]['r2']:.2f}" for name in READ_FACTORS) + " |")
+    if rows[0]["rescaled"]:
+        lines += ["", rescale_table(rows)]
     if "knn_asr" not in rows[0]:
         return "\n".join(lines)
     lines += ["", "What the trigger does to each reading (non-target test images; mean change of the prediction "
               "over the factor's standard deviation, one figure per dimension):", "",
-              "| features read | kNN ASR | " + " | ".join(READ_FACTORS) + " |",
-              "|---|---|" + "---|" * len(READ_FACTORS)]
+              "| features read | kNN ASR | probe ASR | " + " | ".join(READ_FACTORS) + " |",
+              "|---|---|---|" + "---|" * len(READ_FACTORS)]
     for r in rows:
-        lines.append(f"| {r['reader']} | {r['knn_asr']:.3f} | " + " | ".join(
+        lines.append(f"| {r['reader']} | {r['knn_asr']:.3f} | {r['probe_asr']:.3f} | " + " | ".join(
             ", ".join(f"{v:+.2f}" for v in r["factors"][name]["shift"]) for name in READ_FACTORS) + " |")
     moved = most_moved(rows)
     groups = sorted(rows[0]["factors"][moved]["shift_by_group"])
@@ -160,6 +198,25 @@ def tables(rows: list[dict[str, Any]], classes: list[str]) -> str:
               "| features read | first third | second third | last third |", "|---|---|---|---|"]
     for r in rows:
         cells = [f"{rate:.3f} ({move:+.2f})" for rate, move in r["by_move"]]
+        lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rescale_table(rows: list[dict[str, Any]]) -> str:
+    """A real change of size beside the trigger: per reader, the size reading's change (in spreads) and the
+    kNN / probe target calls on the non-target test images, clean, triggered and redrawn at each scale."""
+    scales = [entry["scale"] for entry in rows[0]["rescaled"]]
+    triggered = "knn_asr" in rows[0]
+    lines = ["A real change of size beside the trigger (non-target test images redrawn with every shape's radius "
+             "times the scale, all else the same): the size reading's change in spreads; kNN / probe target calls.",
+             "", "| features read | clean | " + ("trigger | " if triggered else "")
+             + " | ".join(f"radius × {scale:g}" for scale in scales) + " |",
+             "|---|---|" + ("---|" if triggered else "") + "---|" * len(scales)]
+    for r in rows:
+        cells = [f"0; {r['natural']['knn']:.3f} / {r['natural']['probe']:.3f}"]
+        if triggered:
+            cells.append(f"{r['factors']['size']['shift'][0]:+.2f}; {r['knn_asr']:.3f} / {r['probe_asr']:.3f}")
+        cells += [f"{e['size_shift']:+.2f}; {e['knn_target']:.3f} / {e['probe_target']:.3f}" for e in r["rescaled"]]
         lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -202,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
     untrained = initial_backbone(settings["backbone"], settings["width"], settings["seed"]).eval()
     readers = feature_readers({"random init": untrained, **trained, **loaded})
-    rows = [read_encoder(label, extract, fit, test, targets, keep, triggered, target, options)
+    rescaled = {scale: rescaled_test_images(params, scale, test.labels, keep) for scale in args.rescale}
+    rows = [read_encoder(label, extract, fit, test, targets, keep, triggered, rescaled, target, options)
             for label, extract in readers.items()]
     if triggered is not None:
         moved = most_moved(rows)

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_params_options(parser, REPO / "params.yaml", help="the data set, seed, target class, backbone and readers to use")
+    add_params_options(parser, REPO / "params.yaml",
+                       help="the data set, seed, target class, backbone and readers to use")
     parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
                         help="a saved trigger folder (as `cba trigger` writes it): the ASR column's pattern")
     parser.add_argument("--encoder", action="append", default=[], metavar="LABEL=PATH",
@@ -66,9 +67,11 @@ def read_row(label: str, extract, train, test, triggered, target: int, options: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| features read | kNN ACC / ASR (natural rate) | linear probe ACC / ASR (natural rate) |", "|---|---|---|"]
+    lines = ["| features read | kNN ACC / ASR (natural rate) | linear probe ACC / ASR (natural rate) |",
+             "|---|---|---|"]
     for r in rows:
-        cells = [f"{r[name]['acc']:.3f} / {r[name]['asr']:.3f} ({r[name]['natural_rate']:.3f})" for name in ("knn", "linear")]
+        cells = [f"{r[name]['acc']:.3f} / {r[name]['asr']:.3f} ({r[name]['natural_rate']:.3f})"
+                 for name in ("knn", "linear")]
         lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,10 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     readers = feature_readers({**untrained, **loaded})
     rows = [read_row(label, extract, train, test, triggered, target, options) for label, extract in readers.items()]
     data = params.get("data") or {}
-    result = {"rows": rows, "_run": {"command": command, "env": environment(torch.device("cpu")),
-                                     "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
-                                     "target_class": target, "trigger": {"name": trigger.name, "params": trigger.params},
-                                     "encoders": {label: str(path) for label, path in encoders.items()}}}
+    result = {"rows": rows, "_run": {
+        "command": command, "env": environment(torch.device("cpu")),
+        "data": {"name": data.get("name", "synthetic"), "options": data.get("options") or {}},
+        "target_class": target, "trigger": {"name": trigger.name, "params": trigger.params},
+        "encoders": {label: str(path) for label, path in encoders.items()}}}
     write_json(args.out, result)
     args.out.with_suffix(".md").write_text(
         results_header("What the readers get without pretraining", command, result["_run"]["env"])

@@ -35,7 +35,8 @@ def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
+def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 512,
+                     device: torch.device | None = None) -> torch.Tensor:
     """Encoder features of uint8 images, in eval mode, as float32 on the CPU."""
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
@@ -58,7 +59,8 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 5
 def feature_readers(encoders: dict[str, nn.Module]) -> dict[str, Callable[[np.ndarray], torch.Tensor]]:
     """Named readers of uint8 images: `raw pixels` (the flattened image in [0, 1], what any reader gets without
     an encoder), then each encoder's frozen features, in the order given."""
-    readers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {"raw pixels": lambda images: to_float(images).flatten(1)}
+    readers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {
+        "raw pixels": lambda images: to_float(images).flatten(1)}
     for label, encoder in encoders.items():
         readers[label] = lambda images, encoder=encoder: extract_features(encoder, images)
     return readers
@@ -124,8 +126,9 @@ def attack_success_rate(preds_on_triggered: torch.Tensor, target_class: int) -> 
 
 
 def knn_backdoor_metrics(
-    encoder: nn.Module, bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
+    encoder: nn.Module, bank_images: np.ndarray, bank_labels: np.ndarray, test_images: np.ndarray,
+    test_labels: np.ndarray, triggered_images: np.ndarray, target_class: int, num_classes: int, k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
 ) -> dict[str, float]:
     """kNN ACC on clean test images and kNN ASR on triggered non-target ones,
     with a memory bank of clean labelled images."""
@@ -137,14 +140,16 @@ def knn_backdoor_metrics(
 
 
 def evaluate_encoder(
-    encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    triggered_images: np.ndarray, target_class: int, num_classes: int, **options: Any,
+    encoder: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+    test_labels: np.ndarray, triggered_images: np.ndarray, target_class: int, num_classes: int, **options: Any,
 ) -> tuple[dict[str, dict], ProbeFit]:
-    """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean labelled data.
+    """ACC and ASR of an encoder by kNN and by the converged linear probe (`cba.probe`), both fitted on clean
+    labelled data.
 
     Extracts the three sets' features and reads them with `evaluate_features`, which takes the same `options`."""
-    return evaluate_features(extract_features(encoder, train_images), train_labels, extract_features(encoder, test_images),
-                             test_labels, extract_features(encoder, triggered_images), target_class, num_classes, **options)
+    return evaluate_features(extract_features(encoder, train_images), train_labels,
+                             extract_features(encoder, test_images), test_labels,
+                             extract_features(encoder, triggered_images), target_class, num_classes, **options)
 
 
 def evaluate_features(

@@ -10,6 +10,7 @@ import pytest
 from benches import load, refused
 from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets
 from cba.data.synthetic import CLASSES, generate, generate_with_factors, load_with_factors
+from cba.errors import ConfigError
 
 TINY = ["--set", "data.options.train_size=300", "--set", "data.options.test_size=120", "--set", "pretrain.width=4",
         "--set", "pretrain.epochs=1", "--fit-size", "200"]
@@ -25,6 +26,20 @@ def test_the_factors_come_with_the_very_images_generate_draws():
     assert np.abs(factors["centre"]).max() <= 0.15 * 32 and factors["radius"].min() >= 0.22 * 32
     loaded, again = load_with_factors("test", seed=3, train_size=50, test_size=40)
     assert len(loaded) == 40 and np.array_equal(again["theta"], generate_with_factors(40, 3 + 1_000_003)[1]["theta"])
+
+
+def test_a_rescaled_draw_changes_the_shapes_size_and_nothing_else():
+    base, factors = generate_with_factors(200, seed=5, chunk=64)
+    larger, scaled = generate_with_factors(200, seed=5, chunk=64, radius_scale=1.3)
+    assert np.allclose(scaled["radius"], 1.3 * factors["radius"])
+    assert all(np.array_equal(scaled[name], factors[name]) for name in factors if name != "radius")
+    # A solid shape covers the pixels nearest its own colour: about 1.3² as many of them once redrawn.
+    solid = np.isin(factors["label"], [CLASSES.index("circle"), CLASSES.index("square")])
+    near = lambda images: (np.abs(images.images / 255 - factors["foreground"][:, None, None]).max(-1) < 0.12)  # noqa: E731
+    ratio = near(larger)[solid].sum(axis=(1, 2)).mean() / near(base)[solid].sum(axis=(1, 2)).mean()
+    assert 1.4 < ratio < 2.0
+    with pytest.raises(ConfigError, match="radius_scale"):
+        load_with_factors("test", seed=5, train_size=50, test_size=40, radius_scale=0)
 
 
 def test_a_shape_drawn_brighter_than_its_background_reads_so():
@@ -110,6 +125,9 @@ def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys
     assert len(err.splitlines()) == 1 and "cifar10" in err
     assert refused(bench.parse_args, ["--methods", "dino"]) == 2
     assert "dino" in capsys.readouterr().err
+    assert refused(bench.parse_args, ["--rescale", "1.2", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rescale 0.0" in err and "(0, 2]" in err
 
 
 def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_trigger_moves(tmp_path):
@@ -119,7 +137,7 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     save_trigger(trigger, tmp_path / "trigger")
     out = tmp_path / "factors.md"
     result = load("encoder_factors").main([*TINY, "--methods", "simclr", "--trigger", str(tmp_path / "trigger"),
-                                           "--out", str(out)])
+                                           "--rescale", "1.3", "--out", str(out)])
     rows = {row["reader"]: row for row in result["rows"]}
     assert list(rows) == ["raw pixels", "random init", "simclr, clean"]
     assert rows["raw pixels"]["factors"]["background colour"]["r2"] > 0.9  # colour is linear in the pixels
@@ -133,3 +151,8 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert "by the images' true class" in text and "kNN target calls on triggered images" in text
     assert all(len(row["by_move"]) == 3 and "along" not in row["factors"]["size"] for row in rows.values())
     assert json.loads(out.with_suffix(".json").read_text())["_run"]["fit_size"] == 200
+    # The redrawn shapes: every reader reads them, beside the trigger, by both readers.
+    assert all([entry["scale"] for entry in row["rescaled"]] == [1.3] for row in rows.values())
+    assert all(0 <= row[key] <= 1 for row in rows.values() for key in ("knn_asr", "probe_asr"))
+    assert all(0 <= row["rescaled"][0][f"{name}_target"] <= 1 for row in rows.values() for name in ("knn", "probe"))
+    assert "radius × 1.3" in text and "| probe ASR |" in text

@@ -40,8 +40,10 @@ _SHAPES = [
     lambda u, v, r: _soft_inside(np.abs(_disc(u, v, 0.75 * r)) - 0.25 * r),
     lambda u, v, r: _soft_inside(_box(u, v, 0.8 * r)),
     lambda u, v, r: _soft_inside(np.maximum(-v - 0.5 * r, np.abs(u) * 0.866 + v / 2 - 0.5 * r)),
-    lambda u, v, r: _soft_inside(np.minimum(np.maximum(np.abs(u) - 0.3 * r, np.abs(v) - r), np.maximum(np.abs(v) - 0.3 * r, np.abs(u) - r))),
-    lambda u, v, r: _soft_inside(np.minimum(np.maximum(np.abs(u) - r, np.abs(v + 0.7 * r) - 0.25 * r), np.maximum(np.abs(u) - 0.25 * r, np.abs(v) - r))),
+    lambda u, v, r: _soft_inside(np.minimum(np.maximum(np.abs(u) - 0.3 * r, np.abs(v) - r),
+                                            np.maximum(np.abs(v) - 0.3 * r, np.abs(u) - r))),
+    lambda u, v, r: _soft_inside(np.minimum(np.maximum(np.abs(u) - r, np.abs(v + 0.7 * r) - 0.25 * r),
+                                            np.maximum(np.abs(u) - 0.25 * r, np.abs(v) - r))),
     lambda u, v, r: _soft_inside(_disc(u, v, r)) * (np.sin(u * np.pi * 2.5 / r) > 0),
     lambda u, v, r: _soft_inside(_box(u, v, 0.85 * r)) * (np.sin(u * np.pi * 2 / r) * np.sin(v * np.pi * 2 / r) > 0),
     lambda u, v, r: _soft_inside(_disc(u, v, r)) * (1 - _soft_inside(_disc(u, v, 0.8 * r, 0.45 * r))),
@@ -74,9 +76,12 @@ FACTORS = {
 }
 
 
-def generate_with_factors(n: int, seed: int, image_size: int = 32,
-                          chunk: int = 2048) -> tuple[ImageSet, dict[str, np.ndarray]]:
-    """`generate`'s images (the same draws, byte for byte) and the factors each was drawn from (`FACTORS`)."""
+def generate_with_factors(n: int, seed: int, image_size: int = 32, chunk: int = 2048,
+                          radius_scale: float = 1.0) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """`generate`'s images (the same draws, byte for byte) and the factors each was drawn from (`FACTORS`).
+
+    `radius_scale` redraws the same images with every shape's radius times it and every other draw (class,
+    place, rotation, colours, noise) unchanged: a real change of one factor, to set beside a trigger's."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), size=n)
     out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
@@ -87,7 +92,7 @@ def generate_with_factors(n: int, seed: int, image_size: int = 32,
         lab = labels[start : start + chunk]
         m = len(lab)
         theta = rng.uniform(0, 2 * np.pi, m)[:, None, None]
-        radius = rng.uniform(0.22, 0.38, m) * image_size
+        radius = rng.uniform(0.22, 0.38, m) * image_size * radius_scale
         cx, cy = (rng.uniform(-0.15, 0.15, (2, m)) * image_size)[:, :, None, None]
         x, y = xx[None] - cx, yy[None] - cy
         u = np.cos(theta) * x + np.sin(theta) * y
@@ -137,10 +142,13 @@ def load(split: str, *, root: str | None = None, seed: int = 0, train_size: int 
 
 
 def load_with_factors(split: str, *, seed: int = 0, train_size: int = DEFAULT_SIZES["train"],
-                      test_size: int = DEFAULT_SIZES["test"],
-                      image_size: int = 32) -> tuple[ImageSet, dict[str, np.ndarray]]:
-    """The split `load` gives and the factors each of its images was drawn from (`FACTORS`)."""
+                      test_size: int = DEFAULT_SIZES["test"], image_size: int = 32,
+                      radius_scale: float = 1.0) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """The split `load` gives and the factors each of its images was drawn from (`FACTORS`); `radius_scale`
+    as for `generate_with_factors`."""
     n = split_size(split, train_size, test_size, len(CLASSES))
     if image_size not in (32, 64, 96):
         raise ConfigError("image_size", image_size, "one of 32, 64, 96")
-    return generate_with_factors(n, seed + SPLIT_OFFSET[split], image_size)
+    if not 0 < radius_scale <= 2:
+        raise ConfigError("radius_scale", radius_scale, "a number in (0, 2]")
+    return generate_with_factors(n, seed + SPLIT_OFFSET[split], image_size, radius_scale=radius_scale)
