@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets
+from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets, whitened_length
 from cba.attack import initial_backbone, params_splits, reader_options, run_attack, victim_settings
 from cba.data.synthetic import load_with_factors
 from cba.env import command_line, environment, results_header
@@ -146,6 +146,8 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         row["probe_asr"] = attack_success_rate(calls["probe"](triggered_features), target)
         row["_hits"] = hits.numpy() == target
         triggered_features = triggered_features.numpy()
+        row["whitened_move"] = whitened_length(fit_features.numpy(),
+                                               (triggered_features - test_features[keep].numpy()).mean(0))
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
     row["rescaled"] = []
@@ -154,6 +156,8 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         size = factor_readout(fit_features.numpy(), {"size": targets["fit"]["size"]}, test_features.numpy(),
                               {"size": targets["test"]["size"]}, features.numpy(), keep)["size"]
         row["rescaled"].append({"scale": scale, "size_shift": size["shift"][0],
+                                "whitened_move": whitened_length(fit_features.numpy(),
+                                                                 (features - test_features[keep]).mean(0).numpy()),
                                 **{f"{name}_target": attack_success_rate(call(features), target)
                                    for name, call in calls.items()}})
     row["seconds"] = time.perf_counter() - started
@@ -208,15 +212,18 @@ def rescale_table(rows: list[dict[str, Any]]) -> str:
     scales = [entry["scale"] for entry in rows[0]["rescaled"]]
     triggered = "knn_asr" in rows[0]
     lines = ["A real change of size beside the trigger (non-target test images redrawn with every shape's radius "
-             "times the scale, all else the same): the size reading's change in spreads; kNN / probe target calls.",
+             "times the scale, all else the same): the size reading's change in spreads; the mean feature move's "
+             "length in the clean features' own units (`whitened_length`); kNN / probe target calls.",
              "", "| features read | clean | " + ("trigger | " if triggered else "")
              + " | ".join(f"radius × {scale:g}" for scale in scales) + " |",
              "|---|---|" + ("---|" if triggered else "") + "---|" * len(scales)]
     for r in rows:
-        cells = [f"0; {r['natural']['knn']:.3f} / {r['natural']['probe']:.3f}"]
+        cells = [f"0; 0; {r['natural']['knn']:.3f} / {r['natural']['probe']:.3f}"]
         if triggered:
-            cells.append(f"{r['factors']['size']['shift'][0]:+.2f}; {r['knn_asr']:.3f} / {r['probe_asr']:.3f}")
-        cells += [f"{e['size_shift']:+.2f}; {e['knn_target']:.3f} / {e['probe_target']:.3f}" for e in r["rescaled"]]
+            cells.append(f"{r['factors']['size']['shift'][0]:+.2f}; {r['whitened_move']:.2f}; "
+                         f"{r['knn_asr']:.3f} / {r['probe_asr']:.3f}")
+        cells += [f"{e['size_shift']:+.2f}; {e['whitened_move']:.2f}; {e['knn_target']:.3f} / {e['probe_target']:.3f}"
+                  for e in r["rescaled"]]
         lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benches import load, refused
-from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets
+from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets, whitened_length
 from cba.data.synthetic import CLASSES, generate, generate_with_factors, load_with_factors
 from cba.errors import ConfigError
 
@@ -118,6 +118,16 @@ def test_the_effective_rank_counts_the_directions_the_features_use():
     assert 2 < effective_rank(few) <= 4 + 1e-6
 
 
+def test_a_move_is_measured_in_the_clean_features_own_spread():
+    features = np.random.default_rng(2).normal(size=(20000, 3)) * [4.0, 2.0, 0.01]
+    assert whitened_length(features, np.array([4.0, 0.0, 0.0])) == pytest.approx(1.0, rel=0.03)
+    assert whitened_length(features, np.array([0.0, 4.0, 0.0])) == pytest.approx(2.0, rel=0.03)
+    assert whitened_length(features, np.array([3.0, 4.0, 0.0])) == pytest.approx(np.hypot(0.75, 2.0), rel=0.03)
+    # The third direction holds 0.0005% of the variance, past the 99% kept: a move along it is not counted.
+    assert whitened_length(features, np.array([0.0, 0.0, 1.0])) == pytest.approx(0.0, abs=0.01)
+    assert whitened_length(features, np.array([0.0, 0.0, 1.0]), kept_variance=1.0) > 50
+
+
 def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys):
     bench = load("encoder_factors")
     assert refused(bench.parse_args, ["--set", "data.name=cifar10"]) == 2
@@ -155,4 +165,5 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert all([entry["scale"] for entry in row["rescaled"]] == [1.3] for row in rows.values())
     assert all(0 <= row[key] <= 1 for row in rows.values() for key in ("knn_asr", "probe_asr"))
     assert all(0 <= row["rescaled"][0][f"{name}_target"] <= 1 for row in rows.values() for name in ("knn", "probe"))
+    assert all(row["whitened_move"] > 0 and row["rescaled"][0]["whitened_move"] > 0 for row in rows.values())
     assert "radius × 1.3" in text and "| probe ASR |" in text
