@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets, whitened_length
+from cba.analysis.factors import READ_FACTORS, CleanSpread, effective_rank, factor_readout, factor_targets
 from cba.attack import initial_backbone, params_splits, reader_options, run_attack, victim_settings
 from cba.data.synthetic import load_with_factors
 from cba.env import command_line, environment, results_header
@@ -134,6 +134,7 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
     row: dict[str, Any] = {"reader": label, "knn_acc": accuracy(preds, test.labels), "dims": test_features.shape[1],
                            "effective_rank": effective_rank(test_features.numpy().astype(np.float64))}
     if triggered is not None or rescaled:
+        spread = CleanSpread(fit_features.numpy())  # once per reader: an SVD of the fit features
         probe = fit_linear_probe(fit_features, fit_labels, test.num_classes, seed=options["seed"],
                                  **options["probe_options"]).probe
         calls = {"knn": knn, "probe": lambda features: probe_predict(probe, features)}
@@ -146,8 +147,7 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         row["probe_asr"] = attack_success_rate(calls["probe"](triggered_features), target)
         row["_hits"] = hits.numpy() == target
         triggered_features = triggered_features.numpy()
-        row["whitened_move"] = whitened_length(fit_features.numpy(),
-                                               (triggered_features - test_features[keep].numpy()).mean(0))
+        row["whitened_move"] = spread.length((triggered_features - test_features[keep].numpy()).mean(0))
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
     row["rescaled"] = []
@@ -156,8 +156,7 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         size = factor_readout(fit_features.numpy(), {"size": targets["fit"]["size"]}, test_features.numpy(),
                               {"size": targets["test"]["size"]}, features.numpy(), keep)["size"]
         row["rescaled"].append({"scale": scale, "size_shift": size["shift"][0],
-                                "whitened_move": whitened_length(fit_features.numpy(),
-                                                                 (features - test_features[keep]).mean(0).numpy()),
+                                "whitened_move": spread.length((features - test_features[keep]).mean(0).numpy()),
                                 **{f"{name}_target": attack_success_rate(call(features), target)
                                    for name, call in calls.items()}})
     row["seconds"] = time.perf_counter() - started
@@ -213,7 +212,7 @@ def rescale_table(rows: list[dict[str, Any]]) -> str:
     triggered = "knn_asr" in rows[0]
     lines = ["A real change of size beside the trigger (non-target test images redrawn with every shape's radius "
              "times the scale, all else the same): the size reading's change in spreads; the mean feature move's "
-             "length in the clean features' own units (`whitened_length`); kNN / probe target calls.",
+             "length in the clean features' own units (`CleanSpread`); kNN / probe target calls.",
              "", "| features read | clean | " + ("trigger | " if triggered else "")
              + " | ".join(f"radius × {scale:g}" for scale in scales) + " |",
              "|---|---|" + ("---|" if triggered else "") + "---|" * len(scales)]

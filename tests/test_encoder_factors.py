@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benches import load, refused
-from cba.analysis.factors import READ_FACTORS, effective_rank, factor_readout, factor_targets, whitened_length
+from cba.analysis.factors import READ_FACTORS, CleanSpread, effective_rank, factor_readout, factor_targets
 from cba.data.synthetic import CLASSES, generate, generate_with_factors, load_with_factors
 from cba.errors import ConfigError
 
@@ -119,13 +119,14 @@ def test_the_effective_rank_counts_the_directions_the_features_use():
 
 
 def test_a_move_is_measured_in_the_clean_features_own_spread():
-    features = np.random.default_rng(2).normal(size=(20000, 3)) * [4.0, 2.0, 0.01]
-    assert whitened_length(features, np.array([4.0, 0.0, 0.0])) == pytest.approx(1.0, rel=0.03)
-    assert whitened_length(features, np.array([0.0, 4.0, 0.0])) == pytest.approx(2.0, rel=0.03)
-    assert whitened_length(features, np.array([3.0, 4.0, 0.0])) == pytest.approx(np.hypot(0.75, 2.0), rel=0.03)
+    spread = CleanSpread(np.random.default_rng(2).normal(size=(20000, 3)) * [4.0, 2.0, 0.01])
+    assert spread.length(np.array([4.0, 0.0, 0.0])) == pytest.approx(1.0, rel=0.03)
+    assert spread.length(np.array([0.0, 4.0, 0.0])) == pytest.approx(2.0, rel=0.03)
+    assert spread.length(np.array([3.0, 4.0, 0.0])) == pytest.approx(np.hypot(0.75, 2.0), rel=0.03)
     # The third direction holds 0.0005% of the variance, past the 99% kept: a move along it is not counted.
-    assert whitened_length(features, np.array([0.0, 0.0, 1.0])) == pytest.approx(0.0, abs=0.01)
-    assert whitened_length(features, np.array([0.0, 0.0, 1.0]), kept_variance=1.0) > 50
+    assert spread.length(np.array([0.0, 0.0, 1.0])) == pytest.approx(0.0, abs=0.01)
+    everything = CleanSpread(np.random.default_rng(2).normal(size=(20000, 3)) * [4.0, 2.0, 0.01], kept_variance=1.0)
+    assert everything.length(np.array([0.0, 0.0, 1.0])) > 50
 
 
 def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys):

@@ -106,14 +106,20 @@ def effective_rank(features: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def whitened_length(fit_features: np.ndarray, move: np.ndarray, kept_variance: float = 0.99) -> float:
-    """The length of the feature-space vector `move` in units of the clean features' own spread: its
-    components along the principal directions of `fit_features` that hold `kept_variance` of their variance,
-    each divided by that direction's standard deviation. A move that natural images make often is short; one
-    along directions they hardly vary in is long. Directions past `kept_variance` are left out, so that
-    near-empty ones (pixels outside every image's variation) do not dominate."""
-    centred = fit_features - fit_features.mean(0)
-    _, singular, directions = np.linalg.svd(centred, full_matrices=False)
-    variance = singular**2 / (len(fit_features) - 1)
-    kept = int(np.searchsorted(np.cumsum(variance) / variance.sum(), kept_variance)) + 1
-    return float(np.sqrt((((directions[:kept] @ move) ** 2) / variance[:kept]).sum()))
+class CleanSpread:
+    """The clean features' own units: their principal directions that hold `kept_variance` of the variance,
+    and each one's standard deviation. Directions past `kept_variance` are left out, so that near-empty ones
+    (pixels outside every image's variation) do not dominate a length."""
+
+    def __init__(self, fit_features: np.ndarray, kept_variance: float = 0.99):
+        centred = fit_features - fit_features.mean(0)
+        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+        variance = singular**2 / (len(fit_features) - 1)
+        kept = int(np.searchsorted(np.cumsum(variance) / variance.sum(), kept_variance)) + 1
+        self.directions, self.std = directions[:kept], np.sqrt(variance[:kept])
+
+    def length(self, move: np.ndarray) -> float:
+        """The feature-space vector `move` in these units: a move that natural images make often is short;
+        one along directions they hardly vary in is long."""
+        return float(np.linalg.norm((self.directions @ move) / self.std))
+
