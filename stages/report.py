@@ -26,6 +26,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("method_learning_simsiam", "Does SimSiam learn it, and which knob moves that (bench/method_learning.py)"),
            ("encoder_factors", "What each encoder keeps of the images' generative factors, and what the trigger "
                                "reads as (bench/encoder_factors.py)"),
+           ("encoder_factors_rescale_avx2_seed0", "Shapes redrawn larger beside the trigger: a truly larger shape "
+                                                  "is not the target (bench/encoder_factors.py --rescale)"),
            ("reader_floor", "What the readers get without pretraining: raw pixels and the untrained encoder "
                             "(bench/reader_floor.py)"),
            ("target_sweep", "The learned trigger aimed at each target class (bench/target_sweep.py)"),
