@@ -91,7 +91,8 @@ def learning_rate(params: Params, method: str) -> float:
 
 # The code that shapes the weights (dvc.yaml's pretrain deps inside the package): a checkpoint
 # written by other code must never be resumed as this code's result.
-TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "models")
+# What a checkpoint's contents depend on: the training code, and evaluate.py, which scores the kNN curves it carries.
+TRAINING_CODE = ("train.py", "fit.py", "distributed.py", "augment.py", "ssl", "models", "evaluate.py")
 
 
 def run_fingerprint(config: TrainConfig, extra: dict, data_digest: str) -> str:

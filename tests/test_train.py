@@ -116,7 +116,7 @@ def test_cleanup_leaves_other_runs_checkpoints_alone(tmp_path):
 
 
 def test_resume_fingerprint_covers_the_training_code(tmp_path):
-    """Editing the loss must invalidate old checkpoints; editing the report must not."""
+    """Editing the loss or the curves' reader must invalidate old checkpoints; editing the report must not."""
     import shutil
     from pathlib import Path
 
@@ -136,8 +136,13 @@ def test_resume_fingerprint_covers_the_training_code(tmp_path):
     assert code_digest(copy) == before
     loss = copy / "ssl" / "simclr.py"
     loss.write_text(loss.read_text().replace("def ", "def  ", 1))
-    assert code_digest(copy) != before
+    after_loss = code_digest(copy)
+    assert after_loss != before
     assert "ssl" in TRAINING_CODE
+    # A checkpoint carries the kNN curves so far, scored by evaluate.py: a reader changed there must not resume them.
+    reader = copy / "evaluate.py"
+    reader.write_text(reader.read_text().replace("def ", "def  ", 1))
+    assert code_digest(copy) != after_loss
 
 
 def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
