@@ -124,6 +124,15 @@ def clean_encoder(method: str, params: dict[str, Any], train_set, test, trigger:
     return record.encoder.eval(), loss
 
 
+def split_move(clean: torch.Tensor, moved: torch.Tensor, direction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each image's features rebuilt from `clean` with only the part of its move (`moved - clean`) along
+    `direction` (`along`), and with the move less that part (`without`)."""
+    unit = direction / direction.norm()
+    move = moved - clean
+    part = (move @ unit)[:, None] * unit
+    return {"along": clean + part, "without": clean + move - part}
+
+
 def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit, test, targets, keep, triggered,
                  rescaled: dict[float, np.ndarray], target: int, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
@@ -150,15 +159,23 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         row["whitened_move"] = spread.length((triggered_features - test_features[keep].numpy()).mean(0))
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
-    row["rescaled"] = []
+    row["rescaled"], enlarged = [], {}
     for scale, images in rescaled.items():
-        features = extract(images)
+        features = enlarged[scale] = extract(images)
         size = factor_readout(fit_features.numpy(), {"size": targets["fit"]["size"]}, test_features.numpy(),
                               {"size": targets["test"]["size"]}, features.numpy(), keep)["size"]
         row["rescaled"].append({"scale": scale, "size_shift": size["shift"][0],
                                 "whitened_move": spread.length((features - test_features[keep]).mean(0).numpy()),
                                 **{f"{name}_target": attack_success_rate(call(features), target)
                                    for name, call in calls.items()}})
+    if triggered is not None and rescaled:
+        # The trigger's move split along the direction the largest enlargement moves the features, on average:
+        # which part of it do the readers call the target for?
+        clean = test_features[keep]
+        parts = split_move(clean, torch.as_tensor(triggered_features), (enlarged[max(rescaled)] - clean).mean(0))
+        row["trigger_split"] = {"scale": max(rescaled), **{
+            part: {f"{name}_target": attack_success_rate(call(features), target) for name, call in calls.items()}
+            for part, features in parts.items()}}
     row["seconds"] = time.perf_counter() - started
     readings = ", ".join(f"{name} {row['factors'][name]['r2']:.2f}" for name in READ_FACTORS)
     print(f"{label}: kNN ACC {row['knn_acc']:.3f}, effective rank {row['effective_rank']:.1f} of {row['dims']}, "
@@ -224,6 +241,18 @@ def rescale_table(rows: list[dict[str, Any]]) -> str:
         cells += [f"{e['size_shift']:+.2f}; {e['whitened_move']:.2f}; {e['knn_target']:.3f} / {e['probe_target']:.3f}"
                   for e in r["rescaled"]]
         lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
+    if "trigger_split" in rows[0]:
+        scale = rows[0]["trigger_split"]["scale"]
+        lines += ["", f"The trigger's move split along the direction the radius × {scale:g} enlargement moves the "
+                  "features (each image keeps only that part of its move, or all but it): "
+                  "kNN / probe target calls.", "",
+                  "| features read | the whole move | only the enlargement's direction | all but it |",
+                  "|---|---|---|---|"]
+        for r in rows:
+            split = r["trigger_split"]
+            lines.append(f"| {r['reader']} | {r['knn_asr']:.3f} / {r['probe_asr']:.3f} | " + " | ".join(
+                f"{split[part]['knn_target']:.3f} / {split[part]['probe_target']:.3f}" for part in ("along", "without"))
+                + " |")
     return "\n".join(lines)
 
 

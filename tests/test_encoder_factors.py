@@ -129,6 +129,17 @@ def test_a_move_is_measured_in_the_clean_features_own_spread():
     assert everything.length(np.array([0.0, 0.0, 1.0])) > 50
 
 
+def test_a_move_splits_into_its_part_along_a_direction_and_the_rest():
+    import torch
+
+    clean = torch.randn(5, 3)
+    moved = clean + torch.tensor([1.0, 2.0, 0.0])
+    parts = load("encoder_factors").split_move(clean, moved, torch.tensor([3.0, 0.0, 0.0]))  # any length
+    assert torch.allclose(parts["along"] - clean, torch.tensor([1.0, 0.0, 0.0]).expand(5, 3))
+    assert torch.allclose(parts["without"] - clean, torch.tensor([0.0, 2.0, 0.0]).expand(5, 3))
+    assert torch.allclose(parts["along"] + parts["without"] - clean, moved)
+
+
 def test_data_without_factors_and_unknown_methods_are_refused_in_one_line(capsys):
     bench = load("encoder_factors")
     assert refused(bench.parse_args, ["--set", "data.name=cifar10"]) == 2
@@ -168,3 +179,6 @@ def test_a_run_reads_pixels_the_untrained_and_a_trained_encoder_and_what_the_tri
     assert all(0 <= row["rescaled"][0][f"{name}_target"] <= 1 for row in rows.values() for name in ("knn", "probe"))
     assert all(row["whitened_move"] > 0 and row["rescaled"][0]["whitened_move"] > 0 for row in rows.values())
     assert "radius × 1.3" in text and "| probe ASR |" in text
+    assert all(0 <= row["trigger_split"][part][f"{name}_target"] <= 1 for row in rows.values()
+               for part in ("along", "without") for name in ("knn", "probe"))
+    assert "only the enlargement's direction" in text
