@@ -122,4 +122,3 @@ class CleanSpread:
         """The feature-space vector `move` in these units: a move that natural images make often is short;
         one along directions they hardly vary in is long."""
         return float(np.linalg.norm((self.directions @ move) / self.std))
-
