@@ -35,7 +35,8 @@ def test_a_rescaled_draw_changes_the_shapes_size_and_nothing_else():
     assert all(np.array_equal(scaled[name], factors[name]) for name in factors if name != "radius")
     # A solid shape covers the pixels nearest its own colour: about 1.3² as many of them once redrawn.
     solid = np.isin(factors["label"], [CLASSES.index("circle"), CLASSES.index("square")])
-    near = lambda images: (np.abs(images.images / 255 - factors["foreground"][:, None, None]).max(-1) < 0.12)  # noqa: E731
+    def near(images):
+        return np.abs(images.images / 255 - factors["foreground"][:, None, None]).max(-1) < 0.12
     ratio = near(larger)[solid].sum(axis=(1, 2)).mean() / near(base)[solid].sum(axis=(1, 2)).mean()
     assert 1.4 < ratio < 2.0
     with pytest.raises(ConfigError, match="radius_scale"):
