@@ -159,15 +159,17 @@ def read_encoder(label: str, extract: Callable[[np.ndarray], torch.Tensor], fit,
         row["whitened_move"] = spread.length((triggered_features - test_features[keep].numpy()).mean(0))
     row["factors"] = factor_readout(fit_features.numpy(), targets["fit"], test_features.numpy(), targets["test"],
                                     triggered_features, keep, test.labels[keep])
-    row["rescaled"], enlarged = [], {}
-    for scale, images in rescaled.items():
-        features = enlarged[scale] = extract(images)
+    enlarged = {scale: extract(images) for scale, images in rescaled.items()}
+    if rescaled:
+        # One size readout for every scale: the redrawn sets stacked, each scale a group of its own.
         size = factor_readout(fit_features.numpy(), {"size": targets["fit"]["size"]}, test_features.numpy(),
-                              {"size": targets["test"]["size"]}, features.numpy(), keep)["size"]
-        row["rescaled"].append({"scale": scale, "size_shift": size["shift"][0],
-                                "whitened_move": spread.length((features - test_features[keep]).mean(0).numpy()),
-                                **{f"{name}_target": attack_success_rate(call(features), target)
-                                   for name, call in calls.items()}})
+                              {"size": targets["test"]["size"]}, torch.cat(list(enlarged.values())).numpy(),
+                              np.tile(keep, len(rescaled)), np.repeat(np.arange(len(rescaled)), len(keep)))["size"]
+    row["rescaled"] = [{"scale": scale, "size_shift": size["shift_by_group"][index][0],
+                        "whitened_move": spread.length((features - test_features[keep]).mean(0).numpy()),
+                        **{f"{name}_target": attack_success_rate(call(features), target)
+                           for name, call in calls.items()}}
+                       for index, (scale, features) in enumerate(enlarged.items())]
     if triggered is not None and rescaled:
         # The trigger's move split along the direction the largest enlargement moves the features, on average:
         # which part of it do the readers call the target for?
