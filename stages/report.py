@@ -42,6 +42,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("target_sweep_fashion_look", "Fashion-MNIST, aimed where the pattern's look lands (bench/target_sweep.py)"),
            ("reader_floor_fashion", "Fashion-MNIST: what the readers get from raw pixels and the untrained encoder "
                                     "(bench/reader_floor.py)"),
+           ("maturity_default_h100", "The default pattern on victims trained 8 times longer, on a GPU: the probe's "
+                                     "backdoor fades (bench/maturity.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
                                   "(bench/maturity.py)"),
