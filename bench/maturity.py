@@ -159,21 +159,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save_trigger(trigger, args.save_trigger)
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
     started = time.perf_counter()
-    runs = [{"victim": f"poisoned ({rate:g})", "rows": curve(train_set, test, trigger, rate, settings, "poisoned")}]
-    if args.clean:
-        runs.append({"victim": "clean (0)", "rows": curve(train_set, test, trigger, 0.0, settings, "clean")})
-    result = {"runs": runs, "_run": {"command": command, "env": environment(device), "trigger": trigger.name,
-                                     "trigger_params": trigger.params, "seconds": time.perf_counter() - started,
-                                     "victim": {k: v for k, v in settings.items() if k != "device"}}}
-    write_json(args.out, result)
-    plot_runs(runs, args.out.with_suffix(".png"), _title(result))
-    args.out.with_suffix(".md").write_text(
-        results_header("ASR as the encoder matures", command, result["_run"]["env"])
-        + f"Victim: {settings['method']}\n\n"
-        f"Trigger: {trigger.name} {trigger.params}\n\n"
-        f"{table(runs)}\n")
+    victims = [(f"poisoned ({rate:g})", rate, "poisoned")] + ([("clean (0)", 0.0, "clean")] if args.clean else [])
+    runs: list[dict[str, Any]] = []
+    for victim, victim_rate, label in victims:
+        runs.append({"victim": victim, "rows": curve(train_set, test, trigger, victim_rate, settings, label)})
+        # Written after every victim, so a run stopped by a time limit keeps the victims it finished.
+        result = {"runs": runs, "_run": {"command": command, "env": environment(device), "trigger": trigger.name,
+                                         "trigger_params": trigger.params, "seconds": time.perf_counter() - started,
+                                         "victim": {k: v for k, v in settings.items() if k != "device"},
+                                         "complete": len(runs) == len(victims)}}
+        write_results(args.out, result, table(runs))
     print(table(runs))
     return result
+
+
+def write_results(out: Path, result: dict[str, Any], rows_table: str) -> None:
+    """The JSON, the figure and the markdown table of the victims read so far."""
+    run = result["_run"]
+    write_json(out, result)
+    plot_runs(result["runs"], out.with_suffix(".png"), _title(result))
+    out.with_suffix(".md").write_text(
+        results_header("ASR as the encoder matures", run["command"], run["env"])
+        + f"Victim: {run['victim']['method']}\n\n"
+        f"Trigger: {run['trigger']} {run['trigger_params']}\n\n"
+        + ("" if run["complete"] else "**Incomplete: the run stopped before its last victim.**\n\n")
+        + f"{rows_table}\n")
 
 
 if __name__ == "__main__":

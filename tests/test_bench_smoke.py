@@ -120,7 +120,8 @@ def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
         assert [r["epoch"] for r in run["rows"]] == [1, 2]
         for row in run["rows"]:
             assert row["loss"] == row["loss"] and all(0 <= row[k] <= 1 for k in ("knn_acc", "knn_asr", "linear_acc", "linear_asr"))
-    assert "| clean (0) | 2 |" in out.with_suffix(".md").read_text()
+    assert "| clean (0) | 2 |" in out.with_suffix(".md").read_text() and json.loads(out.read_text())["_run"]["complete"]
+    assert "Incomplete" not in out.with_suffix(".md").read_text()
     figure = out.with_suffix(".png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figure.unlink()
@@ -129,6 +130,31 @@ def test_maturity_reads_poisoned_and_clean_victims_at_every_step(tmp_path):
     with pytest.raises(SystemExit) as caught:
         load("maturity").main(["--plot-from", str(out.with_suffix(".md"))])
     assert str(caught.value).startswith("--plot-from ") and "\n" not in str(caught.value)
+
+
+def test_maturity_keeps_the_victims_it_finished_when_stopped(tmp_path, monkeypatch):
+    bench = load("maturity")
+    real_curve, calls = bench.curve, []
+
+    def stopped_at_the_clean_victim(*args, **kwargs):
+        calls.append(args[-1])
+        if args[-1] == "clean":
+            raise KeyboardInterrupt  # a time limit's kill, as the training of the second victim starts
+        return real_curve(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "curve", stopped_at_the_clean_victim)
+    out = tmp_path / "maturity.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--epochs", "1", "--every", "1", "--clean", "--trigger-params", TINY_TRIGGER,
+                    "--set", "data.options={train_size: 200, test_size: 60}", "--set", "pretrain.width=4",
+                    "--set", "pretrain.batch_size=64", "--quiet", "--out", str(out)])
+    assert calls == ["poisoned", "clean"]
+    saved = json.loads(out.read_text())
+    assert [run["victim"] for run in saved["runs"]] == ["poisoned (0.05)"] and saved["_run"]["complete"] is False
+    row = saved["runs"][0]["rows"][0]
+    assert row["epoch"] == 1 and row["loss"] == row["loss"] and 0 <= row["linear_asr"] <= 1
+    text = out.with_suffix(".md").read_text()
+    assert "**Incomplete" in text and "| poisoned (0.05) | 1 |" in text and "clean (0)" not in text
 
 
 def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp_path):
