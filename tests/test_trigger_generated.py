@@ -180,3 +180,28 @@ def test_the_diversion_term_counts_moves_between_other_classes_and_not_a_pull_to
     for step in range(30):
         perturbation.update(diversion_term(encoder, head, x, perturbation(x)), step)
     assert diverted > 0.05 and float(diversion_term(encoder, head, x, perturbation(x)).detach()) < diverted / 2
+
+
+def test_the_salience_term_measures_how_far_a_pattern_moves_the_features_whatever_the_head_reads():
+    # Features: each channel's mean. The head reads channels 0 and 1 only, so a pattern on channel 2 moves the
+    # features without changing the reading: salient (cosine below 1) and neutral (KL 0) at once.
+    encoder = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(3, 3, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[10.0, 0, 0], [0, 10, 0], [-10, -10, 0]]))
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8) * 0.5 + 0.25
+    unread = torch.zeros(1, 3, 8, 8).index_fill_(1, torch.tensor([2]), 0.1)
+    untouched = clean_terms(encoder, head, x, torch.zeros(1, 3, 8, 8), salient=True)
+    assert float(untouched["salient"]) == pytest.approx(1.0, abs=1e-6)
+    moved = clean_terms(encoder, head, x, unread, salient=True, neutral=True)
+    assert float(moved["salient"].detach()) < 0.999 and float(moved["neutral"].detach()) == pytest.approx(0.0, abs=1e-6)
+    planted = F.cosine_similarity(encoder(x + unread), encoder(x), dim=1).mean()
+    assert float(moved["salient"].detach()) == pytest.approx(float(planted), abs=1e-6)
+    # Its own steps move the features further (a lower cosine) within the budget.
+    perturbation = UniversalPattern(8, 8, 0.1, 0.1, torch.device("cpu"))
+    before = float(clean_terms(encoder, head, x, perturbation(x), salient=True)["salient"].detach())
+    for step in range(20):
+        perturbation.update(clean_terms(encoder, head, x, perturbation(x), salient=True)["salient"], step)
+    after = float(clean_terms(encoder, head, x, perturbation(x), salient=True)["salient"].detach())
+    assert after < before - 0.01 and float(perturbation(x).detach().abs().max()) <= 0.1 + 1e-6

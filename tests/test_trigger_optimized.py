@@ -103,7 +103,7 @@ def test_from_pattern_adds_the_given_pattern_clipped_to_its_budget_and_saves_as_
     ("step_size", 0), ("min_scale", 1.5), ("poison_share", 0), ("poison_share", 1.5), ("bilevel", "yes"), ("eot", 1), ("surrogate_backbone", "vit"),
     ("w_target", -1), ("resolution", 0), ("head", "svm"), ("ensemble", 0), ("w_match", -0.5), ("match", "half"),
     ("hard_negatives", "no"), ("w_clean", -1), ("w_neutral", "high"), ("w_neutral", float("nan")),
-    ("clip_gradient", "identity"), ("clean_head", "svm"),
+    ("clip_gradient", "identity"), ("clean_head", "svm"), ("w_salient", -1),
 ])
 def test_bad_params_fail_with_one_line(key, value):
     with pytest.raises(ConfigError) as caught:
@@ -198,6 +198,20 @@ def test_the_clean_copy_reads_through_the_head_clean_head_names(attacker_data, f
     info = probe.fit(*attacker_data, progress=False)
     assert not np.array_equal(probe.perturbation(), trigger.perturbation())
     assert np.abs(probe.perturbation()).max() <= TINY["linf"] and np.isfinite(info["history"][-1]["neutral"])
+
+
+def test_the_salience_term_changes_the_fit_and_is_recorded_every_round(attacker_data, fitted):
+    trigger, plain = fitted
+    salient = build_trigger("optimized", {**TINY, "w_salient": 5.0}, seed=3)
+    info = salient.fit(*attacker_data, progress=False)
+    assert "salient" not in plain["history"][-1]
+    assert all(-1.0 <= row["salient"] <= 1.0 for row in info["history"])
+    assert not np.array_equal(salient.perturbation(), trigger.perturbation())
+    assert np.abs(salient.perturbation()).max() <= TINY["linf"]
+    # The objective counts the term at its weight: the round's sum of the weighted parts.
+    row = info["history"][-1]
+    parts = row["target"] + row["agree"] + 20.0 * row["neutral"] + 5.0 * row["salient"]
+    assert row["objective"] == pytest.approx(parts, rel=1e-6)
 
 
 def test_probe_hit_rate_counts_the_triggered_images_the_head_reads_as_the_target():

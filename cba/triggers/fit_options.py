@@ -50,6 +50,7 @@ class OptimizeConfig:
     w_clean: float = 0.0  # a surrogate that never saw a poison should not send triggered images to the target
     w_neutral: float = 20.0  # ... nor read them differently from the clean images at all
     w_divert: float = 0.0  # the clean copy's probe should not move triggered images between non-target classes
+    w_salient: float = 0.0  # the clean copy's features of a triggered image should move away from the clean one's
     hard_negatives: bool = False  # the non-target images nearest the target get a centroid of their own
     # The attacker also holds its images' true labels: the pattern's fit reads its surrogates and their clean copy
     # through heads on them (class centroids, or probes) instead of pseudo-labels.

@@ -13,6 +13,7 @@ SimCLR, then alternates (the bi-level part):
   minimising
 
       w_target * L_target + w_agree * L_agree + w_clean * L_clean + w_neutral * L_neutral + w_divert * L_divert
+      + w_salient * L_salient
 
   where, with f the L2-normalised surrogate features and C the centroids
   (row 0: the clean target class; the rest: k-means of the other images),
@@ -49,6 +50,10 @@ Options, all off by default but `w_neutral` (docs/results/levers.md has what eac
   non-target classes only (the target's probability left out, the rest renormalised): the pattern may
   pull towards the target, but not move triggered images from one other class to another (a texture
   the probe reads as *checker*), which is where the victim's probe sends most triggered images that miss.
+- `w_salient`: L_salient, the mean cosine between the frozen copy's features of a triggered image and of
+  the clean one: lower when the pattern moves the features more. With `w_neutral` keeping the copy's reading
+  of the classes, it asks for a pattern the clean encoder notices strongly, in directions its head does not
+  read: whether the poisons' push grows with how much the pattern moves the features, not with its pull.
 - `clean_head`: what the frozen copy reads through, for both terms: the same kind of head as `head`, or
   another. A nearest-centroid head sees only the features' directions; a linear probe on standardised
   features, like the victim's, also sees the small directions standardisation magnifies.
@@ -214,7 +219,8 @@ def _reading_shift(triggered: torch.Tensor, plain: torch.Tensor) -> torch.Tensor
 
 def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                 delta: torch.Tensor, clip_gradient: str = "zero", neutral: bool = False,
-                divert_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                divert_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                salient: bool = False) -> dict[str, torch.Tensor]:
     """How an encoder that never saw a poison reads the triggered images, from one forward pass of them (and,
     for the two KL terms, one of the clean images).
 
@@ -226,13 +232,17 @@ def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]
       reads, whichever class the change would favour (what `w_neutral` penalises);
     - `divert` (when a `divert_head` is given): the same KL under that head over the NON-target classes only
       (the target's column left out, the rest renormalised), 0 when the pattern moves no image from one other
-      class to another, whatever it does towards the target (what `w_divert` penalises)."""
+      class to another, whatever it does towards the target (what `w_divert` penalises);
+    - `salient` (when asked): the mean cosine between the encoder's features of the triggered and the clean
+      images, 1 when the pattern moves no feature (what `w_salient` lowers)."""
     raw = _raw(encoder, stamp(x, delta, clip_gradient))
     logits = head(raw)
     terms = {"clean": logits.softmax(1)[:, 0].mean(), "clean_hit_rate": (logits.detach().argmax(1) == 0).float().mean()}
-    if neutral or divert_head is not None:
+    if neutral or divert_head is not None or salient:
         with torch.no_grad():
             plain = _raw(encoder, x)
+        if salient:
+            terms["salient"] = F.cosine_similarity(raw, plain, dim=1).mean()
         if neutral:
             terms["neutral"] = _reading_shift(logits, head(plain))
         if divert_head is not None:
@@ -360,7 +370,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
                     **({"match": 0.0} if config.w_match > 0 else {}),
                     **({"neutral": 0.0} if config.w_neutral > 0 else {}),
-                    **({"divert": 0.0} if config.w_divert > 0 else {})}
+                    **({"divert": 0.0} if config.w_divert > 0 else {}),
+                    **({"salient": 0.0} if config.w_salient > 0 else {})}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
@@ -370,10 +381,12 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None, config.clip_gradient)
-                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0 or config.w_divert > 0):
+                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0 or config.w_divert > 0
+                                            or config.w_salient > 0):
                     terms.update(clean_terms(clean_encoder, clean_head, data[batch], delta, config.clip_gradient,
                                              neutral=config.w_neutral > 0,
-                                             divert_head=clean_probe if config.w_divert > 0 else None))
+                                             divert_head=clean_probe if config.w_divert > 0 else None,
+                                             salient=config.w_salient > 0))
                 loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
                 if match is not None:
                     terms["match"] = match
@@ -382,6 +395,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                     loss = loss + config.w_neutral * terms["neutral"]
                 if config.w_divert > 0:
                     loss = loss + config.w_divert * terms["divert"]
+                if config.w_salient > 0:
+                    loss = loss + config.w_salient * terms["salient"]
                 perturbation.update(loss, round_index)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
@@ -390,7 +405,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 p.requires_grad_(True)
             row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
                    + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)
-                   + config.w_neutral * sums.get("neutral", 0.0) + config.w_divert * sums.get("divert", 0.0),
+                   + config.w_neutral * sums.get("neutral", 0.0) + config.w_divert * sums.get("divert", 0.0)
+                   + config.w_salient * sums.get("salient", 0.0),
                    "clean_probe_hit_rate": probe_hit_rate(clean_encoder, clean_probe, readout, perturbation)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
