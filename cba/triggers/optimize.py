@@ -212,6 +212,9 @@ def objective_terms(encoder: nn.Module, x: torch.Tensor, delta: torch.Tensor, he
     return {**terms, "target": target, "agree": agree}
 
 
+OPTIONAL_TERMS = ("match", "neutral", "divert", "salient")
+
+
 def _reading_shift(triggered: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
     """KL(plain || triggered) between two readings (logits) of the same images, averaged over them."""
     return F.kl_div(triggered.log_softmax(1), plain.log_softmax(1), log_target=True, reduction="batchmean")
@@ -222,7 +225,7 @@ def clean_terms(encoder: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]
                 divert_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 salient: bool = False) -> dict[str, torch.Tensor]:
     """How an encoder that never saw a poison reads the triggered images, from one forward pass of them (and,
-    for the two KL terms, one of the clean images).
+    for the two KL terms and the salience, one of the clean images).
 
     - `clean`: the mean probability of the target under that encoder's head (what `w_clean` penalises: a
       pattern the clean encoder already reads as the target is an adversarial pattern, not a backdoor, and the
@@ -353,6 +356,8 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
         carriers = poison_carriers(target_mask, config.poison_share, seed)
         perturbation = _perturbation(config, size, eps, seed, device)
         history: list[dict] = []
+        # The terms off by default, in the order the loss adds them, where their weight is on.
+        optional = {name: weight for name in OPTIONAL_TERMS if (weight := getattr(config, f"w_{name}")) > 0}
         for round_index in range(config.rounds):
             if config.bilevel and round_index > 0:
                 poisoned = images.copy()
@@ -368,10 +373,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
                                  hard_negatives=config.hard_negatives, labels=given) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
-                    **({"match": 0.0} if config.w_match > 0 else {}),
-                    **({"neutral": 0.0} if config.w_neutral > 0 else {}),
-                    **({"divert": 0.0} if config.w_divert > 0 else {}),
-                    **({"salient": 0.0} if config.w_salient > 0 else {})}
+                    **{name: 0.0 for name in optional}}
             for step in range(config.trigger_steps):
                 # Triggered images of the non-target classes: the ones ASR counts.
                 batch = others[torch.randint(len(others), (config.batch_size,), generator=gen)]
@@ -381,32 +383,26 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                                     config, gen) if config.w_match > 0 else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None, config.clip_gradient)
-                with torch.set_grad_enabled(config.w_clean > 0 or config.w_neutral > 0 or config.w_divert > 0
-                                            or config.w_salient > 0):
+                with torch.set_grad_enabled(config.w_clean > 0 or any(name != "match" for name in optional)):
                     terms.update(clean_terms(clean_encoder, clean_head, data[batch], delta, config.clip_gradient,
-                                             neutral=config.w_neutral > 0,
-                                             divert_head=clean_probe if config.w_divert > 0 else None,
-                                             salient=config.w_salient > 0))
-                loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
+                                             neutral="neutral" in optional,
+                                             divert_head=clean_probe if "divert" in optional else None,
+                                             salient="salient" in optional))
                 if match is not None:
                     terms["match"] = match
-                    loss = loss + config.w_match * match
-                if config.w_neutral > 0:
-                    loss = loss + config.w_neutral * terms["neutral"]
-                if config.w_divert > 0:
-                    loss = loss + config.w_divert * terms["divert"]
-                if config.w_salient > 0:
-                    loss = loss + config.w_salient * terms["salient"]
+                loss = config.w_target * terms["target"] + config.w_agree * terms["agree"] + config.w_clean * terms["clean"]
+                for name, weight in optional.items():
+                    loss = loss + weight * terms[name]
                 perturbation.update(loss, round_index)
                 for key in sums:
                     sums[key] += float(terms[key].detach()) / config.trigger_steps
                 bar.update(1)
             for p in (p for encoder in encoders for p in encoder.parameters()):
                 p.requires_grad_(True)
-            row = {"round": round_index + 1, **sums, "objective": config.w_target * sums["target"] + config.w_agree * sums["agree"]
-                   + config.w_clean * sums["clean"] + config.w_match * sums.get("match", 0.0)
-                   + config.w_neutral * sums.get("neutral", 0.0) + config.w_divert * sums.get("divert", 0.0)
-                   + config.w_salient * sums.get("salient", 0.0),
+            objective = config.w_target * sums["target"] + config.w_agree * sums["agree"] + config.w_clean * sums["clean"]
+            for name, weight in optional.items():
+                objective += weight * sums[name]
+            row = {"round": round_index + 1, **sums, "objective": objective,
                    "clean_probe_hit_rate": probe_hit_rate(clean_encoder, clean_probe, readout, perturbation)}
             history.append(row)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k != "round"})
