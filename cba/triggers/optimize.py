@@ -369,7 +369,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                     method.to(device)
             encoders = [method.encoder.eval() for method in methods]
             for p in (p for encoder in encoders for p in encoder.parameters()):
-                p.requires_grad_(config.w_match > 0)  # matching differentiates through the parameters' gradients
+                p.requires_grad_("match" in optional)  # matching differentiates through the parameters' gradients
             heads = [target_head(encoder, data, target_mask, config.clusters, config.head, gen,
                                  hard_negatives=config.hard_negatives, labels=given) for encoder in encoders]
             sums = {"target": 0.0, "agree": 0.0, "hit_rate": 0.0, "clean": 0.0, "clean_hit_rate": 0.0,
@@ -380,7 +380,7 @@ def optimize_trigger(images: np.ndarray, target_mask: np.ndarray, config: Optimi
                 member = step % len(encoders)
                 delta = perturbation(data[batch])
                 match = (match_term(methods[member], data, batch, delta, heads[member], target_pool, augment,
-                                    config, gen) if config.w_match > 0 else None)
+                                    config, gen) if "match" in optional else None)
                 terms = objective_terms(encoders[member], data[batch], delta, heads[member],
                                         augment if config.eot else None, config.clip_gradient)
                 with torch.set_grad_enabled(config.w_clean > 0 or any(name != "match" for name in optional)):
