@@ -145,6 +145,28 @@ def test_resume_fingerprint_covers_the_training_code(tmp_path):
     assert code_digest(copy) != after_loss
 
 
+def test_resume_fingerprint_and_dvc_yaml_name_the_same_training_code():
+    """The fingerprint's code list repeats dvc.yaml by hand; the two must not drift apart.
+
+    Every package path the reference stage depends on shapes the weights, so the fingerprint must cover it;
+    every path the fingerprint covers must be a pretrain dependency, or DVC would keep a stale encoder while
+    the checkpoints refuse it."""
+    from pathlib import Path
+
+    import yaml
+
+    from stages.pretrain import TRAINING_CODE
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+
+    def package_deps(stage):
+        return {dep.removeprefix("cba/") for dep in stages[stage]["deps"] if dep.startswith("cba/")}
+
+    assert package_deps("reference") <= set(TRAINING_CODE)
+    assert set(TRAINING_CODE) <= package_deps("pretrain")
+    assert set(TRAINING_CODE) - package_deps("reference") == {"evaluate.py"}  # only pretrain scores curves
+
+
 def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
     """lr 1e6 sends the loss to NaN; NaN weights would later read as ASR 1.0 on target 0."""
     from cba.errors import ConfigError
