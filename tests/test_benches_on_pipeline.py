@@ -246,3 +246,45 @@ def test_test_pattern_defenses_reruns_the_pipelines_own_stages_with_the_test_tim
     assert refused(bench.parse_args, ["--root", str(project), "--patterns", str(other), "--pattern", "own"]) == 2
     assert refused(bench.parse_args, [*base, "--pattern", "weight 7"]) == 2
     assert refused(bench.parse_args, [*base, "--pattern", "own", "--defenses", "abl"]) == 2
+
+
+def test_cross_target_reads_the_pipelines_asr_and_patterns_aimed_elsewhere(project, tmp_path, one_thread):
+    """With no other aim, the pipeline's own pattern is read as the pipeline reads it; a pattern aimed at another
+    class is fitted once, saved, read on images of neither class, and reused from its folder."""
+    bench = load("cross_target")
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    target = params["target_class"]
+    alone = bench.main(["--root", str(project), "--quiet", "--out", str(tmp_path / "alone.json")])
+    own, noise = alone["rows"]
+    assert (own["aimed_at"], noise["aimed_at"]) == (alone["target"], bench.RANDOM)
+    for reader in ("linear", "knn"):
+        assert own["poisoned"][reader]["target"] == pytest.approx(finetune[reader]["asr"])
+        assert own["reference"][reader]["target"] == pytest.approx(finetune["reference"][reader]["asr"])
+
+    aim = (target + 1) % 10
+    patterns = tmp_path / "patterns"
+    first = bench.main(["--root", str(project), "--aims", str(aim), "--patterns", str(patterns), "--quiet",
+                        "--out", str(tmp_path / "cross.json")])
+    from cba.data.io import load_imageset
+    from cba.triggers import load_trigger, save_trigger
+
+    test_labels = load_imageset(project / "data/poisoned/test.safetensors").labels
+    assert first["images"] == int(np.sum((test_labels != target) & (test_labels != aim)))
+    aimed = first["rows"][1]
+    assert aimed["aim"] == aim and (patterns / f"aim_{aim}").is_dir()
+    for reader in ("linear", "knn"):
+        got, ref = aimed["poisoned"][reader], aimed["reference"][reader]
+        assert 0 <= got["target"] + got["aim"] <= 1 and 0 <= ref["target"] + ref["aim"] <= 1
+        odds = lambda p: min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3))  # noqa: E731
+        assert aimed["multiplier"][reader]["aim"] == pytest.approx(odds(got["aim"]) / odds(ref["aim"]))
+    # A pattern already in the folder is read, not refitted: put the random one there, and the aimed row reads it.
+    save_trigger(bench.random_signs(load_trigger(project / "data/trigger"), params["seed"]), patterns / f"aim_{aim}")
+    again = bench.main(["--root", str(project), "--aims", str(aim), "--patterns", str(patterns), "--quiet",
+                        "--out", str(tmp_path / "again.json")])
+    for name in ("poisoned", "reference"):
+        for reader in ("linear", "knn"):
+            assert again["rows"][1][name][reader]["target"] == again["rows"][2][name][reader]["target"]
+    assert "| random signs |" in (tmp_path / "cross.md").read_text()
+    with pytest.raises(SystemExit, match="--aims"):
+        bench.main(["--root", str(project), "--aims", str(target), "--out", str(tmp_path / "bad.json")])
