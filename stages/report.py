@@ -44,6 +44,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
                                     "(bench/reader_floor.py)"),
            ("maturity_default_h100", "The default pattern on victims trained 8 times longer, on a GPU: the probe's "
                                      "backdoor fades (bench/maturity.py)"),
+           ("cross_target_avx2_seed0", "What the poisons bind: patterns refitted to aim at other classes, read on "
+                                       "the committed run's two victims (bench/cross_target.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
                                   "(bench/maturity.py)"),
