@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def aimed_pattern(root: Path, params: dict[str, Any], clean: ImageSet, aim: int, folder: Path | None,
-                  device: Any, progress: bool) -> Trigger:
+def aimed_pattern(params: dict[str, Any], clean: ImageSet, aim: int, folder: Path | None, device: Any,
+                  progress: bool) -> Trigger:
     """The pipeline's trigger refitted to aim at class `aim` (read from `folder` where an earlier run saved it)."""
     saved = folder / f"aim_{aim}" if folder is not None else None
     if saved is not None and saved.exists():
@@ -115,11 +115,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         raise SystemExit(f"--aims {bad}: allowed a class 0 to {clean.num_classes - 1} other than the pipeline's "
                          f"target {target}")
-    device = pick_device(args.device)
     own = load_trigger(args.root / "data/trigger")
+    if args.aims and not own.learns_from_data:
+        raise SystemExit(f"--aims {args.aims}: the pipeline's trigger, {own.name}, is fixed, not fitted to a class; "
+                         "allowed only with a learned trigger (optimized, generated)")
+    device = pick_device(args.device)
     patterns: list[tuple[str, int | None, Trigger]] = [(clean.classes[target], None, own)]
     for aim in args.aims:
-        patterns.append((clean.classes[aim], aim, aimed_pattern(args.root, params, clean, aim, args.patterns, device,
+        patterns.append((clean.classes[aim], aim, aimed_pattern(params, clean, aim, args.patterns, device,
                                                                 not args.quiet)))
         print(f"pattern aimed at {clean.classes[aim]} ready", flush=True)
     patterns.append((RANDOM, None, random_signs(own, seed)))

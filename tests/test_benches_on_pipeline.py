@@ -288,3 +288,14 @@ def test_cross_target_reads_the_pipelines_asr_and_patterns_aimed_elsewhere(proje
     assert "| random signs |" in (tmp_path / "cross.md").read_text()
     with pytest.raises(SystemExit, match="--aims"):
         bench.main(["--root", str(project), "--aims", str(target), "--out", str(tmp_path / "bad.json")])
+    # A fixed trigger is not fitted to a class: aiming it elsewhere is refused before any work.
+    fixed = tmp_path / "fixed"
+    for path in ("params.yaml", "data/pretrain/encoder.safetensors", "data/reference/encoder.safetensors",
+                 "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors"):
+        (fixed / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / path, fixed / path)
+    from cba.triggers import build_trigger
+
+    save_trigger(build_trigger("patch", {}, seed=0, image_size=32), fixed / "data/trigger")
+    with pytest.raises(SystemExit, match="patch, is fixed"):
+        bench.main(["--root", str(fixed), "--aims", str(aim), "--out", str(tmp_path / "fixed.json")])
