@@ -7,7 +7,8 @@ own and a pattern of random signs at the same L-inf, is stamped on the same test
 pipeline's target and the aimed ones), and both encoders read them the pipeline's way (`cba finetune`: the
 weighted kNN and the converged probe, fitted on the clean labelled training set). Per pattern, encoder and
 reader the bench gives the share of triggered images sent to the pipeline's target and to the class the
-pattern aims at, and, per reader, the odds multiplier of each share (poisoned victim over reference):
+pattern aims at, the odds multiplier of each share (poisoned victim over reference), and the ASR each
+pattern reaches as the attack's test-time trigger, on the pipeline's own ASR set (every non-target image):
 
 - a backdoor bound to the target raises every pattern's target share, also that of a pattern the victim
   never saw, and not the aimed class's;
@@ -34,6 +35,7 @@ from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device, read_triggered_sets
 from cba.io import write_json
 from cba.models.io import load_encoder
+from cba.poison import triggered_test_set
 from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, unfinished
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
@@ -89,7 +91,8 @@ def shares(landing: list[int], target: int, aim: int | None) -> dict[str, float]
 
 def table(rows: list[dict[str, Any]], classes: list[str], target: int) -> str:
     lines = [f"| pattern aimed at | reader | poisoned: to {classes[target]} / to its own class | reference: the same "
-             f"| odds multiplier, {classes[target]} / own class |", "|---|---|---|---|---|"]
+             f"| odds multiplier, {classes[target]} / own class | as the test-time trigger: ASR poisoned / reference "
+             "(ratio) |", "|---|---|---|---|---|---|"]
     for row in rows:
         for reader in READERS:
             cells = []
@@ -98,8 +101,10 @@ def table(rows: list[dict[str, Any]], classes: list[str], target: int) -> str:
                 cells.append(f"{got['target']:.3f} / " + (f"{got['aim']:.3f}" if "aim" in got else "–"))
             multiplier = row["multiplier"][reader]
             aim = f"{multiplier['aim']:.2f}" if "aim" in multiplier else "–"
+            asr = [row["asr"][name][reader] for name in ENCODERS]
             lines.append(f"| {row['aimed_at']} | {reader} | {cells[0]} | {cells[1]} "
-                         f"| {multiplier['target']:.2f} / {aim} |")
+                         f"| {multiplier['target']:.2f} / {aim} | {asr[0]:.3f} / {asr[1]:.3f} "
+                         f"({asr[0] / max(asr[1], 1e-3):.2f}x) |")
     return "\n".join(lines)
 
 
@@ -131,8 +136,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keep = np.flatnonzero(~np.isin(test.labels, [target, *args.aims]))
     rng = np.random.default_rng([seed, 0x7E57])
     stamped = [trigger.at_test_time().apply(test.images[keep], rng=rng) for _, _, trigger in patterns]
+    # And each pattern as the attack's test-time trigger: the pipeline's own ASR set (every non-target image).
+    as_trigger = [triggered_test_set(test, trigger, target, seed).images for _, _, trigger in patterns]
     readings = {name: read_triggered_sets(load_encoder(args.root / path), clean.images, clean.labels, test.images,
-                                          test.labels, stamped, target, clean.num_classes, **reader_options(params))
+                                          test.labels, stamped + as_trigger, target, clean.num_classes,
+                                          **reader_options(params))
                 for name, path in ENCODERS.items()}
     rows = []
     for index, (aimed_at, aim, _) in enumerate(patterns):
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in ENCODERS:
             row[name] = {reader: {**shares(readings[name][index][reader]["landing"], target, aim),
                                   "acc": readings[name][index][reader]["acc"]} for reader in READERS}
+        row["asr"] = {name: {reader: readings[name][len(patterns) + index][reader]["asr"] for reader in READERS}
+                      for name in ENCODERS}
         row["multiplier"] = {reader: {key: float(odds(got) / odds(row["reference"][reader][key]))
                                       for key, got in row["poisoned"][reader].items() if key != "acc"}
                              for reader in READERS}

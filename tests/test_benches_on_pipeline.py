@@ -273,6 +273,9 @@ def test_cross_target_reads_the_pipelines_asr_and_patterns_aimed_elsewhere(proje
     assert first["images"] == int(np.sum((test_labels != target) & (test_labels != aim)))
     aimed = first["rows"][1]
     assert aimed["aim"] == aim and (patterns / f"aim_{aim}").is_dir()
+    for reader in ("linear", "knn"):  # as the test-time trigger, the own pattern is read on the pipeline's ASR set
+        assert first["rows"][0]["asr"]["poisoned"][reader] == pytest.approx(finetune[reader]["asr"])
+        assert first["rows"][0]["asr"]["reference"][reader] == pytest.approx(finetune["reference"][reader]["asr"])
     for reader in ("linear", "knn"):
         got, ref = aimed["poisoned"][reader], aimed["reference"][reader]
         assert 0 <= got["target"] + got["aim"] <= 1 and 0 <= ref["target"] + ref["aim"] <= 1
