@@ -144,7 +144,7 @@ def clean_surrogate(train, test, pool: np.ndarray, settings: dict, surrogate_epo
     """The SimCLR encoder the attacker trains, without poisons, on its own images `pool` (the trigger stage's
     warm-up, as the victim's code path trains it)."""
     return run_attack(train.subset(pool), test, build_trigger("patch", {}, seed=0), mode="clean_label",
-                      poison_rate=0.0, **{**settings, "epochs": surrogate_epochs})
+                      poison_rate=0.0, **{**settings, "epochs": surrogate_epochs, "warmup_epochs": None})
 
 
 def sensitive_pattern(encoder: nn.Module, images: np.ndarray, linf: float, seed: int, steps: int = 200,

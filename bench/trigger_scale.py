@@ -37,10 +37,8 @@ from cba.evaluate import read_triggered_sets
 from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
-from cba.readings import pipeline_params, pipeline_sets
+from cba.readings import pipeline_params, pipeline_sets, scaled_pattern
 from cba.triggers import load_trigger
-from cba.triggers.base import Trigger
-from cba.triggers.optimized import OptimizedTrigger
 
 NEEDED = ("params.yaml", "data/trigger", "data/pretrain/encoder.safetensors", "data/reference/encoder.safetensors",
           "data/poisoned/clean_train.safetensors", "data/poisoned/test.safetensors")
@@ -62,17 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         parser.error(f"--root {args.root}: no {missing[0]}; run `dvc repro` there first")
     return args
-
-
-def scaled(trigger: Trigger, scale: float) -> Trigger:
-    """The same additive pattern times `scale`, in a trigger of the same kind."""
-    if "pattern" not in trigger.tensors():
-        raise SystemExit(f"trigger {trigger.name!r}: not an additive pattern; this bench scales `optimized` patterns")
-    linf = float(trigger.params["linf"]) * scale
-    if linf > 255:
-        raise SystemExit(f"--scales {scale}: the pattern would exceed the 0-255 range (L-inf {linf:g}); allowed up to "
-                         f"{255 / float(trigger.params['linf']):g}")
-    return OptimizedTrigger.from_pattern(trigger.tensors()["pattern"].numpy() * scale, linf, seed=trigger.seed)
 
 
 def top_landing(counts: list[int], target: int, classes: list[str]) -> str:
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     options = reader_options(params)
     trigger = load_trigger(root / "data/trigger")
-    triggers = {scale: scaled(trigger, scale) for scale in args.scales}  # bad input fails before any reading
+    triggers = {scale: scaled_pattern(trigger, scale) for scale in args.scales}  # bad input fails before any reading
     clean, test = pipeline_sets(root)
     # The triggered test sets do not depend on the victim: built once per scale, read by both.
     triggered = {scale: triggered_test_set(test, scaled_trigger, target, seed).images

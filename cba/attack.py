@@ -80,6 +80,7 @@ def victim_settings(params: dict[str, Any], method: str | None = None) -> dict[s
         "method": method, "backbone": pretrain.get("backbone", "convnet"), "width": int(pretrain.get("width", 16)),
         "epochs": int(pretrain.get("epochs", 20)), "batch_size": int(pretrain.get("batch_size", 256)),
         "lr": None if lr == "auto" else float(lr), "weight_decay": float(pretrain.get("weight_decay", 5e-4)),
+        "momentum": float(pretrain.get("momentum", 0.9)), "warmup_epochs": int(pretrain.get("warmup_epochs", 2)),
         "hparams": dict(pretrain.get(method) or {}), "per_batch": bool(augmentation.get("per_batch", False)),
         "min_scale": float(augmentation.get("min_scale", 0.5)), "seed": int(params.get("seed", 0)),
         "target_class": int(params.get("target_class", 0)),
@@ -106,7 +107,8 @@ def initial_backbone(backbone: str, width: int, seed: int) -> torch.nn.Module:
 def run_attack(
     train_set: ImageSet, test: ImageSet, trigger: Trigger, *, method: str = "supervised", mode: str = "dirty_label",
     poison_rate: float = 0.05, target_class: int = 0, backbone: str = "convnet", width: int = 16, epochs: int = 10,
-    batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, seed: int = 0,
+    batch_size: int = 256, lr: float | None = None, weight_decay: float = 5e-4, momentum: float = 0.9,
+    warmup_epochs: int | None = None, seed: int = 0,
     hparams: dict[str, Any] | None = None, per_batch: bool = False, min_scale: float = 0.5,
     device: torch.device | None = None, progress: bool = False, eval_every: int | None = None,
     evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None, cache: str | Path | None = None,
@@ -117,7 +119,8 @@ def run_attack(
     last); its rows land in `record.curves`. `cache`: a folder of trained
     victims (`cba.victim_cache`); a victim trained before with the same
     settings, data, trigger and code is loaded instead of trained. It is not
-    used with `evaluate`, whose side effects a loaded victim would skip."""
+    used with `evaluate`, whose side effects a loaded victim would skip. `warmup_epochs`: None for
+    min(2, epochs // 4), the trigger stage's surrogate rule; `victim_settings` passes the pipeline's."""
     device = device or torch.device("cpu")
     poisoned = poison_dataset(train_set, trigger, poison_rate, target_class, mode, seed)
     mask = np.zeros(len(train_set), dtype=bool)
@@ -132,12 +135,13 @@ def run_attack(
                             train=poisoned.train, clean_train=train_set, test=test, trigger=trigger, poisoned=mask,
                             target_class=target_class, seed=seed, losses=losses, curves=curves, train_seconds=seconds)
 
+    warmup = min(2, epochs // 4) if warmup_epochs is None else warmup_epochs
     entry = None
     if cache is not None and evaluate is None:
         settings = {"method": method, "mode": mode, "poison_rate": poison_rate, "target_class": target_class,
                     "backbone": backbone, "width": width, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                    "weight_decay": weight_decay, "seed": seed, "hparams": hparams or {}, "per_batch": per_batch,
-                    "min_scale": min_scale}
+                    "weight_decay": weight_decay, "momentum": momentum, "warmup_epochs": warmup, "seed": seed,
+                    "hparams": hparams or {}, "per_batch": per_batch, "min_scale": min_scale}
         entry = Path(cache) / victim_key(settings, train_set, test, trigger, device)
         model = new_model()
         stored = load_victim(entry, model)
@@ -147,7 +151,8 @@ def run_attack(
                 return record
     model = new_model()  # fresh weights: a rejected cache entry may have been loaded into the last one
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else model.default_lr,
-                         weight_decay=weight_decay, warmup_epochs=min(2, epochs // 4), seed=seed, eval_every=eval_every or epochs)
+                         momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, seed=seed,
+                         eval_every=eval_every or epochs)
     result = train(model, poisoned.train.images, poisoned.train.labels,
                    build_augment(model.augmentation, train_set.images.shape[1], per_batch, min_scale), config, device,
                    evaluate=evaluate, progress=progress)

@@ -40,6 +40,21 @@ def pipeline_sets(root: Path) -> tuple[ImageSet, ImageSet]:
     return clean, test
 
 
+def scaled_pattern(trigger: Trigger, scale: float) -> Trigger:
+    """The same additive pattern times `scale` (L-inf `scale` x linf on the 0-255 scale), in a trigger of the
+    same kind: the pipeline's trigger at another amplitude. Refuses, in one line, a trigger that is not an
+    additive pattern and a scale that leaves the 0-255 range."""
+    from cba.triggers.optimized import OptimizedTrigger
+
+    if "pattern" not in trigger.tensors():
+        raise SystemExit(f"trigger {trigger.name!r}: not an additive pattern; only `optimized` patterns can be scaled")
+    linf = float(trigger.params["linf"]) * scale
+    if not 0 < linf <= 255:
+        raise SystemExit(f"scale {scale:g}: the pattern's L-inf would be {linf:g}; allowed a scale above 0 and up to "
+                         f"{255 / float(trigger.params['linf']):g}")
+    return OptimizedTrigger.from_pattern(trigger.tensors()["pattern"].numpy() * scale, linf, seed=trigger.seed)
+
+
 def unfinished(roots: Iterable[Path], needed: Iterable[str]) -> str | None:
     """The refusal for the first root that lacks one of the `needed` files, or None when none does."""
     needed = tuple(needed)

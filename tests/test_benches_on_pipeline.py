@@ -54,18 +54,21 @@ def test_trigger_scale_reads_the_pipelines_asr_at_scale_one_and_scales_the_patte
         # the clean images are read the same whatever the scale: one probe per encoder
         assert two["poisoned"][name]["acc"] == one["poisoned"][name]["acc"]
     assert (one["linf"], two["linf"]) == (16, 32) and "| 2 | 32 |" in (tmp_path / "scale.md").read_text()
+    from cba.readings import scaled_pattern
     from cba.triggers import load_trigger
     learned = load_trigger(project / "data/trigger")
-    doubled = bench.scaled(learned, 2.0)
+    doubled = scaled_pattern(learned, 2.0)
     grey = np.full((1, 32, 32, 3), 128, dtype=np.uint8)  # mid-grey: no clip within +-32
     added = doubled.apply(grey).astype(float) - learned.apply(grey).astype(float)
     assert np.abs(added - (learned.apply(grey).astype(float) - 128)).max() <= 1  # twice the pattern, up to rounding
-    with pytest.raises(SystemExit, match="exceed the 0-255 range"):
-        bench.scaled(learned, 20.0)
+    with pytest.raises(SystemExit, match="L-inf would be 320; allowed a scale above 0 and up to 15.9375"):
+        scaled_pattern(learned, 20.0)
+
 
 def test_pull_matrix_reads_each_pipelines_own_pull_on_the_diagonal_and_splits_the_spread(project, tmp_path, one_thread):
     """The diagonal is each pipeline's own reference reading; a second root with the same encoder and four times
     the pattern makes two identical columns, so the whole spread belongs to the trigger."""
+    from cba.readings import scaled_pattern
     from cba.triggers import load_trigger, save_trigger
 
     bench = load("pull_matrix")
@@ -75,7 +78,7 @@ def test_pull_matrix_reads_each_pipelines_own_pull_on_the_diagonal_and_splits_th
         (other / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(project / path, other / path)
     learned = load_trigger(project / "data/trigger")
-    save_trigger(load("trigger_scale").scaled(learned, 4.0), other / "data/trigger")
+    save_trigger(scaled_pattern(learned, 4.0), other / "data/trigger")
     result = bench.main(["--root", str(project), "--root", str(other), "--out", str(tmp_path / "matrix.json")])
     finetune = json.loads((project / "metrics/finetune.json").read_text())
     differ = []
@@ -302,3 +305,31 @@ def test_cross_target_reads_the_pipelines_asr_and_patterns_aimed_elsewhere(proje
     save_trigger(build_trigger("patch", {}, seed=0, image_size=32), fixed / "data/trigger")
     with pytest.raises(SystemExit, match="patch, is fixed"):
         bench.main(["--root", str(fixed), "--aims", str(aim), "--out", str(tmp_path / "fixed.json")])
+
+
+def test_poison_scale_retrains_the_pipelines_victim_at_scale_one_and_scales_only_the_poisons(project, tmp_path,
+                                                                                           one_thread):
+    """The first row is the pipeline's own victim; a victim the bench trains with the poisons at scale 1 is that
+    victim again (the same readings to the digit), so the bench changes nothing but the poisons' amplitude. The
+    reference and the test-time trigger are the pipeline's in every row."""
+    bench = load("poison_scale")
+    out = tmp_path / "poison_scale.json"
+    result = bench.main(["--root", str(project), "--scales", "1", "2", "--quiet", "--out", str(out)])
+    finetune = json.loads((project / "metrics/finetune.json").read_text())
+    own, again, doubled = result["rows"]
+    assert own["pipeline"] and not again["pipeline"]
+    for name in ("linear", "knn"):
+        assert own["readings"][0][name]["asr"] == pytest.approx(finetune[name]["asr"])
+        assert result["reference"][0][name]["asr"] == pytest.approx(finetune["reference"][name]["asr"])
+        assert again["readings"][0][name] == pytest.approx(own["readings"][0][name])
+    losses = pd.read_parquet(project / "data/pretrain/losses.parquet")
+    assert again["final_loss"] == pytest.approx(losses.loc[losses["epoch"] == losses["epoch"].max(), "loss"].mean())
+    # Only the poisons change: twice the amplitude is a more visible poison, and a finite victim.
+    assert (own["linf"], doubled["linf"]) == (16, 32)
+    assert own["stealth"]["linf"] <= 16 < doubled["stealth"]["linf"] <= 32
+    assert doubled["stealth"]["psnr"] < own["stealth"]["psnr"]
+    assert np.isfinite(doubled["final_loss"]) and "| 2 (32) |" in out.with_suffix(".md").read_text()
+    for bad in (["--scales", "0"], ["--scales", "1", "--test-scales", "-1"], ["--scales", "16"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--root", str(project), *bad, "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()

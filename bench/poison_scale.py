@@ -1,0 +1,148 @@
+"""Does what the poisons teach grow with the amplitude they carry the pattern at? Victims poisoned with the
+pipeline's pattern scaled, read with the pipeline's own test-time trigger.
+
+The 3x rule compares the poisoned victim's ASR with the reference victim's, which never saw a poison: the
+pattern's own pull. At test time both read the same trigger, so the pull is fixed by the test-time amplitude
+alone, and whatever the poisoned victim reads beyond it is what the poisons taught (the push). This bench
+holds the test-time trigger (and so the pull) fixed and changes only the poisons: the same images (the
+pipeline's seed picks them), the same pattern, stamped at `s` times its amplitude (L-inf s x linf). Each
+victim trains as `cba pretrain` trains one (`cba.attack.victim_settings` of the root's params.yaml) and is
+read as `cba finetune` reads one (the weighted kNN and the converged probe on the clean labelled set), with
+the pipeline's trigger at each `--test-scales` amplitude; the reference is the pipeline's own
+(`data/reference`). The first row is the pipeline's own victim (poisons at s = 1), read, not retrained.
+
+- a push that grows with the poisons' amplitude raises the poisoned reading at a fixed pull, and with it
+  the ratio to the reference;
+- a push set by the pattern's look, not its strength, leaves the ratio where it was.
+
+The poisons' visibility at each amplitude (L-inf, PSNR and SSIM of the poisons against their clean images)
+is given beside it: a larger amplitude is a more visible poison.
+
+    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo after dvc repro finetune> --scales 1.5 2
+
+About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the default budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cba.attack import reader_options, run_attack, victim_settings
+from cba.env import command_line, environment, results_header
+from cba.errors import BenchParser, run_script
+from cba.evaluate import pick_device, read_triggered_sets
+from cba.io import write_json
+from cba.models.io import load_encoder
+from cba.poison import choose_poison_indices, triggered_test_set
+from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, scaled_pattern, unfinished
+from cba.triggers import load_trigger
+from cba.triggers.stealth import stealth_metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = BenchParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="a repository after `dvc repro finetune`")
+    parser.add_argument("--scales", type=float, nargs="+", required=True,
+                        help="amplitudes the poisons carry the pattern at, as multiples of the pipeline's")
+    parser.add_argument("--test-scales", type=float, nargs="+", default=[1.0],
+                        help="amplitudes of the test-time trigger every victim is read with")
+    parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/poison_scale.json"),
+                        help="the JSON; the table goes beside it as .md")
+    args = parser.parse_args(argv)
+    bad = [s for s in (*args.scales, *args.test_scales) if not s > 0]
+    if bad:
+        parser.error(f"scale {bad[0]:g}: every scale must be a number above 0")
+    return args
+
+
+def poison_mode(params: dict[str, Any]) -> str:
+    """The poison mode `cba poison` resolves from params.yaml (auto: dirty-label for the supervised attack)."""
+    mode = (params.get("poison") or {}).get("mode", "auto")
+    if mode != "auto":
+        return mode
+    return "dirty_label" if (params.get("pretrain") or {}).get("method", "simclr") == "supervised" else "clean_label"
+
+
+def readings_row(encoder: Any, clean: Any, test: Any, triggered: list[np.ndarray], target: int,
+                 options: dict[str, Any]) -> list[dict[str, dict[str, float]]]:
+    """One encoder's ACC and ASR under both readers, per triggered test set."""
+    sets = read_triggered_sets(encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
+                               clean.num_classes, **options)
+    return [{name: {"acc": m[name]["acc"], "asr": m[name]["asr"]} for name in READERS} for m in sets]
+
+
+def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_scales: list[float], linf: float) -> str:
+    lines = ["| poisons at (L-inf) | poisons' PSNR / SSIM | test trigger L-inf | poisoned linear ACC / ASR "
+             "| poisoned kNN ACC / ASR | reference linear / kNN ASR | ratio linear / kNN | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for t, reading, ref in zip(test_scales, row["readings"], reference):
+            ratio = " / ".join(f"{reading[n]['asr'] / max(ref[n]['asr'], 1e-3):.1f}x" for n in READERS)
+            loss = "–" if row["final_loss"] is None else f"{row['final_loss']:.3f}"
+            lines.append(f"| {row['scale']:g} ({row['linf']:g}){' pipeline' if row['pipeline'] else ''} "
+                         f"| {row['stealth']['psnr']:.1f} / {row['stealth']['ssim']:.3f} | {t * linf:g} "
+                         f"| {reading['linear']['acc']:.3f} / {reading['linear']['asr']:.3f} "
+                         f"| {reading['knn']['acc']:.3f} / {reading['knn']['asr']:.3f} "
+                         f"| {ref['linear']['asr']:.3f} / {ref['knn']['asr']:.3f} | {ratio} | {loss} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    root = args.root
+    missing = unfinished([root], pipeline_files())
+    if missing:
+        raise SystemExit(missing)
+    params = pipeline_params(root)
+    settings = victim_settings(params)
+    seed, target = settings["seed"], settings["target_class"]
+    rate, mode = float(params.get("poison_rate", 0.05)), poison_mode(params)
+    trigger = load_trigger(root / "data/trigger")
+    linf = float(trigger.params.get("linf", 0) or 0)
+    # Every scaled trigger is built before any training, so a bad scale or a fixed trigger stops at once.
+    poison_triggers = {s: scaled_pattern(trigger, s) for s in args.scales}
+    test_triggers = [scaled_pattern(trigger.at_test_time(), t)
+                     for t in args.test_scales]
+    clean, test = pipeline_sets(root)
+    options = reader_options(params)
+    triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
+    poisons = clean.images[choose_poison_indices(clean.labels, rate, target, mode, seed)]
+    reference = readings_row(load_encoder(root / ENCODERS["reference"]), clean, test, triggered, target, options)
+    rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None,
+             "stealth": stealth_metrics(trigger, poisons),
+             "readings": readings_row(load_encoder(root / ENCODERS["poisoned"]), clean, test, triggered, target,
+                                      options)}]
+    device = pick_device(args.device)
+    for scale, poison_trigger in poison_triggers.items():
+        record = run_attack(clean, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
+                            progress=not args.quiet, cache=args.cache, **settings)
+        final = record.final_loss  # the mean over samples of the last epoch
+        if not np.isfinite(final):
+            raise SystemExit(f"poisons at scale {scale:g}: the victim's final loss is {final}; its readings would "
+                             "mean nothing")
+        rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
+                     "stealth": stealth_metrics(poison_trigger, poisons),
+                     "readings": readings_row(record.encoder, clean, test, triggered, target, options)})
+    command, env = command_line(argv), environment(device)
+    data = (params.get("data") or {}).get("name", "synthetic")
+    write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
+                          "_run": {"command": command, "env": env, "trigger": trigger.name, "linf": linf,
+                                   "target_class": target, "seed": seed, "poison_rate": rate, "data": data}})
+    text = table(rows, reference, args.test_scales, linf)
+    args.out.with_suffix(".md").write_text(
+        results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
+        + f"Data: {data}; target {test.classes[target]}; seed {seed}; {rate:g} of the training set poisoned "
+        f"({mode}).\n\n{text}\n")
+    print(text)
+    return {"rows": rows, "reference": reference}
+
+
+if __name__ == "__main__":
+    run_script(main)
