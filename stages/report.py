@@ -46,6 +46,8 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
                                      "backdoor fades (bench/maturity.py)"),
            ("cross_target_avx2_seed0", "What the poisons bind: patterns refitted to aim at other classes, read on "
                                        "the committed run's two victims (bench/cross_target.py)"),
+           ("poison_scale_avx2_seed0", "Stronger poisons, the same test-time trigger: the committed run's victim "
+                                       "retrained with the pattern at L-inf 24 and 32 (bench/poison_scale.py)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
                                   "(bench/maturity.py)"),
