@@ -15,10 +15,17 @@ the pipeline's trigger at each `--test-scales` amplitude; the reference is the p
   the ratio to the reference;
 - a push set by the pattern's look, not its strength, leaves the ratio where it was.
 
+Two more things the poisons can carry, for the same question: `--rate` poisons another share of the training
+set (the same seeded choice `cba poison` makes), and `--negatives K` stamps the negated pattern on K
+non-target training images besides (antithetic poisons, seeded): the victim then sees the pattern's sign go
+with the target and its opposite with every other class, a contrast a feature of the pattern could align
+with the target's.
+
 The poisons' visibility at each amplitude (L-inf, PSNR and SSIM of the poisons against their clean images)
 is given beside it: a larger amplitude is a more visible poison.
 
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo after dvc repro finetune> --scales 1.5 2
+    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --rate 0.025 --negatives 250
 
 About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the default budget).
 """
@@ -39,7 +46,9 @@ from cba.io import write_json
 from cba.models.io import load_encoder
 from cba.poison import choose_poison_indices, triggered_test_set
 from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, scaled_pattern, unfinished
-from cba.triggers import load_trigger
+from cba.data.base import ImageSet
+from cba.triggers import Trigger, load_trigger
+from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.stealth import stealth_metrics
 
 
@@ -50,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="amplitudes the poisons carry the pattern at, as multiples of the pipeline's")
     parser.add_argument("--test-scales", type=float, nargs="+", default=[1.0],
                         help="amplitudes of the test-time trigger every victim is read with")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="share of the training set poisoned with the target's images; default: the pipeline's")
+    parser.add_argument("--negatives", type=int, default=0,
+                        help="non-target training images that also carry the negated pattern (antithetic poisons)")
     parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -59,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in (*args.scales, *args.test_scales) if not s > 0]
     if bad:
         parser.error(f"scale {bad[0]:g}: every scale must be a number above 0")
+    if args.rate is not None and not 0 <= args.rate <= 1:
+        parser.error(f"--rate {args.rate:g}: outside [0, 1]")
+    if args.negatives < 0:
+        parser.error(f"--negatives {args.negatives}: must be 0 or more")
     return args
 
 
@@ -70,6 +87,19 @@ def poison_mode(params: dict[str, Any]) -> str:
     return "dirty_label" if (params.get("pretrain") or {}).get("method", "simclr") == "supervised" else "clean_label"
 
 
+def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, seed: int) -> ImageSet:
+    """`images` with the negated pattern of `trigger` stamped on `count` non-target images (a seeded choice)."""
+    if count == 0:
+        return images
+    others = np.flatnonzero(images.labels != target)
+    chosen = np.random.default_rng([seed, 0xA17]).choice(others, count, replace=False)
+    negated = OptimizedTrigger.from_pattern(-trigger.tensors()["pattern"].numpy(), float(trigger.params["linf"]),
+                                            trigger.seed)
+    stamped = images.images.copy()
+    stamped[chosen] = negated.apply(stamped[chosen])
+    return ImageSet(stamped, images.labels.copy(), list(images.classes))
+
+
 def readings_row(encoder: Any, clean: Any, test: Any, triggered: list[np.ndarray], target: int,
                  options: dict[str, Any]) -> list[dict[str, dict[str, float]]]:
     """One encoder's ACC and ASR under both readers, per triggered test set."""
@@ -79,14 +109,16 @@ def readings_row(encoder: Any, clean: Any, test: Any, triggered: list[np.ndarray
 
 
 def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_scales: list[float], linf: float) -> str:
-    lines = ["| poisons at (L-inf) | poisons' PSNR / SSIM | test trigger L-inf | poisoned linear ACC / ASR "
-             "| poisoned kNN ACC / ASR | reference linear / kNN ASR | ratio linear / kNN | final loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| poisons at (L-inf) | poisons (+ negated) | poisons' PSNR / SSIM | test trigger L-inf "
+             "| poisoned linear ACC / ASR | poisoned kNN ACC / ASR | reference linear / kNN ASR | ratio linear / kNN | final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for t, reading, ref in zip(test_scales, row["readings"], reference):
             ratio = " / ".join(f"{reading[n]['asr'] / max(ref[n]['asr'], 1e-3):.1f}x" for n in READERS)
             loss = "–" if row["final_loss"] is None else f"{row['final_loss']:.3f}"
+            count = f"{row['poisons']} (+ {row['negatives']})" if row["negatives"] else f"{row['poisons']}"
             lines.append(f"| {row['scale']:g} ({row['linf']:g}){' pipeline' if row['pipeline'] else ''} "
+                         f"| {count} "
                          f"| {row['stealth']['psnr']:.1f} / {row['stealth']['ssim']:.3f} | {t * linf:g} "
                          f"| {reading['linear']['acc']:.3f} / {reading['linear']['asr']:.3f} "
                          f"| {reading['knn']['acc']:.3f} / {reading['knn']['asr']:.3f} "
@@ -103,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = pipeline_params(root)
     settings = victim_settings(params)
     seed, target = settings["seed"], settings["target_class"]
-    rate, mode = float(params.get("poison_rate", 0.05)), poison_mode(params)
+    pipeline_rate, mode = float(params.get("poison_rate", 0.05)), poison_mode(params)
+    rate = pipeline_rate if args.rate is None else args.rate
     trigger = load_trigger(root / "data/trigger")
     linf = float(trigger.params.get("linf", 0) or 0)
     # Every scaled trigger is built before any training, so a bad scale or a fixed trigger stops at once.
@@ -113,33 +146,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clean, test = pipeline_sets(root)
     options = reader_options(params)
     triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
-    poisons = clean.images[choose_poison_indices(clean.labels, rate, target, mode, seed)]
+    if args.negatives > int(np.sum(clean.labels != target)):
+        raise SystemExit(f"--negatives {args.negatives}: more than the {int(np.sum(clean.labels != target))} "
+                         "non-target training images")
+    poisons = clean.images[choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)]
     reference = readings_row(load_encoder(root / ENCODERS["reference"]), clean, test, triggered, target, options)
-    rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None,
+    rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None, "poisons": len(poisons), "negatives": 0,
              "stealth": stealth_metrics(trigger, poisons),
              "readings": readings_row(load_encoder(root / ENCODERS["poisoned"]), clean, test, triggered, target,
                                       options)}]
     device = pick_device(args.device)
     for scale, poison_trigger in poison_triggers.items():
-        record = run_attack(clean, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
+        # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
+        train = with_negatives(clean, poison_trigger, args.negatives, target, seed)
+        record = run_attack(train, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
                             progress=not args.quiet, cache=args.cache, **settings)
         final = record.final_loss  # the mean over samples of the last epoch
         if not np.isfinite(final):
             raise SystemExit(f"poisons at scale {scale:g}: the victim's final loss is {final}; its readings would "
                              "mean nothing")
         rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
+                     "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
                      "stealth": stealth_metrics(poison_trigger, poisons),
                      "readings": readings_row(record.encoder, clean, test, triggered, target, options)})
     command, env = command_line(argv), environment(device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
                           "_run": {"command": command, "env": env, "trigger": trigger.name, "linf": linf,
-                                   "target_class": target, "seed": seed, "poison_rate": rate, "data": data}})
+                                   "target_class": target, "seed": seed, "poison_rate": rate,
+                                   "negatives": args.negatives, "data": data}})
     text = table(rows, reference, args.test_scales, linf)
     args.out.with_suffix(".md").write_text(
         results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
-        + f"Data: {data}; target {test.classes[target]}; seed {seed}; {rate:g} of the training set poisoned "
-        f"({mode}).\n\n{text}\n")
+        + f"Data: {data}; target {test.classes[target]}; seed {seed}; the pipeline poisons {pipeline_rate:g} of "
+        f"the training set ({mode}).\n\n{text}\n")
     print(text)
     return {"rows": rows, "reference": reference}
 

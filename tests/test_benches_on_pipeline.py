@@ -329,7 +329,30 @@ def test_poison_scale_retrains_the_pipelines_victim_at_scale_one_and_scales_only
     assert own["stealth"]["linf"] <= 16 < doubled["stealth"]["linf"] <= 32
     assert doubled["stealth"]["psnr"] < own["stealth"]["psnr"]
     assert np.isfinite(doubled["final_loss"]) and "| 2 (32) |" in out.with_suffix(".md").read_text()
-    for bad in (["--scales", "0"], ["--scales", "1", "--test-scales", "-1"], ["--scales", "16"]):
+    for bad in (["--scales", "0"], ["--scales", "1", "--test-scales", "-1"], ["--scales", "16"],
+                ["--scales", "1", "--rate", "1.5"], ["--scales", "1", "--negatives", "-1"],
+                ["--scales", "1", "--negatives", "100000"]):
         with pytest.raises(SystemExit):
             bench.main(["--root", str(project), *bad, "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_poison_scale_negatives_stamp_the_negated_pattern_on_non_target_images_only(project):
+    """Antithetic poisons: exactly `count` non-target images change, each by minus the pattern (up to the clip),
+    and no target image."""
+    from cba.readings import pipeline_params, pipeline_sets, scaled_pattern
+    from cba.triggers import load_trigger
+
+    bench = load("poison_scale")
+    clean, _ = pipeline_sets(project)
+    target = int(pipeline_params(project)["target_class"])
+    trigger = scaled_pattern(load_trigger(project / "data/trigger"), 1.0)
+    stamped = bench.with_negatives(clean, trigger, 20, target=target, seed=0)
+    changed = np.flatnonzero((stamped.images != clean.images).reshape(len(clean), -1).any(1))
+    assert len(changed) == 20 and not np.any(clean.labels[changed] == target)
+    delta = stamped.images[changed].astype(float) - clean.images[changed].astype(float)
+    expected = (np.clip(clean.images[changed] - trigger.perturbation(), 0, 255).round() - clean.images[changed])
+    assert np.abs(delta - expected).max() <= 1
+    assert bench.with_negatives(clean, trigger, 0, target=target, seed=0) is clean
+    again = bench.with_negatives(clean, trigger, 20, target=target, seed=0)
+    assert np.array_equal(again.images, stamped.images)  # seeded
