@@ -33,6 +33,7 @@ About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the def
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ from cba.data.base import ImageSet
 from cba.triggers import Trigger, load_trigger
 from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.stealth import stealth_metrics
+
+
+POISON_RECORD = "metrics/details/poison.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,12 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def poison_mode(params: dict[str, Any]) -> str:
-    """The poison mode `cba poison` resolves from params.yaml (auto: dirty-label for the supervised attack)."""
-    mode = (params.get("poison") or {}).get("mode", "auto")
-    if mode != "auto":
-        return mode
-    return "dirty_label" if (params.get("pretrain") or {}).get("method", "simclr") == "supervised" else "clean_label"
+def pipeline_poison_mode(root: Path) -> str:
+    """The poison mode the pipeline's `cba poison` resolved (params.yaml's `auto` included), from its record."""
+    return json.loads((root / POISON_RECORD).read_text())["mode"]
 
 
 def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, seed: int) -> ImageSet:
@@ -129,13 +130,13 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_sca
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     root = args.root
-    missing = unfinished([root], pipeline_files())
+    missing = unfinished([root], (*pipeline_files(), POISON_RECORD))
     if missing:
         raise SystemExit(missing)
     params = pipeline_params(root)
     settings = victim_settings(params)
     seed, target = settings["seed"], settings["target_class"]
-    pipeline_rate, mode = float(params.get("poison_rate", 0.05)), poison_mode(params)
+    pipeline_rate, mode = float(params.get("poison_rate", 0.05)), pipeline_poison_mode(root)
     rate = pipeline_rate if args.rate is None else args.rate
     trigger = load_trigger(root / "data/trigger")
     linf = float(trigger.params.get("linf", 0) or 0)
