@@ -234,7 +234,12 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
                             preexec_fn=default_sigint)
     checkpoints = workdir / "data/pretrain/checkpoints"
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
+    def finished_checkpoints() -> list[Path]:
+        # A checkpoint is written to a hidden temporary file beside it and renamed when complete; interrupting
+        # while only that file exists leaves nothing to resume from, so wait for the renamed one.
+        return [p for p in checkpoints.glob("*.safetensors") if not p.name.startswith(".")]
+
+    while not finished_checkpoints() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
@@ -248,8 +253,11 @@ def test_ctrl_c_in_pretraining_is_one_line_and_the_run_resumes(workdir):
     while not said[-1].startswith("resuming") and said[-1] and len(said) < 50:  # said before its first epoch
         said.append(rerun.stderr.readline())
     rerun.send_signal(signal.SIGINT)  # no need to finish 200 epochs: it is enough that it resumed
-    rerun.communicate(timeout=120)
-    assert said[-1].startswith("resuming from the checkpoint of epoch"), said
+    rest, rest_err = rerun.communicate(timeout=120)
+    # On a failure, say how the rerun ended (its exit status, a signal if negative) and what else it wrote.
+    assert said[-1].startswith("resuming from the checkpoint of epoch"), (said, rerun.returncode, rest[-2000:],
+                                                                          rest_err[-2000:],
+                                                                          sorted(p.name for p in checkpoints.iterdir()))
 
 
 def _wrong_typed_defense_options() -> list:
