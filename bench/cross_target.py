@@ -28,15 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from cba.attack import reader_options
 from cba.data.base import ImageSet
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
-from cba.evaluate import pick_device, read_triggered_sets
+from cba.evaluate import pick_device
 from cba.io import write_json
-from cba.models.io import load_encoder
 from cba.poison import triggered_test_set
-from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, unfinished
+from cba.readings import (ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, read_pipeline_images,
+                          unfinished)
 from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 from cba.triggers.optimized import OptimizedTrigger
@@ -138,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stamped = [trigger.at_test_time().apply(test.images[keep], rng=rng) for _, _, trigger in patterns]
     # And each pattern as the attack's test-time trigger: the pipeline's own ASR set (every non-target image).
     as_trigger = [triggered_test_set(test, trigger, target, seed).images for _, _, trigger in patterns]
-    readings = {name: read_triggered_sets(load_encoder(args.root / path), clean.images, clean.labels, test.images,
-                                          test.labels, stamped + as_trigger, target, clean.num_classes,
-                                          **reader_options(params))
-                for name, path in ENCODERS.items()}
+    readings = read_pipeline_images(args.root, params, stamped + as_trigger, ENCODERS, sets=(clean, test))
     rows = []
     for index, (aimed_at, aim, _) in enumerate(patterns):
         row: dict[str, Any] = {"aimed_at": aimed_at, "aim": aim}

@@ -44,9 +44,9 @@ from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device, read_triggered_sets
 from cba.io import write_json
-from cba.models.io import load_encoder
 from cba.poison import choose_poison_indices, triggered_test_set
-from cba.readings import ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, scaled_pattern, unfinished
+from cba.readings import (ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, read_pipeline_images,
+                          scaled_pattern, unfinished)
 from cba.data.base import ImageSet
 from cba.triggers import Trigger, load_trigger
 from cba.triggers.optimized import OptimizedTrigger
@@ -101,17 +101,15 @@ def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, 
     return ImageSet(stamped, images.labels.copy(), list(images.classes))
 
 
-def readings_row(encoder: Any, clean: Any, test: Any, triggered: list[np.ndarray], target: int,
-                 options: dict[str, Any]) -> list[dict[str, dict[str, float]]]:
+def acc_and_asr(sets: list[dict[str, dict]]) -> list[dict[str, dict[str, float]]]:
     """One encoder's ACC and ASR under both readers, per triggered test set."""
-    sets = read_triggered_sets(encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
-                               clean.num_classes, **options)
     return [{name: {"acc": m[name]["acc"], "asr": m[name]["asr"]} for name in READERS} for m in sets]
 
 
 def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_scales: list[float], linf: float) -> str:
     lines = ["| poisons at (L-inf) | poisons (+ negated) | poisons' PSNR / SSIM | test trigger L-inf "
-             "| poisoned linear ACC / ASR | poisoned kNN ACC / ASR | reference linear / kNN ASR | ratio linear / kNN | final loss |",
+             "| poisoned linear ACC / ASR | poisoned kNN ACC / ASR | reference linear / kNN ASR | ratio linear / kNN "
+             "| final loss |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for t, reading, ref in zip(test_scales, row["readings"], reference):
@@ -151,11 +149,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--negatives {args.negatives}: more than the {int(np.sum(clean.labels != target))} "
                          "non-target training images")
     poisons = clean.images[choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)]
-    reference = readings_row(load_encoder(root / ENCODERS["reference"]), clean, test, triggered, target, options)
+    pipeline = read_pipeline_images(root, params, triggered, ENCODERS, sets=(clean, test))
+    reference = acc_and_asr(pipeline["reference"])
     rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None, "poisons": len(poisons), "negatives": 0,
              "stealth": stealth_metrics(trigger, poisons),
-             "readings": readings_row(load_encoder(root / ENCODERS["poisoned"]), clean, test, triggered, target,
-                                      options)}]
+             "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
     for scale, poison_trigger in poison_triggers.items():
         # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
@@ -169,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
                      "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
                      "stealth": stealth_metrics(poison_trigger, poisons),
-                     "readings": readings_row(record.encoder, clean, test, triggered, target, options)})
+                     "readings": acc_and_asr(read_triggered_sets(
+                         record.encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
+                         clean.num_classes, **options))})
     command, env = command_line(argv), environment(device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import yaml
 
 from cba.attack import reader_options
@@ -79,15 +80,26 @@ def victim_cells(poisoned: dict[str, float], reference: dict[str, float], ratio_
             f"| {ratio}")
 
 
+def read_pipeline_images(root: Path, params: dict[str, Any], image_sets: list[np.ndarray], encoders: dict[str, str],
+                         sets: tuple[ImageSet, ImageSet] | None = None) -> dict[str, list[dict[str, dict]]]:
+    """Each encoder (name -> file under `root`) reading each set of (already stamped) test images, with the
+    pipeline's kNN and converged probe on its clean labelled set (`params`: the root's params.yaml); each
+    encoder's clean features and probe are computed once for all sets. Returns, per encoder,
+    `cba.evaluate.evaluate_features`'s metrics per set. `sets`: the pipeline's clean labelled and test sets, where
+    the caller has loaded them already."""
+    target = int(params.get("target_class", 0))
+    clean, test = sets or pipeline_sets(root)
+    return {name: read_triggered_sets(load_encoder(root / path), clean.images, clean.labels, test.images,
+                                      test.labels, image_sets, target, clean.num_classes, **reader_options(params))
+            for name, path in encoders.items()}
+
+
 def read_pipeline_triggers(root: Path, params: dict[str, Any], triggers: list[Trigger],
                            encoders: dict[str, str]) -> dict[str, list[dict[str, dict]]]:
-    """Each encoder (name -> file under `root`) reading each trigger on the pipeline's test set, with the
-    pipeline's kNN and converged probe on its clean labelled set (`params`: the root's params.yaml). Every
-    triggered set is built once for all encoders; each encoder's clean features and probe once for all sets.
-    Returns, per encoder, `cba.evaluate.evaluate_features`'s metrics per trigger."""
+    """Each encoder (name -> file under `root`) reading each trigger on the pipeline's ASR set (every non-target
+    test image, the trigger stamped as the attack stamps it): `read_pipeline_images` of those sets, each built
+    once for all encoders."""
     seed, target = int(params.get("seed", 0)), int(params.get("target_class", 0))
     clean, test = pipeline_sets(root)
     triggered = [triggered_test_set(test, trigger, target, seed).images for trigger in triggers]
-    return {name: read_triggered_sets(load_encoder(root / path), clean.images, clean.labels, test.images,
-                                      test.labels, triggered, target, clean.num_classes, **reader_options(params))
-            for name, path in encoders.items()}
+    return read_pipeline_images(root, params, triggered, encoders, sets=(clean, test))
