@@ -19,13 +19,17 @@ Two more things the poisons can carry, for the same question: `--rate` poisons a
 set (the same seeded choice `cba poison` makes), and `--negatives K` stamps the negated pattern on K
 non-target training images besides (antithetic poisons, seeded): the victim then sees the pattern's sign go
 with the target and its opposite with every other class, a contrast a feature of the pattern could align
-with the target's.
+with the target's. `--harden EPS` gives each poison, before its pattern, a perturbation of its own within
+L-inf EPS (`cba.hardening`): `views` makes its content a worse cue for view agreement on the attacker's
+clean surrogate (Turner et al.'s label-consistent poisons, carried to contrastive learning), `target` makes
+it more typical of the target class, `random` is the control of the same size.
 
 The poisons' visibility at each amplitude (L-inf, PSNR and SSIM of the poisons against their clean images)
 is given beside it: a larger amplitude is a more visible poison.
 
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo after dvc repro finetune> --scales 1.5 2
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --rate 0.025 --negatives 250
+    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --harden 8 --harden-kind views
 
 About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the default budget).
 """
@@ -40,6 +44,8 @@ from typing import Any
 import numpy as np
 
 from cba.attack import reader_options, run_attack, victim_settings
+from cba.augment import build_augment
+from cba.hardening import KINDS, class_centroid, harden, surrogate_reading
 from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device, read_triggered_sets
@@ -49,6 +55,7 @@ from cba.readings import (ENCODERS, READERS, pipeline_files, pipeline_params, pi
                           scaled_pattern, unfinished)
 from cba.data.base import ImageSet
 from cba.triggers import Trigger, load_trigger
+from cba.triggers.optimize import surrogate_seed
 from cba.triggers.optimized import OptimizedTrigger
 from cba.triggers.stealth import stealth_metrics
 
@@ -67,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of the training set poisoned with the target's images; default: the pipeline's")
     parser.add_argument("--negatives", type=int, default=0,
                         help="non-target training images that also carry the negated pattern (antithetic poisons)")
+    parser.add_argument("--harden", type=float, default=0.0,
+                        help="L-inf (0-255) of each poison's own hardening perturbation (cba.hardening); 0: none")
+    parser.add_argument("--harden-kind", choices=KINDS, default="views",
+                        help="views or target (fitted on the attacker's clean surrogate), or random (the control)")
+    parser.add_argument("--harden-steps", type=int, default=20, help="signed steps of a fitted hardening")
     parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -80,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rate {args.rate:g}: outside [0, 1]")
     if args.negatives < 0:
         parser.error(f"--negatives {args.negatives}: must be 0 or more")
+    if not 0 <= args.harden <= 255:
+        parser.error(f"--harden {args.harden:g}: outside [0, 255]")
+    if args.harden_steps < 1:
+        parser.error(f"--harden-steps {args.harden_steps}: must be 1 or more")
     return args
 
 
@@ -101,6 +117,52 @@ def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, 
     return ImageSet(stamped, images.labels.copy(), list(images.classes))
 
 
+class _Hardened:
+    """The change a hardened poison carries, for `stealth_metrics` (which reads a change through `apply`): the
+    poison's own perturbation (the images already hardened) and the pattern on top."""
+
+    def __init__(self, trigger: Trigger, hardened: np.ndarray):
+        self.trigger, self.hardened = trigger, hardened
+
+    def apply(self, images: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return self.trigger.apply(self.hardened, rng=rng)
+
+
+def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: np.ndarray, args: argparse.Namespace,
+                   settings: dict[str, Any], mode: str, device: Any, readings: dict[str, Any]) -> ImageSet:
+    """`images` with the poisons-to-be (`indices`) hardened (`cba.hardening`). The attacker's clean surrogate is
+    a victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`);
+    `readings` receives what it reads of the poisons before and after a fitted hardening."""
+    if args.harden == 0:
+        return images
+    encoder = anchor = None
+    if args.harden_kind != "random":
+        surrogate = run_attack(images, test, trigger, mode=mode, poison_rate=0.0, device=device,
+                               progress=not args.quiet, cache=args.cache,
+                               **{**settings, "seed": surrogate_seed(settings["seed"])})
+        encoder = surrogate.encoder
+        # The attacker knows which of its images are the target's (the threat model of the trigger stage).
+        anchor = class_centroid(encoder, images.images[images.labels == settings["target_class"]])
+    augment = build_augment("ssl", images.images.shape[1], settings["per_batch"], settings["min_scale"])
+    changed = images.images.copy()
+    changed[indices] = harden(changed[indices], encoder, args.harden, augment=augment, kind=args.harden_kind,
+                              anchor=anchor, steps=args.harden_steps, seed=settings["seed"], device=device)
+    if encoder is not None:  # what the fit changed, as the attacker's surrogate reads the poisons (same draws)
+        readings["before"], readings["after"] = (surrogate_reading(encoder, x[indices], augment, anchor)
+                                                 for x in (images.images, changed))
+    return ImageSet(changed, images.labels.copy(), list(images.classes))
+
+
+def surrogate_line(surrogate: dict[str, Any]) -> str:
+    """A sentence on what a fitted hardening changed in the attacker's surrogate's reading of the poisons."""
+    if not surrogate:
+        return ""
+    before, after = surrogate["before"], surrogate["after"]
+    return (f"\nThe attacker's clean surrogate reads the poisons (before the pattern), before and after the hardening: "
+            f"view agreement {before['view_agreement']:.3f} -> {after['view_agreement']:.3f}, cosine of a view to "
+            f"the target's centroid {before['target_cosine']:.3f} -> {after['target_cosine']:.3f}.\n")
+
+
 def acc_and_asr(sets: list[dict[str, dict]]) -> list[dict[str, dict[str, float]]]:
     """One encoder's ACC and ASR under both readers, per triggered test set."""
     return [{name: {"acc": m[name]["acc"], "asr": m[name]["asr"]} for name in READERS} for m in sets]
@@ -116,6 +178,8 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_sca
             ratio = " / ".join(f"{reading[n]['asr'] / max(ref[n]['asr'], 1e-3):.1f}x" for n in READERS)
             loss = "–" if row["final_loss"] is None else f"{row['final_loss']:.3f}"
             count = f"{row['poisons']} (+ {row['negatives']})" if row["negatives"] else f"{row['poisons']}"
+            if row.get("harden"):
+                count += f", hardened {row['harden']:g} ({row['harden_kind']})"
             lines.append(f"| {row['scale']:g} ({row['linf']:g}){' pipeline' if row['pipeline'] else ''} "
                          f"| {count} "
                          f"| {row['stealth']['psnr']:.1f} / {row['stealth']['ssim']:.3f} | {t * linf:g} "
@@ -155,9 +219,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "stealth": stealth_metrics(trigger, poisons),
              "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
+    chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
+    surrogate: dict[str, Any] = {}
+    hardened = with_hardening(clean, test, trigger, chosen, args, settings, mode, device, surrogate)
     for scale, poison_trigger in poison_triggers.items():
         # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
-        train = with_negatives(clean, poison_trigger, args.negatives, target, seed)
+        train = with_negatives(hardened, poison_trigger, args.negatives, target, seed)
         record = run_attack(train, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
                             progress=not args.quiet, cache=args.cache, **settings)
         final = record.final_loss  # the mean over samples of the last epoch
@@ -166,7 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "mean nothing")
         rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
                      "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
-                     "stealth": stealth_metrics(poison_trigger, poisons),
+                     "harden": args.harden, "harden_kind": args.harden_kind if args.harden else None,
+                     "surrogate": surrogate,
+                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[chosen]),
+                                                clean.images[chosen]),
                      "readings": acc_and_asr(read_triggered_sets(
                          record.encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
                          clean.num_classes, **options))})
@@ -180,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(
         results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
         + f"Data: {data}; target {test.classes[target]}; seed {seed}; the pipeline poisons {pipeline_rate:g} of "
-        f"the training set ({mode}).\n\n{text}\n")
+        f"the training set ({mode}).\n\n{text}\n{surrogate_line(surrogate)}")
     print(text)
     return {"rows": rows, "reference": reference}
 

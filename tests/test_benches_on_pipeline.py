@@ -331,7 +331,8 @@ def test_poison_scale_retrains_the_pipelines_victim_at_scale_one_and_scales_only
     assert np.isfinite(doubled["final_loss"]) and "| 2 (32) |" in out.with_suffix(".md").read_text()
     for bad in (["--scales", "0"], ["--scales", "1", "--test-scales", "-1"], ["--scales", "16"],
                 ["--scales", "1", "--rate", "1.5"], ["--scales", "1", "--negatives", "-1"],
-                ["--scales", "1", "--negatives", "100000"]):
+                ["--scales", "1", "--negatives", "100000"], ["--scales", "1", "--harden", "300"],
+                ["--scales", "1", "--harden", "4", "--harden-steps", "0"], ["--scales", "1", "--harden-kind", "blur"]):
         with pytest.raises(SystemExit):
             bench.main(["--root", str(project), *bad, "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
@@ -356,3 +357,34 @@ def test_poison_scale_negatives_stamp_the_negated_pattern_on_non_target_images_o
     assert bench.with_negatives(clean, trigger, 0, target=target, seed=0) is clean
     again = bench.with_negatives(clean, trigger, 20, target=target, seed=0)
     assert np.array_equal(again.images, stamped.images)  # seeded
+
+
+def test_poison_scale_hardening_changes_only_the_poisons_within_its_budget(project, tmp_path, one_thread):
+    """`--harden`: each poison, and no other image, carries its own perturbation within the budget, and the victim
+    trains on the hardened poisons, with the pipeline's pattern on top."""
+    from cba.poison import choose_poison_indices
+    from cba.readings import pipeline_params, pipeline_sets
+
+    bench = load("poison_scale")
+    clean, test = pipeline_sets(project)
+    params = pipeline_params(project)
+    target, rate, seed = int(params["target_class"]), float(params["poison_rate"]), int(params["seed"])
+    mode = bench.pipeline_poison_mode(project)
+    chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
+    args = bench.parse_args(["--root", str(project), "--scales", "1", "--harden", "4", "--harden-kind", "random"])
+    settings = {"seed": seed, "per_batch": False, "min_scale": 0.5}
+    hardened = bench.with_hardening(clean, test, None, chosen, args, settings, mode, None, {})
+    changed = np.flatnonzero((hardened.images != clean.images).reshape(len(clean), -1).any(1))
+    assert np.array_equal(changed, chosen)
+    assert np.abs(hardened.images.astype(int) - clean.images.astype(int)).max() == 4
+    out = tmp_path / "views.json"
+    result = bench.main(["--root", str(project), "--scales", "1", "--harden", "4", "--harden-kind", "views",
+                         "--harden-steps", "5", "--quiet", "--out", str(out)])
+    own, views = result["rows"]
+    # The surrogate's readings are recorded (what they do is tested on a trained encoder in test_hardening.py;
+    # the tiny pipeline's surrogate reads every view nearly alike).
+    assert set(views["surrogate"]) == {"before", "after"}
+    assert views["surrogate"]["before"] != views["surrogate"]["after"]
+    assert views["stealth"]["linf"] <= own["stealth"]["linf"] + 4 and views["stealth"]["psnr"] < own["stealth"]["psnr"]
+    assert np.isfinite(views["final_loss"]) and views["readings"][0] != own["readings"][0]
+    assert "hardened 4 (views)" in out.with_suffix(".md").read_text()
