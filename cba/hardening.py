@@ -67,7 +67,9 @@ def harden(images: np.ndarray, encoder: nn.Module | None, eps: float, *, augment
         signs = np.random.default_rng([seed, 0x4A7D]).choice([-1.0, 1.0], size=x.shape)
         delta = torch.as_tensor(signs, dtype=torch.float32) * bound
     else:
-        delta = _fitted(x, encoder, augment, anchor, bound, steps, seed, batch_size, device)
+        # Only `target` aims at the anchor: `views` ignores one it is given.
+        delta = _fitted(x, encoder, augment, anchor if kind == "target" else None, bound, steps, seed, batch_size,
+                        device)
     out = (x + delta).clamp(0, 1).mul(255).round().to(torch.uint8)
     return out.permute(0, 2, 3, 1).numpy()
 

@@ -55,6 +55,10 @@ def test_views_hardening_stays_in_budget_and_lowers_view_agreement_more_than_ran
     fitted = harden(images, encoder, 16, augment=augment, kind="views", steps=10, seed=0)
     assert np.abs(fitted.astype(int) - images.astype(int)).max() <= 16
     assert np.array_equal(fitted, harden(images, encoder, 16, augment=augment, kind="views", steps=10, seed=0))
+    # An anchor given to `views` changes nothing: only `target` aims at it.
+    anchor = torch.nn.functional.normalize(torch.ones(encoder(torch.zeros(1, 3, 32, 32)).shape[1]), dim=0)
+    assert np.array_equal(fitted, harden(images, encoder, 16, augment=augment, kind="views", anchor=anchor,
+                                         steps=10, seed=0))
     random = harden(images, None, 16, kind="random", seed=0)
     clean, aimed, blind = (mean_agreement(encoder, x, augment) for x in (images, fitted, random))
     # The fitted perturbation lowers the encoder's agreement of two views (fresh draws, not the fit's); one of
