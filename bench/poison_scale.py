@@ -29,7 +29,7 @@ is given beside it: a larger amplitude is a more visible poison.
 
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo after dvc repro finetune> --scales 1.5 2
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --rate 0.025 --negatives 250
-    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --harden 8 --harden-kind views
+    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --harden 8 --harden-kind views target random
 
 About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the default budget).
 """
@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="non-target training images that also carry the negated pattern (antithetic poisons)")
     parser.add_argument("--harden", type=float, default=0.0,
                         help="L-inf (0-255) of each poison's own hardening perturbation (cba.hardening); 0: none")
-    parser.add_argument("--harden-kind", choices=KINDS, default="views",
-                        help="views or target (fitted on the attacker's clean surrogate), or random (the control)")
+    parser.add_argument("--harden-kind", choices=KINDS, nargs="+", default=["views"],
+                        help="views or target (fitted on the attacker's clean surrogate), or random (the control); "
+                             "several give a victim each")
     parser.add_argument("--harden-steps", type=int, default=20, help="signed steps of a fitted hardening")
     parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
     parser.add_argument("--device", default="auto")
@@ -128,15 +129,16 @@ class _Hardened:
         return self.trigger.apply(self.hardened, rng=rng)
 
 
-def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: np.ndarray, args: argparse.Namespace,
-                   settings: dict[str, Any], mode: str, device: Any, readings: dict[str, Any]) -> ImageSet:
+def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: np.ndarray, kind: str | None,
+                   args: argparse.Namespace, settings: dict[str, Any], mode: str, device: Any,
+                   readings: dict[str, Any]) -> ImageSet:
     """`images` with the poisons-to-be (`indices`) hardened (`cba.hardening`). The attacker's clean surrogate is
     a victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`);
     `readings` receives what it reads of the poisons before and after a fitted hardening."""
-    if args.harden == 0:
+    if kind is None:
         return images
     encoder = anchor = None
-    if args.harden_kind != "random":
+    if kind != "random":
         surrogate = run_attack(images, test, trigger, mode=mode, poison_rate=0.0, device=device,
                                progress=not args.quiet, cache=args.cache,
                                **{**settings, "seed": surrogate_seed(settings["seed"])})
@@ -145,7 +147,7 @@ def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: 
         anchor = class_centroid(encoder, images.images[images.labels == settings["target_class"]])
     augment = build_augment("ssl", images.images.shape[1], settings["per_batch"], settings["min_scale"])
     changed = images.images.copy()
-    changed[indices] = harden(changed[indices], encoder, args.harden, augment=augment, kind=args.harden_kind,
+    changed[indices] = harden(changed[indices], encoder, args.harden, augment=augment, kind=kind,
                               anchor=anchor, steps=args.harden_steps, seed=settings["seed"], device=device)
     if encoder is not None:  # what the fit changed, as the attacker's surrogate reads the poisons (same draws)
         readings["before"], readings["after"] = (surrogate_reading(encoder, x[indices], augment, anchor)
@@ -153,14 +155,17 @@ def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: 
     return ImageSet(changed, images.labels.copy(), list(images.classes))
 
 
-def surrogate_line(surrogate: dict[str, Any]) -> str:
-    """A sentence on what a fitted hardening changed in the attacker's surrogate's reading of the poisons."""
-    if not surrogate:
+def surrogate_lines(rows: list[dict[str, Any]]) -> str:
+    """What each fitted hardening changed in the attacker's clean surrogate's reading of the poisons."""
+    lines = [f"- hardened {row['harden']:g} ({row['harden_kind']}): view agreement "
+             f"{before['view_agreement']:.3f} -> {after['view_agreement']:.3f}, cosine of a view to the target's "
+             f"centroid {before['target_cosine']:.3f} -> {after['target_cosine']:.3f}"
+             for row in {(r["harden"], r["harden_kind"]): r for r in rows if r.get("surrogate")}.values()
+             for before, after in [(row["surrogate"]["before"], row["surrogate"]["after"])]]
+    if not lines:
         return ""
-    before, after = surrogate["before"], surrogate["after"]
-    return (f"\nThe attacker's clean surrogate reads the poisons (before the pattern), before and after the hardening: "
-            f"view agreement {before['view_agreement']:.3f} -> {after['view_agreement']:.3f}, cosine of a view to "
-            f"the target's centroid {before['target_cosine']:.3f} -> {after['target_cosine']:.3f}.\n")
+    return ("\nThe attacker's clean surrogate reads the poisons (before their pattern), before -> after the "
+            "hardening:\n\n" + "\n".join(lines) + "\n")
 
 
 def acc_and_asr(sets: list[dict[str, dict]]) -> list[dict[str, dict[str, float]]]:
@@ -187,6 +192,35 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_sca
                          f"| {reading['knn']['acc']:.3f} / {reading['knn']['asr']:.3f} "
                          f"| {ref['linear']['asr']:.3f} / {ref['knn']['asr']:.3f} | {ratio} | {loss} |")
     return "\n".join(lines)
+
+
+def victim_rows(clean: ImageSet, test: ImageSet, hardened: ImageSet, chosen: np.ndarray,
+                poison_triggers: dict[float, Trigger], triggered: list[np.ndarray], kind: str | None,
+                surrogate: dict[str, Any], args: argparse.Namespace, settings: dict[str, Any], mode: str, rate: float,
+                options: dict[str, Any], linf: float, device: Any) -> list[dict[str, Any]]:
+    """One victim per poison amplitude, trained on `hardened` (the training set with any hardening), its
+    readings with every test-time trigger."""
+    seed, target = settings["seed"], settings["target_class"]
+    rows = []
+    for scale, poison_trigger in poison_triggers.items():
+        # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
+        train = with_negatives(hardened, poison_trigger, args.negatives, target, seed)
+        record = run_attack(train, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
+                            progress=not args.quiet, cache=args.cache, **settings)
+        final = record.final_loss  # the mean over samples of the last epoch
+        if not np.isfinite(final):
+            raise SystemExit(f"poisons at scale {scale:g}: the victim's final loss is {final}; its readings would "
+                             "mean nothing")
+        rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
+                     "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
+                     "harden": args.harden if kind else 0.0, "harden_kind": kind,
+                     "surrogate": surrogate,
+                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[chosen]),
+                                                clean.images[chosen]),
+                     "readings": acc_and_asr(read_triggered_sets(
+                         record.encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
+                         clean.num_classes, **options))})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -220,26 +254,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
     chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
-    surrogate: dict[str, Any] = {}
-    hardened = with_hardening(clean, test, trigger, chosen, args, settings, mode, device, surrogate)
-    for scale, poison_trigger in poison_triggers.items():
-        # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
-        train = with_negatives(hardened, poison_trigger, args.negatives, target, seed)
-        record = run_attack(train, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
-                            progress=not args.quiet, cache=args.cache, **settings)
-        final = record.final_loss  # the mean over samples of the last epoch
-        if not np.isfinite(final):
-            raise SystemExit(f"poisons at scale {scale:g}: the victim's final loss is {final}; its readings would "
-                             "mean nothing")
-        rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
-                     "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
-                     "harden": args.harden, "harden_kind": args.harden_kind if args.harden else None,
-                     "surrogate": surrogate,
-                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[chosen]),
-                                                clean.images[chosen]),
-                     "readings": acc_and_asr(read_triggered_sets(
-                         record.encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
-                         clean.num_classes, **options))})
+    for kind in args.harden_kind if args.harden else [None]:
+        surrogate: dict[str, Any] = {}
+        hardened = with_hardening(clean, test, trigger, chosen, kind, args, settings, mode, device, surrogate)
+        rows += victim_rows(clean, test, hardened, chosen, poison_triggers, triggered, kind, surrogate, args,
+                            settings, mode, rate, options, linf, device)
+    command, env = command_line(argv), environment(device)
     command, env = command_line(argv), environment(device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(
         results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
         + f"Data: {data}; target {test.classes[target]}; seed {seed}; the pipeline poisons {pipeline_rate:g} of "
-        f"the training set ({mode}).\n\n{text}\n{surrogate_line(surrogate)}")
+        f"the training set ({mode}).\n\n{text}\n{surrogate_lines(rows)}")
     print(text)
     return {"rows": rows, "reference": reference}
 

@@ -373,18 +373,20 @@ def test_poison_scale_hardening_changes_only_the_poisons_within_its_budget(proje
     chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
     args = bench.parse_args(["--root", str(project), "--scales", "1", "--harden", "4", "--harden-kind", "random"])
     settings = {"seed": seed, "per_batch": False, "min_scale": 0.5}
-    hardened = bench.with_hardening(clean, test, None, chosen, args, settings, mode, None, {})
+    hardened = bench.with_hardening(clean, test, None, chosen, "random", args, settings, mode, None, {})
     changed = np.flatnonzero((hardened.images != clean.images).reshape(len(clean), -1).any(1))
     assert np.array_equal(changed, chosen)
     assert np.abs(hardened.images.astype(int) - clean.images.astype(int)).max() == 4
     out = tmp_path / "views.json"
     result = bench.main(["--root", str(project), "--scales", "1", "--harden", "4", "--harden-kind", "views",
-                         "--harden-steps", "5", "--quiet", "--out", str(out)])
-    own, views = result["rows"]
+                         "random", "--harden-steps", "5", "--quiet", "--out", str(out)])
+    own, views, blind = result["rows"]
+    assert (views["harden_kind"], blind["harden_kind"], blind["surrogate"]) == ("views", "random", {})
     # The surrogate's readings are recorded (what they do is tested on a trained encoder in test_hardening.py;
     # the tiny pipeline's surrogate reads every view nearly alike).
     assert set(views["surrogate"]) == {"before", "after"}
     assert views["surrogate"]["before"] != views["surrogate"]["after"]
     assert views["stealth"]["linf"] <= own["stealth"]["linf"] + 4 and views["stealth"]["psnr"] < own["stealth"]["psnr"]
     assert np.isfinite(views["final_loss"]) and views["readings"][0] != own["readings"][0]
-    assert "hardened 4 (views)" in out.with_suffix(".md").read_text()
+    text = out.with_suffix(".md").read_text()
+    assert "hardened 4 (views)" in text and "hardened 4 (random)" in text and "- hardened 4 (views): view" in text
