@@ -18,6 +18,8 @@ top afterwards.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,15 @@ from torch import nn
 from cba.errors import ConfigError
 
 KINDS = ("views", "target", "random")
+
+
+def standard_format(encoder: nn.Module) -> nn.Module:
+    """An evaluation copy of `encoder` with its weights in the standard memory layout.
+
+    A freshly trained encoder holds them channels-last (`cba.train`) and one loaded from a file does not; the CPU
+    kernels of the two layouts round differently, and a signed step follows the sign of the gradient, so without
+    this a loaded surrogate would fit other poisons than the same surrogate fresh from training."""
+    return copy.deepcopy(encoder).eval().to(memory_format=torch.contiguous_format)
 
 
 def view_agreement(encoder: nn.Module, images: torch.Tensor, augment: nn.Module) -> torch.Tensor:
@@ -37,7 +48,7 @@ def view_agreement(encoder: nn.Module, images: torch.Tensor, augment: nn.Module)
 def class_centroid(encoder: nn.Module, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     """The mean of the encoder's unit-norm features of `images` (uint8 NHWC), itself at unit norm."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
-    encoder = encoder.eval()
+    encoder = standard_format(encoder)
     features = torch.cat([F.normalize(encoder(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
     return F.normalize(features.mean(0), dim=0)
 
@@ -78,7 +89,7 @@ def _fitted(x: torch.Tensor, encoder: nn.Module, augment: nn.Module, anchor: tor
             steps: int, seed: int, batch_size: int, device: torch.device) -> torch.Tensor:
     """Signed steps (2.5 bound / steps each, as Madry et al.'s PGD) that lower the surrogate's view agreement
     (no `anchor`) or raise an augmented view's cosine to the `anchor`."""
-    encoder = encoder.to(device).eval()
+    encoder = standard_format(encoder).to(device)
     augment = augment.to(device)
     step = 2.5 * bound / steps
     parts = []
@@ -108,7 +119,7 @@ def surrogate_reading(encoder: nn.Module, images: np.ndarray, augment: nn.Module
     lowers) and the mean cosine of an augmented view to `anchor` (what `target` raises), over `draws`
     augmentation draws seeded by `seed`, so that two sets of images are read through the same draws."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
-    encoder = encoder.eval()
+    encoder = standard_format(encoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         agreement = [float(view_agreement(encoder, x, augment).mean()) for _ in range(draws)]

@@ -26,7 +26,7 @@ def encoder() -> torch.nn.Module:
     image nearly alike, whatever the perturbation, and would give the fit nothing to lower."""
     data = load_dataset("synthetic", "train", seed=21, train_size=512)
     torch.manual_seed(0)
-    method = build_method("simclr", build_backbone("convnet", width=8))
+    method = build_method("simclr", build_backbone("convnet", width=16))
     train(method, data.images, data.labels, build_augment("ssl", 32, min_scale=0.5),
           TrainConfig(epochs=3, batch_size=128, lr=0.3, warmup_epochs=0, seed=0, eval_every=3), torch.device("cpu"),
           progress=False)
@@ -91,3 +91,15 @@ def test_bad_hardening_input_is_refused_by_name(images, encoder, kwargs, key):
     with pytest.raises(ConfigError) as raised:
         harden(images[:4], encoder, options.pop("eps"), **options)
     assert raised.value.key == key
+
+
+def test_a_channels_last_encoder_fits_the_same_poisons_as_its_standard_copy(images, encoder):
+    """A freshly trained surrogate is channels-last (as the fixture is) and a loaded one is not; both must fit the
+    same poisons (without `standard_format`, 0.6% of these values differ)."""
+    import copy
+
+    augment = build_augment("ssl", images.shape[1], min_scale=0.5)
+    assert next(encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
+    fresh = harden(images, encoder, 8, augment=augment, kind="views", steps=10, seed=0)
+    loaded = copy.deepcopy(encoder).to(memory_format=torch.contiguous_format)
+    assert np.array_equal(fresh, harden(images, loaded, 8, augment=augment, kind="views", steps=10, seed=0))
