@@ -146,6 +146,9 @@ def run_attack(
         model = new_model()
         stored = load_victim(entry, model)
         if stored is not None:
+            # The layout training leaves a model in (`cba.train`): CPU kernels round differently in each, so a
+            # loaded victim would otherwise read its images a few bits off the fresh one.
+            model.to(memory_format=torch.channels_last)
             record = record_of(model, stored["losses"], stored["curves"], stored["train_seconds"])
             if matches_stored(settings, record.baseline, stored["baseline"]):
                 return record

@@ -48,6 +48,10 @@ def test_a_cached_victim_is_loaded_not_retrained(data, tmp_path, trainings):
     again = run_attack(*data, trigger, **TINY, cache=tmp_path)
     assert len(trainings) == 1 and len(list(tmp_path.iterdir())) == 1
     assert same_weights(first, again) and again.baseline == first.baseline
+    # In the layout training left the fresh one in, so that both read images to the same bits.
+    layouts = [{name: p.is_contiguous(memory_format=torch.channels_last) for name, p in r.model.named_parameters()
+                if p.dim() == 4} for r in (first, again)]
+    assert layouts[0] == layouts[1] and all(layouts[0].values())
     assert again.losses.equals(first.losses) and again.curves == first.curves
     np.testing.assert_array_equal(again.poisoned, first.poisoned)
     # The final loss, which a bench prints beside every ASR, is the last epoch's mean over its samples.
