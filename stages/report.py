@@ -48,6 +48,9 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
                                        "the committed run's two victims (bench/cross_target.py)"),
            ("poison_scale_avx2_seed0", "Stronger poisons, the same test-time trigger: the committed run's victim "
                                        "retrained with the pattern at L-inf 24 and 32 (bench/poison_scale.py)"),
+           ("poison_scale_harden8_avx2_seed0", "Poisons hardened against their own content: the committed run's "
+                                               "victim retrained with each poison's own L-inf 8 perturbation under "
+                                               "its pattern (bench/poison_scale.py --harden)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
                                   "(bench/maturity.py)"),
