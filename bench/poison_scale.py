@@ -129,30 +129,35 @@ class _Hardened:
         return self.trigger.apply(self.hardened, rng=rng)
 
 
-def with_hardening(images: ImageSet, test: ImageSet, trigger: Trigger, indices: np.ndarray, kind: str | None,
-                   args: argparse.Namespace, settings: dict[str, Any], mode: str, device: Any,
-                   readings: dict[str, Any]) -> ImageSet:
-    """`images` with the poisons-to-be (`indices`) hardened (`cba.hardening`). The attacker's clean surrogate is
-    a victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`);
-    `readings` receives what it reads of the poisons before and after a fitted hardening."""
+def attacker_surrogate(images: ImageSet, test: ImageSet, trigger: Trigger, settings: dict[str, Any], mode: str,
+                       args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
+    """The attacker's clean surrogate encoder and its target's centroid (`cba.hardening.class_centroid`): a
+    victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`)."""
+    surrogate = run_attack(images, test, trigger, mode=mode, poison_rate=0.0, device=device,
+                           progress=not args.quiet, cache=args.cache,
+                           **{**settings, "seed": surrogate_seed(settings["seed"])})
+    # The attacker knows which of its images are the target's (the threat model of the trigger stage).
+    target_images = images.images[images.labels == settings["target_class"]]
+    return surrogate.encoder, class_centroid(surrogate.encoder, target_images)
+
+
+def with_hardening(images: ImageSet, indices: np.ndarray, kind: str | None, args: argparse.Namespace,
+                   settings: dict[str, Any], attacker: tuple[Any, Any] | None,
+                   device: Any) -> tuple[ImageSet, dict[str, Any]]:
+    """`images` with the poisons-to-be (`indices`) hardened (`cba.hardening`; the fitted kinds on `attacker`'s
+    surrogate and centroid), and what that surrogate reads of the poisons before and after a fitted hardening."""
     if kind is None:
-        return images
-    encoder = anchor = None
-    if kind != "random":
-        surrogate = run_attack(images, test, trigger, mode=mode, poison_rate=0.0, device=device,
-                               progress=not args.quiet, cache=args.cache,
-                               **{**settings, "seed": surrogate_seed(settings["seed"])})
-        encoder = surrogate.encoder
-        # The attacker knows which of its images are the target's (the threat model of the trigger stage).
-        anchor = class_centroid(encoder, images.images[images.labels == settings["target_class"]])
+        return images, {}
+    encoder, anchor = attacker if kind != "random" and attacker is not None else (None, None)
     augment = build_augment("ssl", images.images.shape[1], settings["per_batch"], settings["min_scale"])
     changed = images.images.copy()
     changed[indices] = harden(changed[indices], encoder, args.harden, augment=augment, kind=kind,
                               anchor=anchor, steps=args.harden_steps, seed=settings["seed"], device=device)
+    readings = {}
     if encoder is not None:  # what the fit changed, as the attacker's surrogate reads the poisons (same draws)
         readings["before"], readings["after"] = (surrogate_reading(encoder, x[indices], augment, anchor)
                                                  for x in (images.images, changed))
-    return ImageSet(changed, images.labels.copy(), list(images.classes))
+    return ImageSet(changed, images.labels.copy(), list(images.classes)), readings
 
 
 def surrogate_lines(rows: list[dict[str, Any]]) -> str:
@@ -254,12 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
     chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
-    for kind in args.harden_kind if args.harden else [None]:
-        surrogate: dict[str, Any] = {}
-        hardened = with_hardening(clean, test, trigger, chosen, kind, args, settings, mode, device, surrogate)
+    kinds = args.harden_kind if args.harden else [None]
+    # One surrogate for every fitted kind, trained (or loaded) before any of them.
+    attacker = (attacker_surrogate(clean, test, trigger, settings, mode, args, device)
+                if any(kind not in (None, "random") for kind in kinds) else None)
+    for kind in kinds:
+        hardened, surrogate = with_hardening(clean, chosen, kind, args, settings, attacker, device)
         rows += victim_rows(clean, test, hardened, chosen, poison_triggers, triggered, kind, surrogate, args,
                             settings, mode, rate, options, linf, device)
-    command, env = command_line(argv), environment(device)
     command, env = command_line(argv), environment(device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
