@@ -160,15 +160,14 @@ def with_hardening(images: ImageSet, indices: np.ndarray, kind: str | None, args
     return ImageSet(changed, images.labels.copy(), list(images.classes)), readings
 
 
-def surrogate_lines(rows: list[dict[str, Any]]) -> str:
-    """What each fitted hardening changed in the attacker's clean surrogate's reading of the poisons."""
-    lines = [f"- hardened {row['harden']:g} ({row['harden_kind']}): view agreement "
-             f"{before['view_agreement']:.3f} -> {after['view_agreement']:.3f}, cosine of a view to the target's "
-             f"centroid {before['target_cosine']:.3f} -> {after['target_cosine']:.3f}"
-             for row in {(r["harden"], r["harden_kind"]): r for r in rows if r.get("surrogate")}.values()
-             for before, after in [(row["surrogate"]["before"], row["surrogate"]["after"])]]
-    if not lines:
+def surrogate_lines(eps: float, readings: dict[str, dict[str, Any]]) -> str:
+    """What each fitted hardening (kind -> the surrogate's readings before and after) changed in the attacker's
+    clean surrogate's reading of the poisons."""
+    if not readings:
         return ""
+    lines = [f"- hardened {eps:g} ({kind}): view agreement {r['before']['view_agreement']:.3f} -> "
+             f"{r['after']['view_agreement']:.3f}, cosine of a view to the target's centroid "
+             f"{r['before']['target_cosine']:.3f} -> {r['after']['target_cosine']:.3f}" for kind, r in readings.items()]
     return ("\nThe attacker's clean surrogate reads the poisons (before their pattern), before -> after the "
             "hardening:\n\n" + "\n".join(lines) + "\n")
 
@@ -251,20 +250,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.negatives > int(np.sum(clean.labels != target)):
         raise SystemExit(f"--negatives {args.negatives}: more than the {int(np.sum(clean.labels != target))} "
                          "non-target training images")
-    poisons = clean.images[choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)]
+    pipeline_chosen = choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)
+    poisons = clean.images[pipeline_chosen]
     pipeline = read_pipeline_images(root, params, triggered, ENCODERS, sets=(clean, test))
     reference = acc_and_asr(pipeline["reference"])
     rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None, "poisons": len(poisons), "negatives": 0,
              "stealth": stealth_metrics(trigger, poisons),
              "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
-    chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
+    chosen = pipeline_chosen if rate == pipeline_rate else choose_poison_indices(clean.labels, rate, target, mode,
+                                                                                   seed)
     kinds = args.harden_kind if args.harden else [None]
     # One surrogate for every fitted kind, trained (or loaded) before any of them.
     attacker = (attacker_surrogate(clean, test, trigger, settings, mode, args, device)
                 if any(kind not in (None, "random") for kind in kinds) else None)
+    surrogates = {}  # kind -> what the attacker's surrogate read of its poisons, for the fitted kinds
     for kind in kinds:
         hardened, surrogate = with_hardening(clean, chosen, kind, args, settings, attacker, device)
+        if surrogate:
+            surrogates[kind] = surrogate
         rows += victim_rows(clean, test, hardened, chosen, poison_triggers, triggered, kind, surrogate, args,
                             settings, mode, rate, options, linf, device)
     command, env = command_line(argv), environment(device)
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(
         results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
         + f"Data: {data}; target {test.classes[target]}; seed {seed}; the pipeline poisons {pipeline_rate:g} of "
-        f"the training set ({mode}).\n\n{text}\n{surrogate_lines(rows)}")
+        f"the training set ({mode}).\n\n{text}\n{surrogate_lines(args.harden, surrogates)}")
     print(text)
     return {"rows": rows, "reference": reference}
 
