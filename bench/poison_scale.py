@@ -24,12 +24,20 @@ L-inf EPS (`cba.hardening`): `views` makes its content a worse cue for view agre
 clean surrogate (Turner et al.'s label-consistent poisons, carried to contrastive learning), `target` makes
 it more typical of the target class, `random` is the control of the same size.
 
+`--drop N` asks what the clean target images do: the victim trains on the pipeline's poisoned set less N
+images (a seeded choice), the same poisons in it. `--drop-from target` leaves out target images that carry no
+poison (with all of them out, every target image the victim sees carries the pattern, as when every one is
+poisoned, but with the pipeline's count of poisons); `--drop-from other` leaves out as many non-target images,
+the control for a smaller set. `--drop-reference` also trains a victim on the same smaller set without
+poisons, the pull the pattern has there.
+
 The poisons' visibility at each amplitude (L-inf, PSNR and SSIM of the poisons against their clean images)
 is given beside it: a larger amplitude is a more visible poison.
 
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo after dvc repro finetune> --scales 1.5 2
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --rate 0.025 --negatives 250
     OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --harden 8 --harden-kind views target random
+    OMP_NUM_THREADS=2 python bench/poison_scale.py --root <repo> --scales 1 --drop 480 --drop-reference
 
 About as long as `cba pretrain` a victim (2 to 5 minutes on two cores at the default budget).
 """
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +59,7 @@ from cba.env import command_line, environment, results_header
 from cba.errors import BenchParser, run_script
 from cba.evaluate import pick_device, read_triggered_sets
 from cba.io import write_json
-from cba.poison import choose_poison_indices, triggered_test_set
+from cba.poison import choose_poison_indices, poison_dataset, triggered_test_set
 from cba.readings import (ENCODERS, READERS, pipeline_files, pipeline_params, pipeline_sets, read_pipeline_images,
                           scaled_pattern, unfinished)
 from cba.data.base import ImageSet
@@ -80,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="views or target (fitted on the attacker's clean surrogate), or random (the control); "
                              "several give a victim each")
     parser.add_argument("--harden-steps", type=int, default=20, help="signed steps of a fitted hardening")
+    parser.add_argument("--drop", type=int, default=0,
+                        help="training images the victims do not see (see --drop-from); the poisons stay")
+    parser.add_argument("--drop-from", choices=("target", "other"), default="target",
+                        help="target: target images that carry no poison; other: non-target images (the control)")
+    parser.add_argument("--drop-reference", action="store_true",
+                        help="also train a victim without poisons on the same smaller set")
     parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--harden {args.harden:g}: outside [0, 255]")
     if args.harden_steps < 1:
         parser.error(f"--harden-steps {args.harden_steps}: must be 1 or more")
+    if args.drop < 0:
+        parser.error(f"--drop {args.drop}: must be 0 or more")
+    if args.drop and args.negatives:
+        parser.error(f"--drop {args.drop} with --negatives {args.negatives}: use one at a time")
+    if args.drop_reference and not args.drop:
+        parser.error("--drop-reference needs --drop N (N above 0)")
     return args
 
 
@@ -189,42 +210,118 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, dict]], test_sca
             count = f"{row['poisons']} (+ {row['negatives']})" if row["negatives"] else f"{row['poisons']}"
             if row.get("harden"):
                 count += f", hardened {row['harden']:g} ({row['harden_kind']})"
-            lines.append(f"| {row['scale']:g} ({row['linf']:g}){' pipeline' if row['pipeline'] else ''} "
-                         f"| {count} "
-                         f"| {row['stealth']['psnr']:.1f} / {row['stealth']['ssim']:.3f} | {t * linf:g} "
+            if row.get("dropped"):
+                count += f", {row['dropped']}"
+            seen = row["stealth"]
+            stealth = "–" if seen is None else f"{seen['psnr']:.1f} / {seen['ssim']:.3f}"
+            amplitude = "–" if row["scale"] == 0 else f"{row['scale']:g} ({row['linf']:g})"
+            lines.append(f"| {amplitude}{' pipeline' if row['pipeline'] else ''} | {count} | {stealth} | {t * linf:g} "
                          f"| {reading['linear']['acc']:.3f} / {reading['linear']['asr']:.3f} "
                          f"| {reading['knn']['acc']:.3f} / {reading['knn']['asr']:.3f} "
                          f"| {ref['linear']['asr']:.3f} / {ref['knn']['asr']:.3f} | {ratio} | {loss} |")
     return "\n".join(lines)
 
 
-def victim_rows(clean: ImageSet, test: ImageSet, hardened: ImageSet, chosen: np.ndarray,
-                poison_triggers: dict[float, Trigger], triggered: list[np.ndarray], kind: str | None,
-                surrogate: dict[str, Any], args: argparse.Namespace, settings: dict[str, Any], mode: str, rate: float,
-                options: dict[str, Any], linf: float, device: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Plan:
+    """What every victim of one run shares: the pipeline's sets and poisons, the test-time triggers' images, the
+    victim's recipe and the readers."""
+
+    args: argparse.Namespace
+    clean: ImageSet
+    test: ImageSet
+    chosen: np.ndarray  # the poisons' indices in `clean`
+    dropped: np.ndarray  # the training images a --drop run leaves out (empty without one)
+    triggered: list[np.ndarray]
+    settings: dict[str, Any]
+    mode: str
+    rate: float
+    options: dict[str, Any]
+    linf: float
+    device: Any
+
+    def drop_label(self) -> str:
+        if not len(self.dropped):
+            return ""
+        target = self.settings["target_class"]
+        whose = f"clean {self.test.classes[target]}" if self.args.drop_from == "target" else "non-target"
+        return f"{len(self.dropped)} {whose} images left out"
+
+
+def dropped_images(labels: np.ndarray, chosen: np.ndarray, count: int, source: str, target: int,
+                   seed: int) -> np.ndarray:
+    """The `count` training images a `--drop` run leaves out, a seeded choice among the target's images that carry
+    no poison (`source` target) or among the non-target images (other)."""
+    pool = np.flatnonzero(labels == target) if source == "target" else np.flatnonzero(labels != target)
+    pool = np.setdiff1d(pool, chosen)
+    if count > len(pool):
+        whose = "clean target" if source == "target" else "non-target"
+        raise SystemExit(f"--drop {count}: more than the {len(pool)} {whose} training images")
+    return np.sort(np.random.default_rng([seed, 0xD209]).choice(pool, count, replace=False))
+
+
+def without(images: ImageSet, dropped: np.ndarray) -> ImageSet:
+    keep = np.setdiff1d(np.arange(len(images)), dropped)
+    return ImageSet(images.images[keep], images.labels[keep], list(images.classes))
+
+
+def train_victim(plan: Plan, train: ImageSet, trigger: Trigger, rate: float, what: str) -> tuple[Any, float]:
+    """A victim of the pipeline's recipe on `train` (poisoned by `run_attack` at `rate`), and its final loss."""
+    record = run_attack(train, plan.test, trigger, mode=plan.mode, poison_rate=rate, device=plan.device,
+                        progress=not plan.args.quiet, cache=plan.args.cache, **plan.settings)
+    final = record.final_loss  # the mean over samples of the last epoch
+    if not np.isfinite(final):
+        raise SystemExit(f"{what}: the victim's final loss is {final}; its readings would mean nothing")
+    return record, final
+
+
+def readings_of(plan: Plan, encoder: Any) -> list[dict[str, dict[str, float]]]:
+    return acc_and_asr(read_triggered_sets(encoder, plan.clean.images, plan.clean.labels, plan.test.images,
+                                           plan.test.labels, plan.triggered, plan.settings["target_class"],
+                                           plan.clean.num_classes, **plan.options))
+
+
+def victim_rows(plan: Plan, hardened: ImageSet, poison_triggers: dict[float, Trigger], kind: str | None,
+                surrogate: dict[str, Any]) -> list[dict[str, Any]]:
     """One victim per poison amplitude, trained on `hardened` (the training set with any hardening), its
     readings with every test-time trigger."""
-    seed, target = settings["seed"], settings["target_class"]
+    args, seed, target = plan.args, plan.settings["seed"], plan.settings["target_class"]
     rows = []
     for scale, poison_trigger in poison_triggers.items():
-        # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
-        train = with_negatives(hardened, poison_trigger, args.negatives, target, seed)
-        record = run_attack(train, test, poison_trigger, mode=mode, poison_rate=rate, device=device,
-                            progress=not args.quiet, cache=args.cache, **settings)
-        final = record.final_loss  # the mean over samples of the last epoch
-        if not np.isfinite(final):
-            raise SystemExit(f"poisons at scale {scale:g}: the victim's final loss is {final}; its readings would "
-                             "mean nothing")
-        rows.append({"scale": scale, "linf": linf * scale, "pipeline": False, "final_loss": final,
-                     "poisons": int(record.poisoned.sum()), "negatives": args.negatives,
-                     "harden": args.harden if kind else 0.0, "harden_kind": kind,
-                     "surrogate": surrogate,
-                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[chosen]),
-                                                clean.images[chosen]),
-                     "readings": acc_and_asr(read_triggered_sets(
-                         record.encoder, clean.images, clean.labels, test.images, test.labels, triggered, target,
-                         clean.num_classes, **options))})
+        if len(plan.dropped):
+            # The poisons as `cba poison` stamps them on the whole set, then the dropped images out: the same
+            # poisons whatever is left out (a smaller set would change run_attack's seeded choice).
+            poisoned = poison_dataset(hardened, poison_trigger, plan.rate, target, plan.mode, seed)
+            assert np.array_equal(poisoned.indices, plan.chosen)
+            record, final = train_victim(plan, without(poisoned.train, plan.dropped), poison_trigger, 0.0,
+                                         f"poisons at scale {scale:g}")
+        else:
+            # The negatives go on the training images first; the poisons, chosen among the target's, never meet them.
+            train = with_negatives(hardened, poison_trigger, args.negatives, target, seed)
+            record, final = train_victim(plan, train, poison_trigger, plan.rate, f"poisons at scale {scale:g}")
+        rows.append({"scale": scale, "linf": plan.linf * scale, "pipeline": False, "final_loss": final,
+                     "poisons": len(plan.chosen), "negatives": args.negatives,
+                     "harden": args.harden if kind else 0.0, "harden_kind": kind, "surrogate": surrogate,
+                     "dropped": plan.drop_label(),
+                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[plan.chosen]),
+                                                plan.clean.images[plan.chosen]),
+                     "readings": readings_of(plan, record.encoder)})
     return rows
+
+
+def dropped_reference_row(plan: Plan, trigger: Trigger) -> dict[str, Any]:
+    """A victim without poisons on the set a --drop run leaves: the pattern's own pull there."""
+    record, final = train_victim(plan, without(plan.clean, plan.dropped), trigger, 0.0, "the smaller set's reference")
+    return {"scale": 0.0, "linf": 0.0, "pipeline": False, "final_loss": final, "poisons": 0, "negatives": 0,
+            "dropped": plan.drop_label(), "stealth": None, "readings": readings_of(plan, record.encoder)}
+
+
+def title_of(args: argparse.Namespace) -> str:
+    if args.drop:
+        return "Victims that do not see some training images, read with the pipeline's test-time trigger"
+    if args.harden:
+        return "Poisons hardened against their own content, read with the pipeline's test-time trigger"
+    return "The poisons at other amplitudes, read with the pipeline's test-time trigger"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -245,21 +342,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_triggers = [scaled_pattern(trigger.at_test_time(), t)
                      for t in args.test_scales]
     clean, test = pipeline_sets(root)
-    options = reader_options(params)
-    triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
     if args.negatives > int(np.sum(clean.labels != target)):
         raise SystemExit(f"--negatives {args.negatives}: more than the {int(np.sum(clean.labels != target))} "
                          "non-target training images")
     pipeline_chosen = choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)
+    chosen = pipeline_chosen if rate == pipeline_rate else choose_poison_indices(clean.labels, rate, target, mode,
+                                                                                   seed)
+    dropped = dropped_images(clean.labels, chosen, args.drop, args.drop_from, target, seed)
     poisons = clean.images[pipeline_chosen]
+    triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
     pipeline = read_pipeline_images(root, params, triggered, ENCODERS, sets=(clean, test))
     reference = acc_and_asr(pipeline["reference"])
     rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None, "poisons": len(poisons), "negatives": 0,
              "stealth": stealth_metrics(trigger, poisons),
              "readings": acc_and_asr(pipeline["poisoned"])}]
     device = pick_device(args.device)
-    chosen = pipeline_chosen if rate == pipeline_rate else choose_poison_indices(clean.labels, rate, target, mode,
-                                                                                   seed)
+    plan = Plan(args, clean, test, chosen, dropped, triggered, settings, mode, rate, reader_options(params), linf,
+                device)
     kinds = args.harden_kind if args.harden else [None]
     # One surrogate for every fitted kind, trained (or loaded) before any of them.
     attacker = (attacker_surrogate(clean, test, trigger, settings, mode, args, device)
@@ -269,17 +368,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hardened, surrogate = with_hardening(clean, chosen, kind, args, settings, attacker, device)
         if surrogate:
             surrogates[kind] = surrogate
-        rows += victim_rows(clean, test, hardened, chosen, poison_triggers, triggered, kind, surrogate, args,
-                            settings, mode, rate, options, linf, device)
+        rows += victim_rows(plan, hardened, poison_triggers, kind, surrogate)
+    if args.drop_reference:
+        rows.append(dropped_reference_row(plan, poison_triggers[args.scales[0]]))
     command, env = command_line(argv), environment(device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
+                          "dropped": dropped.tolist(),
                           "_run": {"command": command, "env": env, "trigger": trigger.name, "linf": linf,
                                    "target_class": target, "seed": seed, "poison_rate": rate,
-                                   "negatives": args.negatives, "data": data}})
+                                   "negatives": args.negatives, "drop": args.drop, "drop_from": args.drop_from,
+                                   "data": data}})
     text = table(rows, reference, args.test_scales, linf)
     args.out.with_suffix(".md").write_text(
-        results_header("The poisons at other amplitudes, read with the pipeline's test-time trigger", command, env)
+        results_header(title_of(args), command, env)
         + f"Data: {data}; target {test.classes[target]}; seed {seed}; the pipeline poisons {pipeline_rate:g} of "
         f"the training set ({mode}).\n\n{text}\n{surrogate_lines(args.harden, surrogates)}")
     print(text)

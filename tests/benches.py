@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -13,6 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # As an import would: a dataclass (and anything else that looks its module up) finds the module there.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
