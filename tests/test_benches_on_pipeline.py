@@ -391,3 +391,82 @@ def test_poison_scale_hardening_changes_only_the_poisons_within_its_budget(proje
     assert np.isfinite(views["final_loss"]) and views["readings"][0] != own["readings"][0]
     text = out.with_suffix(".md").read_text()
     assert "hardened 4 (views)" in text and "hardened 4 (random)" in text and "- hardened 4 (views): view" in text
+
+
+def test_poison_scale_drop_leaves_out_exactly_the_chosen_clean_images_and_keeps_the_poisons(project, tmp_path,
+                                                                                           one_thread):
+    """`--drop`: the dropped images are a seeded choice among the target's unpoisoned images (or, as the control,
+    the non-target ones), never a poison; the victim trains on the pipeline's poisoned set less them. Stamping the
+    poisons on the whole set first, as the drop path does, and training at rate 0 is the pipeline's victim again,
+    so the drop path changes nothing but the images it leaves out."""
+    from cba.poison import poison_dataset
+    from cba.readings import pipeline_params, pipeline_sets
+
+    bench = load("poison_scale")
+    clean, _ = pipeline_sets(project)
+    params = pipeline_params(project)
+    target, rate, seed = int(params["target_class"]), float(params["poison_rate"]), int(params["seed"])
+    mode = bench.pipeline_poison_mode(project)
+    poisoned = poison_dataset(clean, load_pipeline_trigger(project), rate, target, mode, seed)
+    chosen = poisoned.indices
+    spare = np.setdiff1d(np.flatnonzero(clean.labels == target), chosen)
+    dropped = bench.dropped_images(clean.labels, chosen, len(spare) - 1, "target", target, seed)
+    assert len(dropped) == len(spare) - 1 and set(dropped) <= set(spare)
+    assert np.array_equal(dropped, bench.dropped_images(clean.labels, chosen, len(spare) - 1, "target", target, seed))
+    others = bench.dropped_images(clean.labels, chosen, 7, "other", target, seed)
+    assert len(others) == 7 and not np.any(clean.labels[others] == target)
+    with pytest.raises(SystemExit, match=f"more than the {len(spare)} clean target"):
+        bench.dropped_images(clean.labels, chosen, len(spare) + 1, "target", target, seed)
+    smaller = bench.without(poisoned.train, dropped)
+    assert len(smaller) == len(clean) - len(dropped)
+    keep = np.setdiff1d(np.arange(len(clean)), dropped)
+    assert np.array_equal(smaller.images, poisoned.train.images[keep])
+    # Every poison is still in, and the only target images left beside them are the one spare not dropped.
+    assert int(np.sum(smaller.labels == target)) == len(chosen) + 1
+
+    out = tmp_path / "drop.json"
+    result = bench.main(["--root", str(project), "--scales", "1", "--drop", str(len(spare)), "--drop-reference",
+                         "--quiet", "--out", str(out)])
+    own, dropped_row, reference = result["rows"]
+    assert dropped_row["poisons"] == own["poisons"] == len(chosen) and reference["poisons"] == 0
+    assert dropped_row["stealth"] == pytest.approx(own["stealth"]) and reference["stealth"] is None
+    assert np.isfinite(dropped_row["final_loss"]) and np.isfinite(reference["final_loss"])
+    assert dropped_row["readings"][0] != own["readings"][0] != reference["readings"][0]
+    saved = json.loads(out.read_text())
+    assert sorted(saved["dropped"]) == sorted(spare.tolist())  # every unpoisoned target image, and only those
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Victims that do not see some training images")
+    assert f"| 1 (16) | {len(chosen)}, {len(spare)} clean " in text and f"| – | 0, {len(spare)} clean " in text
+
+    # The drop path's way of poisoning (stamp on the whole set, train at rate 0) reproduces the pipeline's victim.
+    args = bench.parse_args(["--root", str(project), "--scales", "1", "--quiet"])
+    plan = bench.Plan(args, clean, pipeline_sets(project)[1], chosen, np.array([], dtype=int),
+                      pipeline_triggered(bench, project), bench.victim_settings(params), mode, rate,
+                      bench.reader_options(params), 16.0, bench.pick_device("cpu"))
+    record, _ = bench.train_victim(plan, poisoned.train, load_pipeline_trigger(project), 0.0, "check")
+    again = bench.readings_of(plan, record.encoder)
+    for name in ("linear", "knn"):
+        assert again[0][name] == pytest.approx(own["readings"][0][name])
+    for bad in (["--drop", "-1"], ["--drop", "5", "--negatives", "5"], ["--drop-reference"],
+                ["--drop", str(len(spare) + 1)]):
+        with pytest.raises(SystemExit):
+            bench.main(["--root", str(project), "--scales", "1", *bad, "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+
+
+def load_pipeline_trigger(project: Path):
+    from cba.readings import scaled_pattern
+    from cba.triggers import load_trigger
+
+    return scaled_pattern(load_trigger(project / "data/trigger"), 1.0)
+
+
+def pipeline_triggered(bench, project: Path) -> list[np.ndarray]:
+    """The test-time trigger's images, as the bench reads every victim with them."""
+    from cba.poison import triggered_test_set
+    from cba.readings import pipeline_params, pipeline_sets
+
+    params = pipeline_params(project)
+    _, test = pipeline_sets(project)
+    trigger = load_pipeline_trigger(project).at_test_time()
+    return [triggered_test_set(test, trigger, int(params["target_class"]), int(params["seed"])).images]
