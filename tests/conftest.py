@@ -26,7 +26,8 @@ def one_thread():
 LONGEST_FIRST = ("test_pipeline_e2e.py", "test_benches_on_pipeline.py")
 # The slow tier: whole pipelines, several processes, bench scripts and trained fixtures. `pytest -m "not slow"`
 # runs the rest (the fast tier) in under a minute; plain `pytest`, as CI runs it, runs both.
-SLOW_FILES = {"test_pipeline_e2e.py", "test_benches_on_pipeline.py", "test_poison_scale.py", "test_distributed.py", "test_bench_smoke.py",
+SLOW_FILES = {"test_pipeline_e2e.py", "test_benches_on_pipeline.py", "test_poison_scale.py",
+              "test_distributed.py", "test_bench_smoke.py",
               "test_trigger_test_time.py",
               "test_bench_attack_levers.py", "test_analyze_stage.py", "test_art_oracle.py", "test_defense_dbd.py",
               "test_defenses_detection.py", "test_defenses_model.py", "test_trigger_optimized.py",
