@@ -66,7 +66,7 @@ from cba.data.base import ImageSet
 from cba.triggers import Trigger, load_trigger
 from cba.triggers.optimize import surrogate_seed
 from cba.triggers.optimized import OptimizedTrigger
-from cba.triggers.stealth import stealth_metrics
+from cba.triggers.stealth import change_metrics, stealth_metrics
 
 
 POISON_RECORD = "metrics/details/poison.json"
@@ -137,17 +137,6 @@ def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, 
     stamped = images.images.copy()
     stamped[chosen] = negated.apply(stamped[chosen])
     return ImageSet(stamped, images.labels.copy(), list(images.classes))
-
-
-class _Hardened:
-    """The change a hardened poison carries, for `stealth_metrics` (which reads a change through `apply`): the
-    poison's own perturbation (the images already hardened) and the pattern on top."""
-
-    def __init__(self, trigger: Trigger, hardened: np.ndarray):
-        self.trigger, self.hardened = trigger, hardened
-
-    def apply(self, images: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return self.trigger.apply(self.hardened, rng=rng)
 
 
 def attacker_surrogate(images: ImageSet, test: ImageSet, trigger: Trigger, settings: dict[str, Any], mode: str,
@@ -303,8 +292,9 @@ def victim_rows(plan: Plan, hardened: ImageSet, poison_triggers: dict[float, Tri
                      "poisons": len(plan.chosen), "negatives": args.negatives,
                      "harden": args.harden if kind else 0.0, "harden_kind": kind, "surrogate": surrogate,
                      "dropped": plan.drop_label(),
-                     "stealth": stealth_metrics(_Hardened(poison_trigger, hardened.images[plan.chosen]),
-                                                plan.clean.images[plan.chosen]),
+                     # What a poison changes: its own hardening (if any) and the pattern on top.
+                     "stealth": change_metrics(poison_trigger.apply(hardened.images[plan.chosen]),
+                                               plan.clean.images[plan.chosen]),
                      "readings": readings_of(plan, record.encoder)})
     return rows
 
