@@ -51,6 +51,10 @@ BENCHES = (("trigger_survival", "Which part of each trigger survives the augment
            ("poison_scale_harden8_avx2_seed0", "Poisons hardened against their own content: the committed run's "
                                                "victim retrained with each poison's own L-inf 8 perturbation under "
                                                "its pattern (bench/poison_scale.py --harden)"),
+           ("poison_scale_drop_target_avx2_seed0", "Without the clean target images: the committed run's "
+                                                   "victim retrained on its poisoned set less every unpoisoned plus "
+                                                   "image, and a victim without poisons on that set "
+                                                   "(bench/poison_scale.py --drop)"),
            ("maturity_fashion", "Fashion-MNIST: the default attack read every 4 epochs (bench/maturity.py)"),
            ("maturity_fashion80", "Fashion-MNIST: the same victim trained for 80 epochs, read every 20 "
                                   "(bench/maturity.py)"),
