@@ -11,9 +11,13 @@ same key rebuilds the record from them instead of training.
 The key covers the training settings, the training and test data (digests
 of the images and labels; the test set because the stored ACC/ASR are read
 on it), the trigger (name, parameters and tensors: the poisons
-depend on them), the device type, and a digest of every source file of the
-`cba` package, so that any code change makes a new key: a cache never serves
-weights trained by other code. A victim without poisons does not depend on
+depend on them), the device type, and a digest of the source files of the
+`cba` modules a victim's training and its stored readings can run
+(`VICTIM_CODE`), so that a change to any of them makes a new key: a cache
+never serves weights trained by other code. Modules no victim runs (the
+analysis, the defenses, the benches' readings) are left out, so that editing
+them keeps the cache; a test runs every method through `run_attack` in a
+fresh interpreter and fails if it loads a `cba` module the list leaves out. A victim without poisons does not depend on
 the trigger or the target class, so its key leaves them out and one clean
 victim serves every trigger.
 
@@ -45,6 +49,11 @@ from cba.io import load_tensors, save_tensors
 from cba.triggers import Trigger
 
 WEIGHTS, LOSSES, META = "model.safetensors", "losses.parquet", "meta.json"
+# The files and folders of `cba` whose code a victim's weights and stored readings can depend on: every module
+# `run_attack` loads, for any method, mode and trigger (tests/test_victim_cache.py keeps the list complete).
+VICTIM_CODE = ("__init__.py", "attack.py", "augment.py", "data", "distributed.py", "env.py", "errors.py",
+               "evaluate.py", "fit.py", "io.py", "models", "params_file.py", "poison.py", "probe.py", "progress.py",
+               "record.py", "registry.py", "ssl", "train.py", "triggers", "victim_cache.py")
 
 
 def _array_digest(*arrays: np.ndarray) -> str:
@@ -82,7 +91,8 @@ def victim_key(settings: dict[str, Any], train: ImageSet, test: ImageSet, trigge
     clean = _is_clean(settings)
     chosen = {k: v for k, v in settings.items() if not (clean and k == "target_class")}
     parts = [chosen, _array_digest(train.images, train.labels), _array_digest(test.images, test.labels),
-             None if clean else trigger_digest(trigger), torch.device(device).type, code or source_digest()]
+             None if clean else trigger_digest(trigger), torch.device(device).type,
+             code or source_digest(entries=VICTIM_CODE)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -123,3 +123,70 @@ def test_a_run_with_an_evaluate_hook_is_never_cached(data, tmp_path, trainings):
     for _ in range(2):
         run_attack(*data, trigger, **TINY, cache=tmp_path, evaluate=lambda encoder, epoch: {})
     assert len(trainings) == 2 and not list(tmp_path.iterdir())
+
+
+# Every method and poisoning mode through run_attack, saved to a cache and loaded back, in a fresh interpreter:
+# the cba modules it then holds are those a victim's training and readings can run.
+_LOADED_BY_VICTIMS = """
+import json, sys, tempfile
+import numpy as np
+from cba.attack import run_attack
+from cba.data.synthetic import generate
+from cba.ssl.registry import METHODS
+from cba.triggers import build_trigger
+from cba.triggers.optimized import OptimizedTrigger
+
+train, test = generate(96, seed=21), generate(40, seed=22)
+pattern = OptimizedTrigger.from_pattern(np.random.default_rng(0).uniform(-1, 1, (32, 32, 3)).astype("float32"), 8.0, 0)
+runs = [(method, mode, rate, pattern) for method in METHODS.names()
+        for mode, rate in (("dirty_label", 0.1), ("composite", 0.05), ("clean_label", 0.0))]
+runs.append(("simclr", "clean_label", 0.05, build_trigger("patch", {}, seed=0)))  # every trigger module is imported
+with tempfile.TemporaryDirectory() as cache:
+    for method, mode, rate, trigger in runs:
+        for _ in range(2):  # trained and saved, then loaded
+            run_attack(train, test, trigger, method=method, mode=mode, poison_rate=rate, target_class=0, width=4,
+                       epochs=1, batch_size=32, seed=0, cache=cache)
+print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
+                        if (name == "cba" or name.startswith("cba.")) and getattr(m, "__file__", None))))
+"""
+
+
+def test_the_cache_key_covers_every_module_a_victim_runs():
+    """The key digests `VICTIM_CODE`, not the whole package: a module a victim loads but the list leaves out
+    would let a cache serve weights trained by other code."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cba
+    from cba.victim_cache import VICTIM_CODE
+
+    done = subprocess.run([sys.executable, "-c", _LOADED_BY_VICTIMS], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    root = Path(cba.__file__).parent
+    loaded = [Path(path).relative_to(root) for path in json.loads(done.stdout.strip().splitlines()[-1])]
+    assert len(loaded) > 30  # the run reached the training code, not just the imports
+    entries = [Path(entry) for entry in VICTIM_CODE]
+    assert [str(path) for path in loaded if not any(path == e or e in path.parents for e in entries)] == []
+
+
+def test_editing_a_module_no_victim_runs_keeps_the_key_and_editing_training_code_changes_it(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import cba
+    from cba.env import source_digest
+    from cba.victim_cache import VICTIM_CODE
+
+    copy = tmp_path / "cba"
+    shutil.copytree(Path(cba.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_digest(copy, entries=VICTIM_CODE)
+    with open(copy / "readings.py", "a") as readings:
+        readings.write("\n# an edit to the benches' readings\n")
+    assert source_digest(copy, entries=VICTIM_CODE) == before
+    for edited in ("train.py", "ssl/simclr.py", "triggers/base.py", "poison.py"):
+        with open(copy / edited, "a") as source:
+            source.write("\n# an edit\n")
+        assert source_digest(copy, entries=VICTIM_CODE) != before, edited
+        before = source_digest(copy, entries=VICTIM_CODE)
