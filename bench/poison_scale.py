@@ -28,8 +28,9 @@ it more typical of the target class, `random` is the control of the same size.
 images (a seeded choice), the same poisons in it. `--drop-from target` leaves out target images that carry no
 poison (with all of them out, every target image the victim sees carries the pattern, as when every one is
 poisoned, but with the pipeline's count of poisons); `--drop-from other` leaves out as many non-target images,
-the control for a smaller set. `--drop-reference` also trains a victim on the same smaller set without
-poisons, the pull the pattern has there.
+the control for a smaller set; `--drop-seed` draws another such choice, so that several draws give the
+spread of one victim over the training set's draw. `--drop-reference` also trains a victim on the same
+smaller set without poisons, the pull the pattern has there.
 
 The poisons' visibility at each amplitude (L-inf, PSNR and SSIM of the poisons against their clean images)
 is given beside it: a larger amplitude is a more visible poison.
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training images the victims do not see (see --drop-from); the poisons stay")
     parser.add_argument("--drop-from", choices=("target", "other"), default="target",
                         help="target: target images that carry no poison; other: non-target images (the control)")
+    parser.add_argument("--drop-seed", type=int, default=None,
+                        help="seed of the choice of images left out; default: the pipeline's seed")
     parser.add_argument("--drop-reference", action="store_true",
                         help="also train a victim without poisons on the same smaller set")
     parser.add_argument("--cache", type=Path, default=None, help="a folder of trained victims (cba.victim_cache)")
@@ -234,7 +237,8 @@ class Plan:
             return ""
         target = self.settings["target_class"]
         whose = f"clean {self.test.classes[target]}" if self.args.drop_from == "target" else "non-target"
-        return f"{len(self.dropped)} {whose} images left out"
+        draw = "" if self.args.drop_seed is None else f" (draw {self.args.drop_seed})"
+        return f"{len(self.dropped)} {whose} images left out{draw}"
 
 
 def dropped_images(labels: np.ndarray, chosen: np.ndarray, count: int, source: str, target: int,
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipeline_chosen = choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)
     chosen = pipeline_chosen if rate == pipeline_rate else choose_poison_indices(clean.labels, rate, target, mode,
                                                                                    seed)
-    dropped = dropped_images(clean.labels, chosen, args.drop, args.drop_from, target, seed)
+    dropped = dropped_images(clean.labels, chosen, args.drop, args.drop_from, target,
+                             seed if args.drop_seed is None else args.drop_seed)
     poisons = clean.images[pipeline_chosen]
     triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
     pipeline = read_pipeline_images(root, params, triggered, ENCODERS, sets=(clean, test))
@@ -368,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "_run": {"command": command, "env": env, "trigger": trigger.name, "linf": linf,
                                    "target_class": target, "seed": seed, "poison_rate": rate,
                                    "negatives": args.negatives, "drop": args.drop, "drop_from": args.drop_from,
+                                   "drop_seed": args.drop_seed,
                                    "data": data}})
     text = table(rows, reference, args.test_scales, linf)
     args.out.with_suffix(".md").write_text(

@@ -129,6 +129,7 @@ def test_poison_scale_drop_leaves_out_exactly_the_chosen_clean_images_and_keeps_
     assert np.array_equal(dropped, bench.dropped_images(clean.labels, chosen, len(spare) - 1, "target", target, seed))
     others = bench.dropped_images(clean.labels, chosen, 7, "other", target, seed)
     assert len(others) == 7 and not np.any(clean.labels[others] == target)
+    assert not np.array_equal(others, bench.dropped_images(clean.labels, chosen, 7, "other", target, seed + 1))
     with pytest.raises(SystemExit, match=f"more than the {len(spare)} clean target"):
         bench.dropped_images(clean.labels, chosen, len(spare) + 1, "target", target, seed)
     smaller = bench.without(poisoned.train, dropped)
@@ -161,6 +162,13 @@ def test_poison_scale_drop_leaves_out_exactly_the_chosen_clean_images_and_keeps_
     again = bench.readings_of(plan, record.encoder)
     for name in ("linear", "knn"):
         assert again[0][name] == pytest.approx(own["readings"][0][name])
+    # Another draw of the control: the images the seed picks, named in the table.
+    drawn = tmp_path / "drawn.json"
+    bench.main(["--root", str(project), "--scales", "1", "--drop", "3", "--drop-from", "other", "--drop-seed", "7",
+                "--quiet", "--out", str(drawn)])
+    assert json.loads(drawn.read_text())["dropped"] == bench.dropped_images(clean.labels, chosen, 3, "other",
+                                                                           target, 7).tolist()
+    assert "3 non-target images left out (draw 7)" in drawn.with_suffix(".md").read_text()
     for bad in (["--drop", "-1"], ["--drop", "5", "--negatives", "5"], ["--drop-reference"],
                 ["--drop", str(len(spare) + 1)]):
         with pytest.raises(SystemExit):
