@@ -142,37 +142,6 @@ def with_negatives(images: ImageSet, trigger: Trigger, count: int, target: int, 
     return ImageSet(stamped, images.labels.copy(), list(images.classes))
 
 
-def attacker_surrogate(images: ImageSet, test: ImageSet, trigger: Trigger, settings: dict[str, Any], mode: str,
-                       args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
-    """The attacker's clean surrogate encoder and its target's centroid (`cba.hardening.class_centroid`): a
-    victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`)."""
-    surrogate = run_attack(images, test, trigger, mode=mode, poison_rate=0.0, device=device,
-                           progress=not args.quiet, cache=args.cache,
-                           **{**settings, "seed": surrogate_seed(settings["seed"])})
-    # The attacker knows which of its images are the target's (the threat model of the trigger stage).
-    target_images = images.images[images.labels == settings["target_class"]]
-    return surrogate.encoder, class_centroid(surrogate.encoder, target_images)
-
-
-def with_hardening(images: ImageSet, indices: np.ndarray, kind: str | None, args: argparse.Namespace,
-                   settings: dict[str, Any], attacker: tuple[Any, Any] | None,
-                   device: Any) -> tuple[ImageSet, dict[str, Any]]:
-    """`images` with the poisons-to-be (`indices`) hardened (`cba.hardening`; the fitted kinds on `attacker`'s
-    surrogate and centroid), and what that surrogate reads of the poisons before and after a fitted hardening."""
-    if kind is None:
-        return images, {}
-    encoder, anchor = attacker if kind != "random" and attacker is not None else (None, None)
-    augment = build_augment("ssl", images.images.shape[1], settings["per_batch"], settings["min_scale"])
-    changed = images.images.copy()
-    changed[indices] = harden(changed[indices], encoder, args.harden, augment=augment, kind=kind,
-                              anchor=anchor, steps=args.harden_steps, seed=settings["seed"], device=device)
-    readings = {}
-    if encoder is not None:  # what the fit changed, as the attacker's surrogate reads the poisons (same draws)
-        readings["before"], readings["after"] = (surrogate_reading(encoder, x[indices], augment, anchor)
-                                                 for x in (images.images, changed))
-    return ImageSet(changed, images.labels.copy(), list(images.classes)), readings
-
-
 def surrogate_lines(eps: float, readings: dict[str, dict[str, Any]]) -> str:
     """What each fitted hardening (kind -> the surrogate's readings before and after) changed in the attacker's
     clean surrogate's reading of the poisons."""
@@ -258,14 +227,45 @@ def without(images: ImageSet, dropped: np.ndarray) -> ImageSet:
     return ImageSet(images.images[keep], images.labels[keep], list(images.classes))
 
 
-def train_victim(plan: Plan, train: ImageSet, trigger: Trigger, rate: float, what: str) -> tuple[Any, float]:
-    """A victim of the pipeline's recipe on `train` (poisoned by `run_attack` at `rate`), and its final loss."""
+def train_victim(plan: Plan, train: ImageSet, trigger: Trigger, rate: float, what: str,
+                 seed: int | None = None) -> tuple[Any, float]:
+    """A victim of the pipeline's recipe on `train` (poisoned by `run_attack` at `rate`; from `seed`, default the
+    pipeline's), and its final loss."""
+    settings = plan.settings if seed is None else {**plan.settings, "seed": seed}
     record = run_attack(train, plan.test, trigger, mode=plan.mode, poison_rate=rate, device=plan.device,
-                        progress=not plan.args.quiet, cache=plan.args.cache, **plan.settings)
+                        progress=not plan.args.quiet, cache=plan.args.cache, **settings)
     final = record.final_loss  # the mean over samples of the last epoch
     if not np.isfinite(final):
         raise SystemExit(f"{what}: the victim's final loss is {final}; its readings would mean nothing")
     return record, final
+
+
+def attacker_surrogate(plan: Plan, trigger: Trigger) -> tuple[Any, Any]:
+    """The attacker's clean surrogate encoder and its target's centroid (`cba.hardening.class_centroid`): a
+    victim of the pipeline's recipe trained without poisons from the attacker's own seed (`surrogate_seed`)."""
+    surrogate, _ = train_victim(plan, plan.clean, trigger, 0.0, "the attacker's surrogate",
+                                seed=surrogate_seed(plan.settings["seed"]))
+    # The attacker knows which of its images are the target's (the threat model of the trigger stage).
+    target_images = plan.clean.images[plan.clean.labels == plan.settings["target_class"]]
+    return surrogate.encoder, class_centroid(surrogate.encoder, target_images)
+
+
+def with_hardening(plan: Plan, kind: str | None, attacker: tuple[Any, Any] | None) -> tuple[ImageSet, dict[str, Any]]:
+    """The training set with the poisons-to-be hardened (`cba.hardening`; the fitted kinds on `attacker`'s
+    surrogate and centroid), and what that surrogate reads of the poisons before and after a fitted hardening."""
+    images, indices, settings = plan.clean, plan.chosen, plan.settings
+    if kind is None:
+        return images, {}
+    encoder, anchor = attacker if kind != "random" and attacker is not None else (None, None)
+    augment = build_augment("ssl", images.images.shape[1], settings["per_batch"], settings["min_scale"])
+    changed = images.images.copy()
+    changed[indices] = harden(changed[indices], encoder, plan.args.harden, augment=augment, kind=kind,
+                              anchor=anchor, steps=plan.args.harden_steps, seed=settings["seed"], device=plan.device)
+    readings = {}
+    if encoder is not None:  # what the fit changed, as the attacker's surrogate reads the poisons (same draws)
+        readings["before"], readings["after"] = (surrogate_reading(encoder, x[indices], augment, anchor)
+                                                 for x in (images.images, changed))
+    return ImageSet(changed, images.labels.copy(), list(images.classes)), readings
 
 
 def readings_of(plan: Plan, encoder: Any) -> list[dict[str, dict[str, float]]]:
@@ -303,6 +303,25 @@ def victim_rows(plan: Plan, hardened: ImageSet, poison_triggers: dict[float, Tri
     return rows
 
 
+def plan_for(args: argparse.Namespace, params: dict[str, Any], sets: tuple[ImageSet, ImageSet], trigger: Trigger,
+             device: Any) -> Plan:
+    """The run's `Plan` from the pipeline's params, sets and trigger: the poisons `--rate` picks (the seeded
+    choice `cba poison` makes), the images `--drop` leaves out, and the test-time trigger at each `--test-scales`."""
+    clean, test = sets
+    settings = victim_settings(params)
+    seed, target = settings["seed"], settings["target_class"]
+    mode = pipeline_poison_mode(args.root)
+    rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate
+    chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
+    dropped = dropped_images(clean.labels, chosen, args.drop, args.drop_from, target,
+                             seed if args.drop_seed is None else args.drop_seed)
+    triggered = [triggered_test_set(test, scaled_pattern(trigger.at_test_time(), t), target, seed).images
+                 for t in args.test_scales]
+    linf = float(trigger.params.get("linf", 0) or 0)
+    return Plan(args, clean, test, chosen, dropped, triggered, settings, mode, rate, reader_options(params), linf,
+                device)
+
+
 def dropped_reference_row(plan: Plan, trigger: Trigger) -> dict[str, Any]:
     """A victim without poisons on the set a --drop run leaves: the pattern's own pull there."""
     record, final = train_victim(plan, without(plan.clean, plan.dropped), trigger, 0.0, "the smaller set's reference")
@@ -325,56 +344,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if missing:
         raise SystemExit(missing)
     params = pipeline_params(root)
-    settings = victim_settings(params)
-    seed, target = settings["seed"], settings["target_class"]
-    pipeline_rate, mode = float(params.get("poison_rate", 0.05)), pipeline_poison_mode(root)
-    rate = pipeline_rate if args.rate is None else args.rate
     trigger = load_trigger(root / "data/trigger")
-    linf = float(trigger.params.get("linf", 0) or 0)
     # Every scaled trigger is built before any training, so a bad scale or a fixed trigger stops at once.
     poison_triggers = {s: scaled_pattern(trigger, s) for s in args.scales}
-    test_triggers = [scaled_pattern(trigger.at_test_time(), t)
-                     for t in args.test_scales]
     clean, test = pipeline_sets(root)
+    plan = plan_for(args, params, (clean, test), trigger, pick_device(args.device))
+    seed, target, mode, linf = plan.settings["seed"], plan.settings["target_class"], plan.mode, plan.linf
     if args.negatives > int(np.sum(clean.labels != target)):
         raise SystemExit(f"--negatives {args.negatives}: more than the {int(np.sum(clean.labels != target))} "
                          "non-target training images")
-    pipeline_chosen = choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed)
-    chosen = pipeline_chosen if rate == pipeline_rate else choose_poison_indices(clean.labels, rate, target, mode,
-                                                                                   seed)
-    dropped = dropped_images(clean.labels, chosen, args.drop, args.drop_from, target,
-                             seed if args.drop_seed is None else args.drop_seed)
+    pipeline_rate = float(params.get("poison_rate", 0.05))
+    pipeline_chosen = (plan.chosen if plan.rate == pipeline_rate
+                       else choose_poison_indices(clean.labels, pipeline_rate, target, mode, seed))
     poisons = clean.images[pipeline_chosen]
-    triggered = [triggered_test_set(test, t, target, seed).images for t in test_triggers]
-    pipeline = read_pipeline_images(root, params, triggered, ENCODERS, sets=(clean, test))
+    pipeline = read_pipeline_images(root, params, plan.triggered, ENCODERS, sets=(clean, test))
     reference = acc_and_asr(pipeline["reference"])
     rows = [{"scale": 1.0, "linf": linf, "pipeline": True, "final_loss": None, "poisons": len(poisons), "negatives": 0,
              "stealth": stealth_metrics(trigger, poisons),
              "readings": acc_and_asr(pipeline["poisoned"])}]
-    device = pick_device(args.device)
-    plan = Plan(args, clean, test, chosen, dropped, triggered, settings, mode, rate, reader_options(params), linf,
-                device)
     kinds = args.harden_kind if args.harden else [None]
     # One surrogate for every fitted kind, trained (or loaded) before any of them.
-    attacker = (attacker_surrogate(clean, test, trigger, settings, mode, args, device)
-                if any(kind not in (None, "random") for kind in kinds) else None)
+    attacker = attacker_surrogate(plan, trigger) if any(kind not in (None, "random") for kind in kinds) else None
     surrogates = {}  # kind -> what the attacker's surrogate read of its poisons, for the fitted kinds
     for kind in kinds:
-        hardened, surrogate = with_hardening(clean, chosen, kind, args, settings, attacker, device)
+        hardened, surrogate = with_hardening(plan, kind, attacker)
         if surrogate:
             surrogates[kind] = surrogate
         rows += victim_rows(plan, hardened, poison_triggers, kind, surrogate)
     if args.drop_reference:
         rows.append(dropped_reference_row(plan, poison_triggers[args.scales[0]]))
-    command, env = command_line(argv), environment(device)
+    command, env = command_line(argv), environment(plan.device)
     data = (params.get("data") or {}).get("name", "synthetic")
     write_json(args.out, {"rows": rows, "reference": reference, "test_scales": args.test_scales,
-                          "dropped": dropped.tolist(),
+                          "dropped": plan.dropped.tolist(),
                           "_run": {"command": command, "env": env, "trigger": trigger.name, "linf": linf,
-                                   "target_class": target, "seed": seed, "poison_rate": rate,
+                                   "target_class": target, "seed": seed, "poison_rate": plan.rate,
                                    "negatives": args.negatives, "drop": args.drop, "drop_from": args.drop_from,
-                                   "drop_seed": args.drop_seed,
-                                   "data": data}})
+                                   "drop_seed": args.drop_seed, "data": data}})
     text = table(rows, reference, args.test_scales, linf)
     args.out.with_suffix(".md").write_text(
         results_header(title_of(args), command, env)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cba.errors import ConfigError
+from cba.evaluate import to_float
 
 KINDS = ("views", "target", "random")
 
@@ -47,7 +48,7 @@ def view_agreement(encoder: nn.Module, images: torch.Tensor, augment: nn.Module)
 @torch.no_grad()
 def class_centroid(encoder: nn.Module, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     """The mean of the encoder's unit-norm features of `images` (uint8 NHWC), itself at unit norm."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
+    x = to_float(images)
     encoder = standard_format(encoder)
     features = torch.cat([F.normalize(encoder(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
     return F.normalize(features.mean(0), dim=0)
@@ -72,7 +73,7 @@ def harden(images: np.ndarray, encoder: nn.Module | None, eps: float, *, augment
     if kind == "target" and anchor is None:
         raise ConfigError("anchor", None, "the target class's centroid for target hardening")
     device = device or torch.device("cpu")
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
+    x = to_float(images)
     bound = eps / 255.0
     if kind == "random":
         signs = np.random.default_rng([seed, 0x4A7D]).choice([-1.0, 1.0], size=x.shape)
@@ -118,7 +119,7 @@ def surrogate_reading(encoder: nn.Module, images: np.ndarray, augment: nn.Module
     """What the attacker's surrogate reads of `images` (uint8 NHWC): the mean view agreement (what `views`
     lowers) and the mean cosine of an augmented view to `anchor` (what `target` raises), over `draws`
     augmentation draws seeded by `seed`, so that two sets of images are read through the same draws."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255)
+    x = to_float(images)
     encoder = standard_format(encoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

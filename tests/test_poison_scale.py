@@ -85,9 +85,8 @@ def test_poison_scale_hardening_changes_only_the_poisons_within_its_budget(proje
     target, rate, seed = int(params["target_class"]), float(params["poison_rate"]), int(params["seed"])
     mode = bench.pipeline_poison_mode(project)
     chosen = choose_poison_indices(clean.labels, rate, target, mode, seed)
-    args = bench.parse_args(["--root", str(project), "--scales", "1", "--harden", "4", "--harden-kind", "random"])
-    settings = {"seed": seed, "per_batch": False, "min_scale": 0.5}
-    hardened, readings = bench.with_hardening(clean, chosen, "random", args, settings, None, None)
+    plan = pipeline_plan(bench, project, ["--scales", "1", "--harden", "4", "--harden-kind", "random"])
+    hardened, readings = bench.with_hardening(plan, "random", None)
     assert readings == {}  # no surrogate reads an unaimed perturbation
     changed = np.flatnonzero((hardened.images != clean.images).reshape(len(clean), -1).any(1))
     assert np.array_equal(changed, chosen)
@@ -154,10 +153,8 @@ def test_poison_scale_drop_leaves_out_exactly_the_chosen_clean_images_and_keeps_
     assert f"| 1 (16) | {len(chosen)}, {len(spare)} clean " in text and f"| – | 0, {len(spare)} clean " in text
 
     # The drop path's way of poisoning (stamp on the whole set, train at rate 0) reproduces the pipeline's victim.
-    args = bench.parse_args(["--root", str(project), "--scales", "1", "--quiet"])
-    plan = bench.Plan(args, clean, pipeline_sets(project)[1], chosen, np.array([], dtype=int),
-                      pipeline_triggered(bench, project), bench.victim_settings(params), mode, rate,
-                      bench.reader_options(params), 16.0, bench.pick_device("cpu"))
+    plan = pipeline_plan(bench, project, ["--scales", "1", "--quiet"])
+    assert np.array_equal(plan.chosen, chosen) and len(plan.dropped) == 0
     record, _ = bench.train_victim(plan, poisoned.train, load_pipeline_trigger(project), 0.0, "check")
     again = bench.readings_of(plan, record.encoder)
     for name in ("linear", "knn"):
@@ -183,12 +180,11 @@ def load_pipeline_trigger(project: Path):
     return scaled_pattern(load_trigger(project / "data/trigger"), 1.0)
 
 
-def pipeline_triggered(bench, project: Path) -> list[np.ndarray]:
-    """The test-time trigger's images, as the bench reads every victim with them."""
-    from cba.poison import triggered_test_set
+def pipeline_plan(bench, project: Path, argv: list[str]):
+    """The bench's plan for `argv` on the pipeline, as its `main` makes it."""
     from cba.readings import pipeline_params, pipeline_sets
+    from cba.triggers import load_trigger
 
-    params = pipeline_params(project)
-    _, test = pipeline_sets(project)
-    trigger = load_pipeline_trigger(project).at_test_time()
-    return [triggered_test_set(test, trigger, int(params["target_class"]), int(params["seed"])).images]
+    args = bench.parse_args(["--root", str(project), *argv])
+    trigger = load_trigger(project / "data/trigger")
+    return bench.plan_for(args, pipeline_params(project), pipeline_sets(project), trigger, bench.pick_device("cpu"))
