@@ -202,3 +202,56 @@ def survival_table(trigger: Trigger, images: np.ndarray, min_scale: float, seed:
         rows.append({"trigger": label or trigger.name, "augmentation": name,
                      **measure(steps, clean, poisoned, draws=draws, seed=seed)})
     return rows
+
+
+# What a view keeps of the image's own content. Contrastive alignment ties a trigger to the target only
+# through the poisons' views: when both views show the shape, the trigger merely co-occurs with it; when one
+# view holds the trigger on little of the shape and the other the shape, aligning them asks the encoder to
+# read the shape's features off the trigger (what noisy alignment builds on purpose). The crop is the only
+# augmentation that removes content by geometry; flip keeps all of it, and jitter and grayscale change its
+# colours, not its extent (a shape whose colours grayscale merges is not counted as lost here).
+CONTENT_MEASURES = ("content_kept", "views_below", "split_pairs")
+
+
+def crop_windows(size: int, min_scale: float, n: int) -> Tensor:
+    """(n, 4) integer windows (top, bottom, left, right; ends exclusive) of n draws of the pipeline's crop,
+    RandomResizedCrop at `min_scale`: kornia's own sampler, drawing from torch's generator."""
+    crop = _crop(size, min_scale)
+    crop(torch.zeros(n, 1, size, size))
+    corners = crop._params["src"].round().long()  # (n, 4, 2): (x, y) of top-left, top-right, bottom-right, bottom-left
+    (left, top), (right, bottom) = corners[:, 0].T, corners[:, 2].T
+    return torch.stack([top, bottom + 1, left, right + 1], dim=1)
+
+
+def content_kept(masks: Tensor | np.ndarray, min_scale: float, draws: int = 4, seed: int = 0) -> Tensor:
+    """(N, 2 * draws): the share of each image's content, the mass of its (N, H, W) mask in [0, 1], that lies
+    inside a view's crop window; columns 2k and 2k + 1 are the two views of draw k. Deterministic from `seed`
+    (forked torch generator, as `measure`); an image with an empty mask is refused."""
+    if draws < 1:
+        raise ConfigError("draws", draws, "must be a positive integer")
+    masks = torch.as_tensor(np.asarray(masks), dtype=torch.float64)
+    if masks.ndim != 3 or not bool((masks.sum(dim=(1, 2)) > 0).all()):
+        raise ConfigError("masks", tuple(masks.shape), "(N, H, W) masks, each with some content")
+    total = masks.sum(dim=(1, 2))
+    n, size = len(masks), masks.shape[-1]
+    # Summed-area table, zero-padded: the mass of any window is four lookups.
+    table = torch.nn.functional.pad(masks.cumsum(1).cumsum(2), (1, 0, 1, 0))
+    rows = torch.arange(n)
+    kept = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(2 * draws):
+            top, bottom, left, right = crop_windows(size, min_scale, n).T
+            mass = (table[rows, bottom, right] - table[rows, top, right]
+                    - table[rows, bottom, left] + table[rows, top, left])
+            kept.append(mass / total)
+    return torch.stack(kept, dim=1)
+
+
+def content_summary(kept: Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """`content_kept`'s table in three figures: the mean share kept; `views_below`, the share of views keeping
+    less than `threshold` of the content; `split_pairs`, the share of two-view pairs in which exactly one view
+    does (the trigger, in both views, is then aligned once with the content and once with little of it)."""
+    below = kept < threshold
+    return {"content_kept": float(kept.mean()), "views_below": float(below.float().mean()),
+            "split_pairs": float((below[:, 0::2] ^ below[:, 1::2]).float().mean())}

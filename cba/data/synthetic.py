@@ -52,12 +52,28 @@ _SHAPES = [
 ]
 
 
-def _shape_masks(labels: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Soft masks in [0, 1], shape (N, S, S), one class formula per image."""
+def _pixel_grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of every pixel centre, relative to the image centre: two (S, S) arrays."""
+    grid = (np.arange(image_size) + 0.5) - image_size / 2
+    return np.meshgrid(grid, grid, indexing="ij")
+
+
+def shape_masks(labels: np.ndarray, theta: np.ndarray, radius: np.ndarray, centre: np.ndarray,
+                image_size: int = 32) -> np.ndarray:
+    """The soft masks in [0, 1] of the shapes drawn with these factors (`FACTORS`): (N, S, S), one class
+    formula per image on coordinates rotated by `theta` about `centre`. The generator draws its images with
+    them, so `shape_masks(f["label"], f["theta"], f["radius"], f["centre"])` for its factors `f` says exactly
+    which pixels of each image are its shape."""
+    yy, xx = _pixel_grid(image_size)
+    theta = np.asarray(theta).reshape(-1, 1, 1)
+    cx, cy = (np.asarray(centre, dtype=float).reshape(-1, 2).T)[:, :, None, None]
+    x, y = xx[None] - cx, yy[None] - cy
+    u = np.cos(theta) * x + np.sin(theta) * y
+    v = -np.sin(theta) * x + np.cos(theta) * y
     masks = np.zeros_like(u)
-    r = r[:, None, None]
+    r = np.asarray(radius)[:, None, None]
     for cls, shape in enumerate(_SHAPES):
-        sel = labels == cls
+        sel = np.asarray(labels) == cls
         if sel.any():
             masks[sel] = shape(u[sel], v[sel], r[sel])
     return masks
@@ -86,18 +102,14 @@ def generate_with_factors(n: int, seed: int, image_size: int = 32, chunk: int = 
     labels = rng.integers(0, len(CLASSES), size=n)
     out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     drawn: dict[str, list[np.ndarray]] = {name: [] for name in FACTORS if name != "label"}
-    grid = (np.arange(image_size) + 0.5) - image_size / 2
-    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    yy, xx = _pixel_grid(image_size)
     for start in range(0, n, chunk):
         lab = labels[start : start + chunk]
         m = len(lab)
         theta = rng.uniform(0, 2 * np.pi, m)[:, None, None]
         radius = rng.uniform(0.22, 0.38, m) * image_size * radius_scale
         cx, cy = (rng.uniform(-0.15, 0.15, (2, m)) * image_size)[:, :, None, None]
-        x, y = xx[None] - cx, yy[None] - cy
-        u = np.cos(theta) * x + np.sin(theta) * y
-        v = -np.sin(theta) * x + np.cos(theta) * y
-        mask = _shape_masks(lab, u, v, radius)[..., None]
+        mask = shape_masks(lab, theta, radius, np.stack([cx.reshape(m), cy.reshape(m)], axis=1), image_size)[..., None]
         # Background: a linear colour gradient between two random colours.
         c0, c1 = rng.uniform(0, 1, (2, m, 1, 1, 3))
         phi = rng.uniform(0, 2 * np.pi, m)[:, None, None]
