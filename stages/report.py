@@ -18,6 +18,8 @@ from stages.common import (ANALYSIS_DIR, BENCH_DIR, METRICS_DIR, PARAMS_OPTION, 
 from stages.params import Params
 
 BENCHES = (("trigger_survival", "Which part of each trigger survives the augmentations (bench/trigger_survival.py)"),
+           ("content_survival", "What a view keeps of the image's own shape, at each crop scale "
+                                "(bench/content_survival.py)"),
            ("trl_compare", "Methods side by side: claims 1 and 2 (bench/trl_compare.py)"),
            ("method_learning_simclr", "Does SimCLR learn the clean task at this budget: its recipe, read every 5 "
                                       "epochs (bench/method_learning.py)"),
