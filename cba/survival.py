@@ -210,7 +210,6 @@ def survival_table(trigger: Trigger, images: np.ndarray, min_scale: float, seed:
 # read the shape's features off the trigger (what noisy alignment builds on purpose). The crop is the only
 # augmentation that removes content by geometry; flip keeps all of it, and jitter and grayscale change its
 # colours, not its extent (a shape whose colours grayscale merges is not counted as lost here).
-CONTENT_MEASURES = ("content_kept", "views_below", "split_pairs")
 
 
 def crop_windows(size: int, min_scale: float, n: int) -> Tensor:
@@ -230,9 +229,9 @@ def content_kept(masks: Tensor | np.ndarray, min_scale: float, draws: int = 4, s
     if draws < 1:
         raise ConfigError("draws", draws, "must be a positive integer")
     masks = torch.as_tensor(np.asarray(masks), dtype=torch.float64)
-    if masks.ndim != 3 or not bool((masks.sum(dim=(1, 2)) > 0).all()):
+    total = masks.sum(dim=(1, 2)) if masks.ndim == 3 else None
+    if total is None or not bool((total > 0).all()):
         raise ConfigError("masks", tuple(masks.shape), "(N, H, W) masks, each with some content")
-    total = masks.sum(dim=(1, 2))
     n, size = len(masks), masks.shape[-1]
     # Summed-area table, zero-padded: the mass of any window is four lookups.
     table = torch.nn.functional.pad(masks.cumsum(1).cumsum(2), (1, 0, 1, 0))
