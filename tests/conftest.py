@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,18 @@ import torch
 # so OpenMP threads never outnumber the cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def pytest_configure(config) -> None:
+    """ART writes its config file (~/.art/config.json) on first import, and on a fresh machine two test workers
+    importing it at once race: one sees the file the other is writing and fails with a NameError inside
+    art/config.py. Imported once here, in the controller before any worker starts, ART writes it for all."""
+    if hasattr(config, "workerinput") or (Path.home() / ".art" / "config.json").exists():
+        return
+    try:
+        import art.config  # noqa: F401
+    except ImportError:  # without ART its tests skip
+        pass
 
 
 @pytest.fixture
