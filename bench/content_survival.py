@@ -68,13 +68,11 @@ def measure_rows(params: dict[str, Any], min_scales: list[float], draws: int) ->
     for min_scale in min_scales:
         for group, chosen in groups.items():
             kept = content_kept(masks[chosen], min_scale, draws=draws, seed=seed)
-            row: dict[str, Any] = {"min_scale": min_scale, "images": group, "count": int(chosen.sum())}
-            for threshold in THRESHOLDS:
-                summary = content_summary(kept, threshold)
-                row["content_kept"] = summary["content_kept"]
-                row[f"views_below_{threshold:g}"] = summary["views_below"]
-                row[f"split_pairs_{threshold:g}"] = summary["split_pairs"]
-            rows.append(row)
+            summaries = {threshold: content_summary(kept, threshold) for threshold in THRESHOLDS}
+            rows.append({"min_scale": min_scale, "images": group, "count": int(chosen.sum()),
+                         "content_kept": summaries[THRESHOLDS[0]]["content_kept"],
+                         **{f"{key}_{t:g}": summaries[t][key]
+                            for t in THRESHOLDS for key in ("views_below", "split_pairs")}})
     return rows
 
 

@@ -108,8 +108,8 @@ def generate_with_factors(n: int, seed: int, image_size: int = 32, chunk: int = 
         m = len(lab)
         theta = rng.uniform(0, 2 * np.pi, m)[:, None, None]
         radius = rng.uniform(0.22, 0.38, m) * image_size * radius_scale
-        cx, cy = (rng.uniform(-0.15, 0.15, (2, m)) * image_size)[:, :, None, None]
-        mask = shape_masks(lab, theta, radius, np.stack([cx.reshape(m), cy.reshape(m)], axis=1), image_size)[..., None]
+        centre = (rng.uniform(-0.15, 0.15, (2, m)) * image_size).T
+        mask = shape_masks(lab, theta, radius, centre, image_size)[..., None]
         # Background: a linear colour gradient between two random colours.
         c0, c1 = rng.uniform(0, 1, (2, m, 1, 1, 3))
         phi = rng.uniform(0, 2 * np.pi, m)[:, None, None]
@@ -125,7 +125,7 @@ def generate_with_factors(n: int, seed: int, image_size: int = 32, chunk: int = 
         img += rng.normal(0, 0.04, img.shape)
         out[start : start + m] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
         for name, value in (("theta", theta.reshape(m)), ("radius", radius),
-                            ("centre", np.stack([cx.reshape(m), cy.reshape(m)], axis=1)),
+                            ("centre", centre),
                             ("background_from", c0.reshape(m, 3)), ("background_to", c1.reshape(m, 3)),
                             ("gradient_angle", phi.reshape(m)), ("foreground", fg.reshape(m, 3))):
             drawn[name].append(value)
