@@ -38,10 +38,10 @@ from cba.augment import build_augment
 from cba.attack import params_splits
 from cba.env import command_line, environment
 from cba.errors import BenchParser, run_script
+from cba.evaluate import to_float
 from cba.models import build_backbone
 from cba.params_file import add_params_options, params_from_args
 from cba.ssl import build_method
-from cba.survival import to_float
 from cba.train import TrainConfig, train
 from cba.triggers.fitting import attacker_pool
 from cba.triggers.matching import backdoor_gradient, batch_statistics, matching_loss, poison_gradient

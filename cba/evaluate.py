@@ -30,7 +30,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    x = torch.as_tensor(images)
+    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     return x.permute(0, 3, 1, 2).float().div_(255)
 
 

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from cba.augment import build_augment
 from cba.errors import ConfigError
+from cba.evaluate import to_float
 from cba.triggers.base import Trigger
 
 MEASURES = ("survival", "view_agreement", "batch_agreement", "energy")
@@ -184,11 +185,6 @@ def measure(steps: Sequence[nn.Module], clean: Tensor, triggered: Tensor, draws:
     return {**means, **counts}
 
 
-def to_float(images: np.ndarray) -> Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
-
-
 def survival_table(trigger: Trigger, images: np.ndarray, min_scale: float, seed: int, draws: int = 4,
                    augmentations: Sequence[str] = DEFAULT_AUGMENTATIONS, label: str | None = None) -> list[dict[str, Any]]:
     """One row per augmentation: trigger (label), augmentation, the MEASURES, images, skipped.
@@ -215,9 +211,9 @@ def survival_table(trigger: Trigger, images: np.ndarray, min_scale: float, seed:
 def crop_windows(size: int, min_scale: float, n: int) -> Tensor:
     """(n, 4) integer windows (top, bottom, left, right; ends exclusive) of n draws of the pipeline's crop,
     RandomResizedCrop at `min_scale`: kornia's own sampler, drawing from torch's generator."""
-    crop = _crop(size, min_scale)
-    crop(torch.zeros(n, 1, size, size))
-    corners = crop._params["src"].round().long()  # (n, 4, 2): (x, y) of top-left, top-right, bottom-right, bottom-left
+    # Only the sampler runs (the same draws as a forward pass); no image is warped.
+    params = _crop(size, min_scale).forward_parameters(torch.Size([n, 1, size, size]))
+    corners = params["src"].round().long()  # (n, 4, 2): (x, y) of top-left, top-right, bottom-right, bottom-left
     (left, top), (right, bottom) = corners[:, 0].T, corners[:, 2].T
     return torch.stack([top, bottom + 1, left, right + 1], dim=1)
 
