@@ -9,7 +9,10 @@ every epoch, since a pattern's own pull (an adversarial direction) changes as th
 
 The trigger is the pipeline's (`data/trigger`, from the last `cba trigger`), or with `--trigger-params` the
 learned trigger refitted with those params (e.g. `'{w_target: 0}'`: a pattern fitted only to survive the
-augmentation and to make two views agree, with no pull towards the target).
+augmentation and to make two views agree, with no pull towards the target). `--trigger-name` picks another
+registered trigger; a fixed one (ctrl, ssl_patch, ...) is built from the seed with those params, no fit:
+
+    OMP_NUM_THREADS=2 python bench/maturity.py --trigger-name ctrl --trigger-params '{}' --epochs 40 --every 10 --clean
 
     OMP_NUM_THREADS=2 python bench/maturity.py --epochs 40 --every 10 --clean    # about 25 min on two cores
 
@@ -38,7 +41,7 @@ from cba.io import read_json, write_json, write_png
 from cba.params_file import add_params_options, params_from_args
 from cba.poison import triggered_test_set
 from cba.ssl import METHODS
-from cba.triggers import Trigger, build_trigger, load_trigger, save_trigger
+from cba.triggers import TRIGGERS, Trigger, build_trigger, load_trigger, save_trigger
 from cba.triggers.fitting import fit_trigger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clean", action="store_true", help="also train a victim without poisons")
     parser.add_argument("--trigger-params", type=yaml.safe_load, default=None,
                         help="refit the learned trigger with these YAML params instead of loading data/trigger")
-    parser.add_argument("--trigger-name", default="optimized", choices=["optimized", "generated"],
-                        help="the learned trigger --trigger-params refits: one universal pattern, or a generator")
+    parser.add_argument("--trigger-name", default="optimized", choices=TRIGGERS.names(),
+                        help="the trigger --trigger-params builds: a learned one (optimized, generated) is fitted "
+                             "as `cba trigger` fits it, a fixed one only built from the seed")
     parser.add_argument("--trigger", type=Path, default=REPO / "data" / "trigger",
                         help="the saved trigger to load when --trigger-params is not given")
     parser.add_argument("--save-trigger", type=Path, default=None,
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trigger = build_trigger(args.trigger_name, args.trigger_params, seed=settings["seed"], image_size=train_set.images.shape[1])
         fit = fit_trigger(trigger, train_set.images, train_set.labels, settings["target_class"], settings["seed"], device,
                           progress=not args.quiet)
-        print("trigger fit, last round: " + json.dumps(fit["history"][-1]), flush=True)
+        if fit is not None:
+            print("trigger fit, last round: " + json.dumps(fit["history"][-1]), flush=True)
         if args.save_trigger:
             save_trigger(trigger, args.save_trigger)
     rate = float(params.get("poison_rate", 0.05)) if args.rate is None else args.rate

@@ -157,6 +157,17 @@ def test_maturity_keeps_the_victims_it_finished_when_stopped(tmp_path, monkeypat
     assert "**Incomplete" in text and "| poisoned (0.05) | 1 |" in text and "clean (0)" not in text
 
 
+def test_maturity_builds_a_fixed_trigger_without_a_fit(tmp_path, capsys):
+    out = tmp_path / "maturity.json"
+    result = load("maturity").main(["--epochs", "1", "--every", "1", "--trigger-name", "ssl_patch", "--trigger-params",
+                                    "{size: 4}", "--set", "data.options={train_size: 200, test_size: 60}",
+                                    "--set", "pretrain.width=4", "--set", "pretrain.batch_size=64", "--quiet",
+                                    "--out", str(out)])
+    assert (result["_run"]["trigger"], result["_run"]["trigger_params"]) == ("ssl_patch", {"size": 4})
+    assert "trigger fit" not in capsys.readouterr().out  # nothing to fit
+    assert [run["victim"] for run in result["runs"]] == ["poisoned (0.05)"] and len(result["runs"][0]["rows"]) == 1
+
+
 def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp_path):
     import yaml
 
