@@ -13,6 +13,8 @@ import torch
 
 from benches import BENCH, load
 
+from cba.errors import ConfigError
+
 # The learned trigger at a size that fits in seconds (the benches fit it as the pipeline does).
 TINY_TRIGGER = "{surrogate_size: 150, surrogate_epochs: 1, surrogate_width: 4, rounds: 2, trigger_steps: 2, batch_size: 16}"
 
@@ -166,6 +168,22 @@ def test_maturity_builds_a_fixed_trigger_without_a_fit(tmp_path, capsys):
     assert (result["_run"]["trigger"], result["_run"]["trigger_params"]) == ("ssl_patch", {"size": 4})
     assert "trigger fit" not in capsys.readouterr().out  # nothing to fit
     assert [run["victim"] for run in result["runs"]] == ["poisoned (0.05)"] and len(result["runs"][0]["rows"]) == 1
+
+
+def test_maturity_reads_the_poisoned_encoders_trigger_feature(tmp_path):
+    tiny = ["--trigger-name", "ssl_patch", "--trigger-params", "{size: 4}", "--set",
+            "data.options={train_size: 300, test_size: 60}", "--set", "pretrain.width=4", "--set", "pretrain.batch_size=64",
+            "--quiet"]
+    out = tmp_path / "maturity.json"
+    result = load("maturity").main(["--epochs", "1", "--every", "1", "--clean", "--readout", "--out", str(out)] + tiny)
+    poisoned, clean = (run["rows"][0] for run in result["runs"])
+    readout = ("offset_over_target", "shift_over_offset", "offset_target_alignment", "target_margin")
+    assert all(isinstance(poisoned[k], float) for k in readout) and poisoned["offset_over_target"] > 0
+    assert -1 <= poisoned["offset_target_alignment"] <= 1 and not any(k in clean for k in readout)  # no poisons, no offset
+    assert "| clean (0) | 1 | " in out.with_suffix(".md").read_text() and "| – | – | – | – |" in out.with_suffix(".md").read_text()
+    with pytest.raises(ConfigError) as caught:  # every target image poisoned: no clean one to measure from; no training
+        load("maturity").main(["--rate", "0.1", "--readout", "--out", str(tmp_path / "refused.json")] + tiny)
+    assert "--rate=0.1" in str(caught.value) and not (tmp_path / "refused.json").exists()
 
 
 def test_surrogate_view_reads_the_surrogate_and_runs_both_matching_schedules(tmp_path):
